@@ -1,0 +1,504 @@
+"""Where the console's data comes from: small Protocols and their real implementations.
+
+Each panel reads one kind of source; each source is a Protocol with a real
+implementation here and a fake in :mod:`console.fakes`, so tests and
+``--demo`` run the same app on fixed data. Every method is async and runs on
+the collector's background event loop (never the UI's); blocking calls
+(supervisord's XML-RPC, NVML, ``/proc``) go to a thread.
+
+A source that cannot reach its backend raises :class:`SourceDown` with a
+sentence for the panel to show; the other panels keep working.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+import httpx
+from redis.exceptions import RedisError
+
+from services.contracts import GpuSample, JobState, JobView, Keys, job_hash_to_view
+from services.engine_client import Sample, parse_prometheus
+from services.queue import REDIS_DOWN, JobQueue, QueueStats, redis_client
+from services.settings import Settings
+
+from console.supervisor import LogChunk, ProcessInfo, SupervisorClient, SupervisorError
+
+
+class SourceDown(Exception):
+    """A source's backend is unreachable; the message is shown in its panel."""
+
+
+# ---------------------------------------------------------------------------
+# Protocols
+# ---------------------------------------------------------------------------
+
+
+@runtime_checkable
+class QueueSource(Protocol):
+    """Queue depth and lifetime counters."""
+
+    async def queue_stats(self) -> QueueStats:
+        """Current :class:`QueueStats`."""
+        ...
+
+
+@runtime_checkable
+class JobSource(Protocol):
+    """Recent jobs and the job event channel."""
+
+    async def recent_jobs(self, limit: int) -> list[JobView]:
+        """Up to ``limit`` most recent jobs, newest first."""
+        ...
+
+    async def job(self, job_id: str) -> JobView | None:
+        """One job, fresh from its hash (None if unknown or expired)."""
+        ...
+
+    async def event_count(self) -> int:
+        """Job events seen on the events channel since this source started."""
+        ...
+
+
+@dataclass(frozen=True)
+class NodeInfo:
+    """A registered inference worker node and its heartbeat fields."""
+
+    node: str
+    fields: dict[str, str]
+    #: False once the heartbeat hash expired (the node stopped beating).
+    alive: bool
+
+
+@runtime_checkable
+class NodeSource(Protocol):
+    """Inference worker nodes and the GPU samples they publish."""
+
+    async def nodes(self) -> list[NodeInfo]:
+        """Every node that ever registered, with its heartbeat if still alive."""
+        ...
+
+    async def latest_gpu_samples(self, node: str) -> list[GpuSample]:
+        """The newest sample of each GPU of ``node`` (empty if it publishes none)."""
+        ...
+
+
+@dataclass(frozen=True)
+class LocalGpuReading:
+    """This host's GPUs read through NVML, or why there are none."""
+
+    samples: tuple[GpuSample, ...] = ()
+    reason: str | None = None
+
+
+@runtime_checkable
+class LocalGpuSource(Protocol):
+    """NVML on this host."""
+
+    node: str
+
+    async def read(self) -> LocalGpuReading:
+        """Sample every local GPU once."""
+        ...
+
+
+@runtime_checkable
+class EngineSource(Protocol):
+    """The engine's Prometheus ``/metrics``."""
+
+    url: str
+
+    async def metrics(self) -> list[Sample]:
+        """Parsed samples of one scrape."""
+        ...
+
+
+@runtime_checkable
+class SupervisorSource(Protocol):
+    """supervisord: program states, control and logs."""
+
+    async def processes(self) -> list[ProcessInfo]:
+        """Every program with its state."""
+        ...
+
+    async def start(self, name: str) -> None:
+        """Start a program (waits until it runs)."""
+        ...
+
+    async def stop(self, name: str) -> None:
+        """Stop a program (waits until it stopped)."""
+        ...
+
+    async def restart(self, name: str) -> None:
+        """Restart a program."""
+        ...
+
+    async def tail(self, name: str, offset: int, length: int) -> LogChunk:
+        """A slice of the program's stdout log."""
+        ...
+
+
+@runtime_checkable
+class ProcessTreeSource(Protocol):
+    """Which processes descend from which (to attribute GPU memory to services)."""
+
+    async def owners(self, roots: dict[int, str]) -> dict[int, str]:
+        """Map every descendant pid of each root pid (and the root itself) to the root's label."""
+        ...
+
+
+@dataclass
+class Sources:
+    """The set of sources one console uses."""
+
+    queue: QueueSource
+    jobs: JobSource
+    nodes: NodeSource
+    local_gpu: LocalGpuSource
+    engine: EngineSource
+    supervisor: SupervisorSource
+    procs: ProcessTreeSource
+    #: Things to close when the console ends (clients, subscriptions).
+    closers: list[Any] = field(default_factory=list)
+
+    async def aclose(self) -> None:
+        """Close every client this set opened."""
+        for c in self.closers:
+            with contextlib.suppress(Exception):
+                await c.aclose()
+
+
+# ---------------------------------------------------------------------------
+# Redis: queue, jobs, nodes
+# ---------------------------------------------------------------------------
+
+_REDIS_ERRORS = (*REDIS_DOWN, RedisError)
+
+
+def _redis_down(settings: Settings, e: BaseException) -> SourceDown:
+    kind = type(e).__name__
+    if "auth" in str(e).lower() or "NOAUTH" in str(e) or "WRONGPASS" in str(e):
+        return SourceDown(f"Redis at {settings.redis_host}:{settings.redis_port} refused the password ({kind})")
+    return SourceDown(f"Redis down at {settings.redis_host}:{settings.redis_port} ({kind})")
+
+
+class RedisStack:
+    """Queue, jobs and nodes, read from the stack's Redis (implements three Protocols).
+
+    Final jobs never change, so their decoded views are cached and only
+    queued/running jobs are read again on each refresh.
+    """
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.keys = Keys(settings.redis_prefix)
+        self.r = redis_client(settings)
+        self.queue = JobQueue(self.r, self.keys)
+        self._final: dict[str, JobView] = {}
+        self._events = 0
+        self._listener: asyncio.Task[None] | None = None
+
+    async def aclose(self) -> None:
+        """Stop the event listener and close the connection pool."""
+        if self._listener is not None:
+            self._listener.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._listener
+        await self.r.aclose()
+
+    # QueueSource
+    async def queue_stats(self) -> QueueStats:
+        """Depth and counters via :meth:`JobQueue.stats`."""
+        try:
+            return await self.queue.stats()
+        except _REDIS_ERRORS as e:
+            raise _redis_down(self.settings, e) from e
+
+    # JobSource
+    async def recent_jobs(self, limit: int) -> list[JobView]:
+        """LRANGE the recent list, then HGETALL the jobs not known to be final."""
+        try:
+            ids = await self.r.lrange(self.keys.recent, 0, max(limit, 1) - 1)
+            todo = [i for i in ids if i not in self._final]
+            hashes: list[dict[str, str]] = []
+            if todo:
+                async with self.r.pipeline(transaction=False) as p:
+                    for job_id in todo:
+                        p.hgetall(self.keys.job(job_id))
+                    hashes = await p.execute()
+        except _REDIS_ERRORS as e:
+            raise _redis_down(self.settings, e) from e
+        fresh: dict[str, JobView] = {}
+        for job_id, h in zip(todo, hashes, strict=True):
+            view = _decode_job(job_id, h)
+            if view is None:
+                continue
+            fresh[job_id] = view
+            if view.state in (JobState.SUCCEEDED, JobState.FAILED, JobState.DEAD):
+                self._final[job_id] = view
+        # Forget final jobs that fell off the recent list, so the cache stays bounded.
+        keep = set(ids)
+        for job_id in [k for k in self._final if k not in keep]:
+            del self._final[job_id]
+        out: list[JobView] = []
+        for job_id in ids:
+            v = self._final.get(job_id) or fresh.get(job_id)
+            if v is not None:
+                out.append(v)
+        return out
+
+    async def job(self, job_id: str) -> JobView | None:
+        """One job's current view."""
+        try:
+            h = await self.r.hgetall(self.keys.job(job_id))
+        except _REDIS_ERRORS as e:
+            raise _redis_down(self.settings, e) from e
+        return _decode_job(job_id, h)
+
+    async def event_count(self) -> int:
+        """Events seen so far; starts the listener on first use."""
+        if self._listener is None or self._listener.done():
+            self._listener = asyncio.create_task(self._listen())
+        return self._events
+
+    async def _listen(self) -> None:
+        """Count job events on the pub/sub channel; reconnect when Redis comes back."""
+        while True:
+            pubsub = self.r.pubsub(ignore_subscribe_messages=True)
+            try:
+                await pubsub.subscribe(self.keys.events)
+                while True:
+                    msg = await pubsub.get_message(timeout=5.0)
+                    if msg is not None and msg.get("type") == "message":
+                        self._events += 1
+            except _REDIS_ERRORS:
+                await asyncio.sleep(1.0)
+            finally:
+                with contextlib.suppress(Exception):
+                    await pubsub.aclose()
+
+    # NodeSource
+    async def nodes(self) -> list[NodeInfo]:
+        """SMEMBERS nodes, then each heartbeat hash."""
+        try:
+            names = sorted(await self.r.smembers(self.keys.nodes))
+            async with self.r.pipeline(transaction=False) as p:
+                for n in names:
+                    p.hgetall(self.keys.node(n))
+                beats = await p.execute() if names else []
+        except _REDIS_ERRORS as e:
+            raise _redis_down(self.settings, e) from e
+        return [NodeInfo(n, dict(h), bool(h)) for n, h in zip(names, beats, strict=True)]
+
+    async def latest_gpu_samples(self, node: str) -> list[GpuSample]:
+        """XREVRANGE the node's sample stream; keep the newest sample per GPU index."""
+        try:
+            entries = await self.r.xrevrange(self.keys.gpu_samples(node), count=32)
+        except _REDIS_ERRORS as e:
+            raise _redis_down(self.settings, e) from e
+        latest: dict[int, GpuSample] = {}
+        for _entry_id, fields in entries:
+            raw = fields.get("sample")
+            if not raw:
+                continue
+            try:
+                s = GpuSample.model_validate_json(raw)
+            except ValueError:
+                continue
+            latest.setdefault(s.index, s)
+        return [latest[i] for i in sorted(latest)]
+
+
+def _decode_job(job_id: str, h: dict[str, str]) -> JobView | None:
+    """A job hash → JobView; None for an expired job; a bare view for an undecodable one."""
+    if not h:
+        return None
+    try:
+        return job_hash_to_view(h)
+    except ValueError as e:
+        # Shown, not hidden: a job the console cannot read is worth seeing.
+        return JobView(job_id=job_id, state=JobState.FAILED, timestamps={}, stages_s={}, error=f"unreadable: {e}")
+
+
+# ---------------------------------------------------------------------------
+# Engine /metrics
+# ---------------------------------------------------------------------------
+
+
+class HttpEngine:
+    """Scrapes the engine's ``/metrics`` over HTTP."""
+
+    def __init__(self, settings: Settings, timeout_s: float = 2.0) -> None:
+        self.url = settings.engine_url
+        key = settings.engine_api_key.get_secret_value()
+        self._client = httpx.AsyncClient(
+            timeout=httpx.Timeout(timeout_s, connect=1.0),
+            headers={"Authorization": f"Bearer {key}"} if key else {},
+        )
+
+    async def aclose(self) -> None:
+        """Close the HTTP client."""
+        await self._client.aclose()
+
+    async def metrics(self) -> list[Sample]:
+        """GET /metrics and parse it."""
+        try:
+            resp = await self._client.get(f"{self.url}/metrics")
+        except httpx.HTTPError as e:
+            raise SourceDown(f"engine down at {self.url} ({type(e).__name__})") from e
+        if resp.status_code != 200:
+            raise SourceDown(f"engine at {self.url} answered {resp.status_code} on /metrics")
+        return parse_prometheus(resp.text)
+
+
+# ---------------------------------------------------------------------------
+# supervisord
+# ---------------------------------------------------------------------------
+
+
+class XmlRpcSupervisor:
+    """supervisord over XML-RPC on its unix socket (blocking calls run in a thread)."""
+
+    def __init__(self, socket_path: Path | str) -> None:
+        self.client = SupervisorClient(socket_path)
+
+    async def _run(self, fn: Any, *args: Any) -> Any:
+        try:
+            return await asyncio.to_thread(fn, *args)
+        except SupervisorError as e:
+            raise SourceDown(str(e)) from e
+
+    async def processes(self) -> list[ProcessInfo]:
+        """getAllProcessInfo."""
+        return await self._run(self.client.processes)
+
+    async def start(self, name: str) -> None:
+        """startProcess."""
+        await self._run(self.client.start, name)
+
+    async def stop(self, name: str) -> None:
+        """stopProcess."""
+        await self._run(self.client.stop, name)
+
+    async def restart(self, name: str) -> None:
+        """stopProcess then startProcess."""
+        await self._run(self.client.restart, name)
+
+    async def tail(self, name: str, offset: int, length: int) -> LogChunk:
+        """tailProcessStdoutLog."""
+        return await self._run(self.client.tail, name, offset, length)
+
+
+# ---------------------------------------------------------------------------
+# /proc: which pids belong to which supervised program
+# ---------------------------------------------------------------------------
+
+
+def _parent_map(proc: Path) -> dict[int, int]:
+    """pid → parent pid for every process visible in ``proc``."""
+    parents: dict[int, int] = {}
+    for entry in proc.iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue  # the process ended meanwhile
+        # The command name (field 2) may contain spaces and parentheses: split after the last ')'.
+        rest = stat[stat.rfind(")") + 2 :].split()
+        if len(rest) >= 2:
+            parents[int(entry.name)] = int(rest[1])
+    return parents
+
+
+def owners_from_parents(parents: dict[int, int], roots: dict[int, str]) -> dict[int, str]:
+    """Label each pid that is a root or descends from one with that root's label."""
+    out: dict[int, str] = {}
+    for pid in parents:
+        seen = 0
+        p = pid
+        while p and seen < 64:  # bounded walk: pid reuse could make a loop
+            if p in roots:
+                out[pid] = roots[p]
+                break
+            p = parents.get(p, 0)
+            seen += 1
+    for pid, label in roots.items():
+        out.setdefault(pid, label)
+    return out
+
+
+class ProcTree:
+    """Reads ``/proc`` to find the children of supervised programs (vLLM's engine core is a child)."""
+
+    def __init__(self, proc: Path | str = "/proc") -> None:
+        self.proc = Path(proc)
+
+    async def owners(self, roots: dict[int, str]) -> dict[int, str]:
+        """Map descendants of ``roots`` to their root's label."""
+        if not roots:
+            return {}
+        parents = await asyncio.to_thread(_parent_map, self.proc)
+        return owners_from_parents(parents, roots)
+
+
+# ---------------------------------------------------------------------------
+# NVML on this host (through services.telemetry)
+# ---------------------------------------------------------------------------
+
+
+class NvmlGpu:
+    """This host's GPUs through :mod:`services.telemetry`'s backend (NVML, or none)."""
+
+    def __init__(self, settings: Settings, backend: Any = None) -> None:
+        self.node = settings.effective_node_id
+        self._backend = backend
+        self._reason: str | None = None
+
+    def _get_backend(self) -> Any:
+        if self._backend is None and self._reason is None:
+            try:
+                from services import telemetry  # noqa: PLC0415 - optional until it lands
+
+                self._backend = telemetry.make_backend()
+            except Exception as e:  # any import/init failure means "no GPU here"
+                self._reason = f"GPU telemetry unavailable ({type(e).__name__}: {e})"
+        return self._backend
+
+    def _read(self) -> LocalGpuReading:
+        backend = self._get_backend()
+        if backend is None:
+            return LocalGpuReading(reason=self._reason)
+        if not backend.available():
+            return LocalGpuReading(reason=str(getattr(backend, "reason", "") or "no GPU"))
+        return LocalGpuReading(samples=tuple(backend.sample()))
+
+    async def read(self) -> LocalGpuReading:
+        """Sample every local GPU once (NVML calls run in a thread)."""
+        return await asyncio.to_thread(self._read)
+
+
+# ---------------------------------------------------------------------------
+# Building the real set
+# ---------------------------------------------------------------------------
+
+
+def real_sources(settings: Settings) -> Sources:
+    """Sources reading the stack described by ``settings``."""
+    stack = RedisStack(settings)
+    engine = HttpEngine(settings)
+    return Sources(
+        queue=stack,
+        jobs=stack,
+        nodes=stack,
+        local_gpu=NvmlGpu(settings),
+        engine=engine,
+        supervisor=XmlRpcSupervisor(settings.supervisor_socket),
+        procs=ProcTree(),
+        closers=[stack, engine],
+    )
+

@@ -1,0 +1,155 @@
+"""supervisord's XML-RPC interface over its unix socket.
+
+supervisord (``[unix_http_server]`` + ``[rpcinterface:supervisor]``) speaks
+XML-RPC over HTTP on a unix socket. :class:`UnixTransport` is the standard
+library's transport with the TCP connection swapped for an ``AF_UNIX`` one,
+as supervisor's own ``SupervisorTransport`` does. Every call opens a fresh
+connection (cheap on a unix socket) so a restarted supervisord is picked up
+without any reconnect logic, and calls are thread-safe.
+"""
+
+from __future__ import annotations
+
+import http.client
+import socket
+import xmlrpc.client
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+
+class SupervisorError(Exception):
+    """supervisord is unreachable, or refused a call (``message`` says which)."""
+
+
+class _UnixHTTPConnection(http.client.HTTPConnection):
+    """An HTTP connection over a unix stream socket."""
+
+    def __init__(self, path: str, timeout: float) -> None:
+        # The host only fills the Host header; supervisord ignores it.
+        super().__init__("localhost", timeout=timeout)
+        self._path = path
+
+    def connect(self) -> None:
+        """Connect to the unix socket instead of host:port."""
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(self.timeout)
+        try:
+            sock.connect(self._path)
+        except OSError:
+            sock.close()
+            raise
+        self.sock = sock
+
+
+class UnixTransport(xmlrpc.client.Transport):
+    """xmlrpc.client transport that talks HTTP over a unix socket."""
+
+    def __init__(self, path: str, timeout: float = 3.0) -> None:
+        super().__init__()
+        self._path = path
+        self._timeout = timeout
+
+    def make_connection(self, host: Any) -> http.client.HTTPConnection:
+        """A fresh unix-socket connection (``host`` is ignored)."""
+        return _UnixHTTPConnection(self._path, self._timeout)
+
+
+@dataclass(frozen=True)
+class ProcessInfo:
+    """One supervisord program, as ``getProcessInfo`` reports it."""
+
+    name: str
+    group: str
+    state: str  # RUNNING, STOPPED, STARTING, BACKOFF, STOPPING, EXITED, FATAL, UNKNOWN
+    pid: int
+    start: int  # unix seconds; 0 if never started
+    now: int  # supervisord's clock at the time of the call
+    description: str
+    exitstatus: int = 0
+
+    @property
+    def uptime_s(self) -> int | None:
+        """Seconds since the program started, while it runs."""
+        if self.state != "RUNNING" or not self.start:
+            return None
+        return max(0, self.now - self.start)
+
+    @property
+    def full_name(self) -> str:
+        """``group:name`` as supervisord's start/stop calls want it."""
+        return self.name if self.group == self.name else f"{self.group}:{self.name}"
+
+    @classmethod
+    def from_rpc(cls, d: dict[str, Any]) -> ProcessInfo:
+        """Build from one ``getAllProcessInfo`` entry."""
+        return cls(
+            name=str(d.get("name", "")),
+            group=str(d.get("group", d.get("name", ""))),
+            state=str(d.get("statename", "UNKNOWN")),
+            pid=int(d.get("pid") or 0),
+            start=int(d.get("start") or 0),
+            now=int(d.get("now") or 0),
+            description=str(d.get("description", "")),
+            exitstatus=int(d.get("exitstatus") or 0),
+        )
+
+
+@dataclass(frozen=True)
+class LogChunk:
+    """A slice of a program's log: text, the offset to continue from, and whether bytes were skipped."""
+
+    text: str
+    offset: int
+    overflow: bool
+
+
+class SupervisorClient:
+    """Blocking client of supervisord's XML-RPC API (call it from a worker thread)."""
+
+    def __init__(self, socket_path: Path | str, timeout: float = 3.0) -> None:
+        self.socket_path = Path(socket_path)
+        self.timeout = timeout
+
+    def _proxy(self) -> Any:
+        if not self.socket_path.exists():
+            raise SupervisorError(f"supervisord is not running (no socket at {self.socket_path})")
+        transport = UnixTransport(str(self.socket_path), self.timeout)
+        return xmlrpc.client.ServerProxy("http://localhost/RPC2", transport=transport, allow_none=True)
+
+    def _call(self, method: str, *args: Any) -> Any:
+        proxy = self._proxy()
+        try:
+            return getattr(proxy.supervisor, method)(*args)
+        except xmlrpc.client.Fault as e:
+            raise SupervisorError(f"supervisord refused {method}: {e.faultString}") from e
+        except xmlrpc.client.ProtocolError as e:
+            raise SupervisorError(f"supervisord answered {e.errcode} {e.errmsg}") from e
+        except (OSError, http.client.HTTPException) as e:
+            raise SupervisorError(f"supervisord unreachable at {self.socket_path}: {e}") from e
+
+    def processes(self) -> list[ProcessInfo]:
+        """Every program with its state (``getAllProcessInfo``)."""
+        return [ProcessInfo.from_rpc(d) for d in self._call("getAllProcessInfo")]
+
+    def start(self, name: str) -> None:
+        """Start a program and wait until it is running (or failed)."""
+        self._call("startProcess", name, True)
+
+    def stop(self, name: str) -> None:
+        """Stop a program and wait until it has stopped."""
+        self._call("stopProcess", name, True)
+
+    def restart(self, name: str) -> None:
+        """Stop (if running) then start a program."""
+        try:
+            self.stop(name)
+        except SupervisorError as e:
+            if "NOT_RUNNING" not in str(e):
+                raise
+        self.start(name)
+
+    def tail(self, name: str, offset: int, length: int) -> LogChunk:
+        """``tailProcessStdoutLog``: up to ``length`` bytes from ``offset`` (0 = the last ``length``)."""
+        data, new_offset, overflow = self._call("tailProcessStdoutLog", name, offset, length)
+        return LogChunk(str(data), int(new_offset), bool(overflow))

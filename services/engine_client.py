@@ -1,0 +1,355 @@
+"""Client of the engine's OpenAI-compatible API (vLLM or the simulator).
+
+Tokenize, stream a completion with per-token timing, read ``/v1/models`` and
+``/metrics``. Used by the inference worker, the bench's direct path and the
+console's engine panel, so the three measure the same way.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+
+from services.contracts import now_ns
+
+
+class EngineError(Exception):
+    """The engine answered with an error or could not be reached.
+
+    ``status`` is the HTTP status (None for connection errors and timeouts);
+    ``retryable`` tells the caller whether another attempt may succeed.
+    """
+
+    def __init__(self, message: str, status: int | None = None, *, unavailable: bool = False) -> None:
+        super().__init__(message)
+        self.status = status
+        #: The engine could not be connected to at all (down, restarting, loading).
+        self.unavailable = unavailable
+
+    @property
+    def retryable(self) -> bool:
+        """5xx, timeouts and connection errors may pass on retry; 4xx will not."""
+        return self.status is None or self.status >= 500 or self.status == 429
+
+    @property
+    def overloaded(self) -> bool:
+        """503/429 or not reachable: busy or restarting; backpressure, not a used-up attempt."""
+        return self.unavailable or self.status in (429, 503)
+
+
+@dataclass
+class StreamResult:
+    """Timings and usage of one streamed completion.
+
+    Timestamps are wall-clock ns; durations come from a monotonic clock.
+    """
+
+    t_start: int
+    t_first_token: int
+    t_end: int
+    ttft_s: float
+    decode_s: float
+    total_s: float
+    #: Gaps between successive token-bearing chunks (seconds).
+    itl_s: list[float] = field(default_factory=list)
+    text: str = ""
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    cached_tokens: int | None = None
+    finish_reason: str | None = None
+    chunks: int = 0
+
+
+def _auth_headers(api_key: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {api_key}"} if api_key else {}
+
+
+def _error_message(resp: httpx.Response) -> str:
+    try:
+        body = resp.json()
+    except ValueError:
+        return resp.text[:500] or resp.reason_phrase
+    if isinstance(body, dict):
+        if isinstance(body.get("error"), dict):
+            return str(body["error"].get("message", body))[:500]
+        if "message" in body:
+            return str(body["message"])[:500]
+        if "detail" in body:
+            return str(body["detail"])[:500]
+    return str(body)[:500]
+
+
+class EngineClient:
+    """Async client of one engine, over a pooled httpx client."""
+
+    def __init__(
+        self,
+        base_url: str,
+        api_key: str = "",
+        timeout_s: float = 600.0,
+        client: httpx.AsyncClient | None = None,
+    ) -> None:
+        self.base_url = base_url.rstrip("/")
+        self._own = client is None
+        self._client = client or httpx.AsyncClient(
+            timeout=httpx.Timeout(timeout_s, connect=5.0),
+            limits=httpx.Limits(max_connections=1024, max_keepalive_connections=256),
+            headers=_auth_headers(api_key),
+        )
+        self._model: str | None = None
+
+    async def aclose(self) -> None:
+        """Close the pooled connections (if this client owns them)."""
+        if self._own:
+            await self._client.aclose()
+
+    async def _request(self, method: str, path: str, **kw: Any) -> httpx.Response:
+        try:
+            resp = await self._client.request(method, f"{self.base_url}{path}", **kw)
+        except httpx.TimeoutException as e:
+            raise EngineError(f"engine timed out on {path}: {e!r}") from e
+        except httpx.ConnectError as e:
+            raise EngineError(f"engine not reachable at {self.base_url}: {e!r}", unavailable=True) from e
+        except httpx.TransportError as e:
+            raise EngineError(f"engine unreachable at {self.base_url}: {e!r}") from e
+        if resp.status_code >= 400:
+            raise EngineError(
+                f"engine {resp.status_code} on {path}: {_error_message(resp)}", resp.status_code
+            )
+        return resp
+
+    async def health(self) -> bool:
+        """True if ``/health`` answers 200."""
+        try:
+            resp = await self._client.get(f"{self.base_url}/health", timeout=5.0)
+        except httpx.HTTPError:
+            return False
+        return resp.status_code == 200
+
+    async def models(self) -> list[dict[str, Any]]:
+        """``/v1/models`` data entries."""
+        resp = await self._request("GET", "/v1/models")
+        return list(resp.json().get("data", []))
+
+    async def model(self) -> str:
+        """The served model id (first of ``/v1/models``), cached."""
+        if self._model is None:
+            data = await self.models()
+            if not data:
+                raise EngineError("engine serves no model")
+            self._model = str(data[0]["id"])
+        return self._model
+
+    async def version(self) -> str:
+        """The engine's ``/version`` string, or '' if it has none."""
+        try:
+            resp = await self._request("GET", "/version")
+            return str(resp.json().get("version", ""))
+        except (EngineError, ValueError):
+            return ""
+
+    async def tokenize(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """Token ids of ``text`` on the engine's own tokenizer."""
+        body = {"model": await self.model(), "prompt": text, "add_special_tokens": add_special_tokens}
+        resp = await self._request("POST", "/tokenize", json=body)
+        return list(resp.json()["tokens"])
+
+    async def detokenize(self, tokens: list[int]) -> str:
+        """Text of ``tokens`` on the engine's own tokenizer."""
+        resp = await self._request(
+            "POST", "/detokenize", json={"model": await self.model(), "tokens": tokens}
+        )
+        return str(resp.json()["prompt"])
+
+    async def metrics_text(self) -> str:
+        """Raw Prometheus text of ``/metrics``."""
+        resp = await self._request("GET", "/metrics")
+        return resp.text
+
+    async def stream_completion(
+        self,
+        prompt: str | list[int],
+        max_tokens: int,
+        *,
+        exact: bool = True,
+        extra: dict[str, Any] | None = None,
+        on_first_token: Callable[[], None] | None = None,
+    ) -> StreamResult:
+        """Stream ``/v1/completions`` and time it.
+
+        With ``exact`` the engine is forced to produce exactly ``max_tokens``
+        (``min_tokens`` = ``max_tokens`` and ``ignore_eos``), as the seed asks.
+        """
+        body: dict[str, Any] = {
+            "model": await self.model(),
+            "prompt": prompt,
+            "max_tokens": max_tokens,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+            "temperature": 0.0,
+        }
+        if exact:
+            body.update(min_tokens=max_tokens, ignore_eos=True)
+        if extra:
+            body.update(extra)
+        t_start = now_ns()
+        m0 = time.perf_counter()
+        m_first: float | None = None
+        m_last = m0
+        t_first = 0
+        itl: list[float] = []
+        parts: list[str] = []
+        res = StreamResult(t_start=t_start, t_first_token=0, t_end=0, ttft_s=0.0, decode_s=0.0, total_s=0.0)
+        url = f"{self.base_url}/v1/completions"
+        try:
+            async with self._client.stream("POST", url, json=body) as resp:
+                if resp.status_code >= 400:
+                    await resp.aread()
+                    raise EngineError(
+                        f"engine {resp.status_code} on /v1/completions: {_error_message(resp)}",
+                        resp.status_code,
+                    )
+                async for line in resp.aiter_lines():
+                    if not line.startswith("data:"):
+                        continue
+                    data = line[5:].strip()
+                    if data == "[DONE]":
+                        break
+                    chunk = json.loads(data)
+                    if chunk.get("object") == "error" or "error" in chunk:
+                        raise EngineError(f"engine error in stream: {str(chunk)[:300]}", 500)
+                    usage = chunk.get("usage")
+                    if usage:
+                        res.prompt_tokens = usage.get("prompt_tokens")
+                        res.completion_tokens = usage.get("completion_tokens")
+                        details = usage.get("prompt_tokens_details") or {}
+                        res.cached_tokens = details.get("cached_tokens")
+                    for choice in chunk.get("choices") or []:
+                        text = choice.get("text") or ""
+                        if choice.get("finish_reason"):
+                            res.finish_reason = choice["finish_reason"]
+                        if not text and not choice.get("finish_reason"):
+                            continue
+                        now = time.perf_counter()
+                        res.chunks += 1
+                        if m_first is None:
+                            m_first = now
+                            t_first = now_ns()
+                            if on_first_token:
+                                on_first_token()
+                        else:
+                            itl.append(round(now - m_last, 6))
+                        m_last = now
+                        parts.append(text)
+        except httpx.TimeoutException as e:
+            raise EngineError(f"engine timed out streaming: {e!r}") from e
+        except httpx.ConnectError as e:
+            raise EngineError(f"engine not reachable at {self.base_url}: {e!r}", unavailable=True) from e
+        except httpx.TransportError as e:
+            raise EngineError(f"engine connection lost while streaming: {e!r}") from e
+        m_end = time.perf_counter()
+        res.t_end = now_ns()
+        if m_first is None:  # no token at all (max_tokens=0 or engine sent none)
+            m_first, t_first = m_end, res.t_end
+        res.t_first_token = t_first
+        res.ttft_s = m_first - m0
+        res.decode_s = m_end - m_first
+        res.total_s = m_end - m0
+        res.itl_s = itl
+        res.text = "".join(parts)
+        return res
+
+
+# ---------------------------------------------------------------------------
+# Prometheus text parsing (enough for vLLM's /metrics)
+# ---------------------------------------------------------------------------
+
+
+@dataclass
+class Sample:
+    """One Prometheus sample line."""
+
+    name: str
+    labels: dict[str, str]
+    value: float
+
+
+def parse_prometheus(text: str) -> list[Sample]:
+    """Parse Prometheus text exposition format into samples (comments skipped)."""
+    out: list[Sample] = []
+    for raw in text.splitlines():
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        labels: dict[str, str] = {}
+        if "{" in line:
+            name, rest = line.split("{", 1)
+            label_str, _, value_str = rest.rpartition("}")
+            for part in _split_labels(label_str):
+                k, _, v = part.partition("=")
+                labels[k.strip()] = v.strip().strip('"')
+        else:
+            name, _, value_str = line.partition(" ")
+        tokens = value_str.split()
+        if not tokens:
+            continue
+        try:
+            value = float(tokens[0])
+        except ValueError:
+            continue
+        out.append(Sample(name.strip(), labels, value))
+    return out
+
+
+def _split_labels(s: str) -> list[str]:
+    parts, buf, in_q = [], [], False
+    for ch in s:
+        if ch == '"':
+            in_q = not in_q
+        if ch == "," and not in_q:
+            parts.append("".join(buf))
+            buf = []
+        else:
+            buf.append(ch)
+    if buf and "".join(buf).strip():
+        parts.append("".join(buf))
+    return parts
+
+
+def metric_sum(samples: list[Sample], name: str) -> float | None:
+    """Sum of all samples named ``name`` across labels (None if absent)."""
+    vals = [s.value for s in samples if s.name == name and not math.isnan(s.value)]
+    return sum(vals) if vals else None
+
+
+def histogram_quantile(samples: list[Sample], name: str, q: float) -> float | None:
+    """Estimate a quantile of a Prometheus histogram (summed over labels)."""
+    buckets: dict[float, float] = {}
+    for s in samples:
+        if s.name == f"{name}_bucket" and "le" in s.labels:
+            le = float("inf") if s.labels["le"] in ("+Inf", "inf") else float(s.labels["le"])
+            buckets[le] = buckets.get(le, 0.0) + s.value
+    if not buckets:
+        return None
+    bounds = sorted(buckets)
+    total = buckets[bounds[-1]]
+    if total <= 0:
+        return None
+    rank = q * total
+    prev_b, prev_c = 0.0, 0.0
+    for b in bounds:
+        c = buckets[b]
+        if c >= rank:
+            if math.isinf(b):
+                return prev_b
+            if c == prev_c:
+                return b
+            return prev_b + (b - prev_b) * (rank - prev_c) / (c - prev_c)
+        prev_b, prev_c = b, c
+    return bounds[-1]

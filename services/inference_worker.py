@@ -1,0 +1,266 @@
+"""Inference worker: the FastAPI service next to the engine.
+
+``POST /v1/infer`` builds the job's exact-length prompt on the engine's own
+tokenizer, streams the completion, measures engine (GPU) time, samples the
+GPUs over the engine window and returns an :class:`InferResult`. It also keeps
+a heartbeat of its node in Redis and publishes GPU samples for the console.
+
+Errors map to statuses the proxy worker understands: 422 = final (the engine
+refused the request: retrying cannot help), 502 = retryable (engine 5xx,
+timeout, connection), 503 = the engine is overloaded or not ready
+(backpressure, not a used-up attempt).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import Depends, FastAPI, Header, HTTPException, Request
+from fastapi.responses import JSONResponse
+
+from services import telemetry
+from services.contracts import NODE_TTL_S, InferRequest, InferResult, Keys, now_ns
+from services.engine_client import EngineClient, EngineError
+from services.prompts import PromptBuilder, prefix_seed_for_run, split_tokens
+from services.queue import REDIS_DOWN, redis_client
+from services.settings import Settings, get_settings
+
+log = logging.getLogger("llmconsole.inference_worker")
+
+
+class WorkerState:
+    """Long-lived objects of one inference worker process."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.engine = EngineClient(settings.engine_url, settings.engine_api_key.get_secret_value())
+        self.prompts = PromptBuilder(self.engine)
+        self.keys = Keys(settings.redis_prefix)
+        self.node = settings.effective_node_id
+        self.gpu = telemetry.make_backend()
+        self.engine_name = ""
+        self.model = ""
+        self.max_model_len: int | None = None
+        self.in_flight = 0
+        self.tasks: list[asyncio.Task[None]] = []
+
+    async def describe_engine(self) -> None:
+        """Learn the engine's name, version, model and context length (once ready)."""
+        models = await self.engine.models()
+        first = models[0] if models else {}
+        self.model = str(first.get("id", ""))
+        mml = first.get("max_model_len")
+        self.max_model_len = int(mml) if isinstance(mml, int) else None
+        version = await self.engine.version()
+        kind = self.settings.engine_kind
+        if first.get("owned_by") == "llmconsole-simulator" or first.get("simulator"):
+            self.engine_name = f"sim (llmconsole simulator {version})".strip()
+        else:
+            self.engine_name = f"vllm{'-cpu' if kind == 'cpu' else ''} {version}".strip()
+
+
+def _require_key(request: Request, authorization: str | None = Header(None)) -> None:
+    state: WorkerState = request.app.state.worker
+    key = state.settings.api_key.get_secret_value()
+    if not key:
+        return
+    given = (authorization or "").removeprefix("Bearer ").strip()
+    if not hmac.compare_digest(given.encode(), key.encode()):
+        raise HTTPException(401, "missing or wrong API key (Authorization: Bearer <API_KEY>)")
+
+
+async def _heartbeat(state: WorkerState) -> None:
+    """Register this node in Redis every few seconds; wait for the engine first."""
+    s = state.settings
+    r = redis_client(s)
+    try:
+        while True:
+            try:
+                if not state.model and await state.engine.health():
+                    await state.describe_engine()
+                info: dict[str, Any] = {
+                    "node": state.node,
+                    "url": f"http://{s.worker_host}:{s.worker_port}",
+                    "engine_kind": s.engine_kind,
+                    "engine": state.engine_name,
+                    "model": state.model,
+                    "max_model_len": state.max_model_len or "",
+                    "engine_url": s.engine_url,
+                    "in_flight": state.in_flight,
+                    "gpu": "yes" if state.gpu.available() else f"no: {state.gpu.reason}",
+                    "t": now_ns(),
+                }
+                async with r.pipeline(transaction=True) as p:
+                    p.sadd(state.keys.nodes, state.node)
+                    p.hset(state.keys.node(state.node), mapping={k: str(v) for k, v in info.items()})
+                    p.expire(state.keys.node(state.node), NODE_TTL_S)
+                    await p.execute()
+            except REDIS_DOWN:
+                pass  # Redis is back soon; the TTL marks us gone meanwhile
+            except EngineError as e:
+                log.info("engine not ready yet: %s", e)
+            await asyncio.sleep(2.0)
+    finally:
+        await r.aclose()
+
+
+async def _publish_gpu(state: WorkerState) -> None:
+    """Publish GPU samples for the console (nothing to do without a GPU)."""
+    if not state.gpu.available():
+        return
+    r = redis_client(state.settings)
+    try:
+        while True:
+            try:
+                await telemetry.publish_samples(r, state.keys, state.node, state.gpu, 1.0)
+            except REDIS_DOWN:
+                await asyncio.sleep(1.0)
+    finally:
+        await r.aclose()
+
+
+@asynccontextmanager
+async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
+    state: WorkerState = app.state.worker
+    state.tasks = [asyncio.create_task(_heartbeat(state)), asyncio.create_task(_publish_gpu(state))]
+    try:
+        yield
+    finally:
+        for t in state.tasks:
+            t.cancel()
+        for t in state.tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await t
+        await state.engine.aclose()
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """The inference worker's FastAPI app."""
+    settings = settings or get_settings()
+    app = FastAPI(
+        title="llmconsole inference worker",
+        version="0.1.0",
+        lifespan=_lifespan,
+        description="Builds exact-length prompts, calls the engine, measures engine time per job.",
+    )
+    app.state.worker = WorkerState(settings)
+
+    @app.get("/healthz")
+    async def healthz() -> dict[str, str]:
+        """Liveness: the process answers."""
+        return {"status": "ok"}
+
+    @app.get("/readyz")
+    async def readyz() -> JSONResponse:
+        """Readiness: the engine answers ``/health``."""
+        state: WorkerState = app.state.worker
+        ok = await state.engine.health()
+        if ok and not state.model:
+            with contextlib.suppress(EngineError):
+                await state.describe_engine()
+        body = {
+            "engine": "ready" if ok else "not ready",
+            "model": state.model,
+            "engine_name": state.engine_name,
+        }
+        return JSONResponse(body, status_code=200 if ok else 503)
+
+    @app.post("/v1/infer", response_model=InferResult, dependencies=[Depends(_require_key)])
+    async def infer(req: InferRequest) -> InferResult | JSONResponse:
+        """Run one job on the engine and return its timings and usage."""
+        state: WorkerState = app.state.worker
+        state.in_flight += 1
+        try:
+            return await _infer(state, req)
+        except EngineError as e:
+            if e.overloaded:
+                code = 503
+            elif e.retryable:
+                code = 502
+            else:
+                code = 422
+            return JSONResponse({"detail": str(e), "retryable": code != 422}, status_code=code)
+        except ValueError as e:
+            return JSONResponse({"detail": str(e), "retryable": False}, status_code=422)
+        finally:
+            state.in_flight -= 1
+
+    return app
+
+
+async def _infer(state: WorkerState, req: InferRequest) -> InferResult:
+    t_received = now_ns()
+    spec = req.spec
+    if not state.model:
+        await state.describe_engine()
+    prefix_tokens = 0
+    prompt: str | list[int]
+    if spec.prompt is not None:
+        prompt = spec.prompt
+    else:
+        assert spec.input_tokens is not None
+        prefix_tokens = split_tokens(spec.input_tokens, spec.prefix_share)
+        built = await state.prompts.build(
+            spec.input_tokens, prefix_tokens, prefix_seed_for_run(spec.run_id), spec.seed
+        )
+        prompt, prefix_tokens = built.token_ids, built.prefix_tokens
+    sampler = telemetry.JobGpuSampler(state.gpu, state.settings.telemetry_interval_s)
+    async with sampler:
+        res = await state.engine.stream_completion(prompt, spec.output_tokens, exact=True)
+    mismatches: list[str] = []
+    if spec.input_tokens is not None and res.prompt_tokens != spec.input_tokens:
+        mismatches.append(f"prompt_tokens {res.prompt_tokens} != requested {spec.input_tokens}")
+    if res.completion_tokens != spec.output_tokens:
+        mismatches.append(f"completion_tokens {res.completion_tokens} != requested {spec.output_tokens}")
+    if res.completion_tokens is not None and res.chunks and res.chunks != res.completion_tokens:
+        # Not an error (an engine may pack tokens into one chunk), but the ITL list is per chunk.
+        log.debug("job %s: %d stream chunks for %d tokens", spec.job_id, res.chunks, res.completion_tokens)
+    return InferResult(
+        engine=state.engine_name or state.settings.engine_kind,
+        model=state.model,
+        node=state.node,
+        requested_input_tokens=spec.input_tokens,
+        requested_output_tokens=spec.output_tokens,
+        prompt_tokens=res.prompt_tokens or 0,
+        completion_tokens=res.completion_tokens or 0,
+        cached_tokens=res.cached_tokens,
+        prefix_tokens=prefix_tokens,
+        token_mismatch=mismatches,
+        finish_reason=res.finish_reason,
+        ttft_s=res.ttft_s,
+        decode_s=res.decode_s,
+        engine_time_s=res.total_s,
+        itl_s=res.itl_s,
+        text_head=res.text[:500],
+        gpu=sampler.stats(res.completion_tokens or 0),
+        t_worker_received=t_received,
+        t_engine_start=res.t_start,
+        t_first_token=res.t_first_token,
+        t_engine_end=res.t_end,
+    )
+
+
+def main() -> None:
+    """Run the inference worker under uvicorn (``python -m services.inference_worker``)."""
+    import uvicorn
+
+    s = get_settings()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    uvicorn.run(
+        create_app(s),
+        host=s.worker_host,
+        port=s.worker_port,
+        timeout_graceful_shutdown=int(s.shutdown_grace_s),
+        log_level="info",
+        access_log=False,
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,385 @@
+"""Ingestion: the FastAPI service that accepts jobs.
+
+``POST /v1/jobs`` validates, mints an id and writes the job hash and its
+stream entry in one Lua script, answering ``202 {job_id}`` at once.
+``GET /v1/jobs/{id}?wait=S`` long-polls on the job-event channel, so clients
+need no busy loop. Above the active-job bound it answers 429 with
+``Retry-After``; when Redis is down, 503 within a second.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import json
+import logging
+import re
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from typing import Annotated, Any
+
+from fastapi import Depends, FastAPI, Header, HTTPException, Path, Query, Request, Response
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
+
+from services.contracts import (
+    ID_PATTERN,
+    MAX_BODY_BYTES,
+    MAX_WAIT_S,
+    JobAccepted,
+    JobRequest,
+    JobSpec,
+    JobState,
+    JobView,
+    Keys,
+    job_hash_to_view,
+    new_id,
+    now_ns,
+)
+from services.queue import REDIS_DOWN, JobQueue, redis_client
+from services.settings import Settings, get_settings
+
+log = logging.getLogger("llmconsole.ingestion")
+
+IDEMPOTENCY_PATTERN = r"^[A-Za-z0-9_.:-]{1,128}$"
+_IDEM_RE = re.compile(IDEMPOTENCY_PATTERN)
+_TERMINAL = {s.value for s in (JobState.SUCCEEDED, JobState.FAILED, JobState.DEAD)}
+
+
+class Waiters:
+    """Wakes long-polling requests when their job changes state.
+
+    One pub/sub subscription per process feeds per-job asyncio events, so a
+    thousand waiting clients cost one Redis connection, not a thousand polls.
+    """
+
+    def __init__(self) -> None:
+        self._events: dict[str, set[asyncio.Event]] = {}
+
+    def add(self, job_id: str) -> asyncio.Event:
+        """Register interest in ``job_id``; the returned event fires on its next change."""
+        ev = asyncio.Event()
+        self._events.setdefault(job_id, set()).add(ev)
+        return ev
+
+    def remove(self, job_id: str, ev: asyncio.Event) -> None:
+        """Forget a waiter."""
+        evs = self._events.get(job_id)
+        if evs is not None:
+            evs.discard(ev)
+            if not evs:
+                del self._events[job_id]
+
+    def notify(self, job_id: str) -> None:
+        """Wake every waiter of ``job_id``."""
+        for ev in self._events.get(job_id, ()):
+            ev.set()
+
+    def notify_all(self) -> None:
+        """Wake everyone (after a lost subscription: they re-read the hash)."""
+        for evs in self._events.values():
+            for ev in evs:
+                ev.set()
+
+
+async def _listen(app: FastAPI) -> None:
+    """Feed :class:`Waiters` from the job-event channel; reconnect forever."""
+    s: Settings = app.state.settings
+    keys: Keys = app.state.keys
+    waiters: Waiters = app.state.waiters
+    while True:
+        r = redis_client(s, blocking=True)
+        try:
+            async with r.pubsub() as ps:
+                await ps.subscribe(keys.events)
+                waiters.notify_all()
+                async for msg in ps.listen():
+                    if msg.get("type") != "message":
+                        continue
+                    with contextlib.suppress(ValueError, TypeError, KeyError):
+                        waiters.notify(json.loads(msg["data"])["job_id"])
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:  # Redis down or restarted: retry, waiters re-read
+            log.info("event subscription lost (%s); retrying", e.__class__.__name__)
+            waiters.notify_all()
+            await asyncio.sleep(0.5)
+        finally:
+            with contextlib.suppress(Exception):
+                await r.aclose()
+
+
+@asynccontextmanager
+async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
+    listener = asyncio.create_task(_listen(app))
+    try:
+        yield
+    finally:
+        listener.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await listener
+        await app.state.redis.aclose()
+
+
+_bearer = HTTPBearer(auto_error=False, description="Authorization: Bearer <API_KEY>")
+_x_api_key = APIKeyHeader(name="X-API-Key", auto_error=False, description="or X-API-Key: <API_KEY>")
+
+
+def _require_key(
+    request: Request,
+    bearer: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+    x_api_key: Annotated[str | None, Depends(_x_api_key)],
+) -> None:
+    """Check the API key in constant time (skipped when none is configured)."""
+    key = request.app.state.settings.api_key.get_secret_value()
+    if not key:
+        return
+    given = bearer.credentials if bearer else (x_api_key or "")
+    if not hmac.compare_digest(given.encode(), key.encode()):
+        raise HTTPException(
+            401,
+            "missing or wrong API key: send 'Authorization: Bearer <API_KEY>' (the key is in var/llmconsole.env)",
+            headers={"WWW-Authenticate": "Bearer"},
+        )
+
+
+def _redis_down() -> JSONResponse:
+    return JSONResponse(
+        {"detail": "Redis is unavailable; the job was not accepted. Retry shortly."},
+        status_code=503,
+        headers={"Retry-After": "1"},
+    )
+
+
+async def _context_limit(app: FastAPI) -> int:
+    """The smallest context length of the live engines (else the configured one)."""
+    s: Settings = app.state.settings
+    keys: Keys = app.state.keys
+    r = app.state.redis
+    limits: list[int] = []
+    for node in await r.smembers(keys.nodes):
+        mml = await r.hget(keys.node(node), "max_model_len")
+        if mml and mml.isdigit():
+            limits.append(int(mml))
+    return min(limits) if limits else s.max_model_len
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """The ingestion FastAPI app."""
+    settings = settings or get_settings()
+    app = FastAPI(
+        title="llmconsole ingestion",
+        version="0.1.0",
+        lifespan=_lifespan,
+        description=(
+            "Accepts inference jobs and queues them in Redis. Authenticate with "
+            "`Authorization: Bearer <API_KEY>`. Bodies over "
+            f"{MAX_BODY_BYTES} bytes are refused (413); unknown fields are refused (422)."
+        ),
+    )
+    app.state.settings = settings
+    app.state.keys = Keys(settings.redis_prefix)
+    app.state.redis = redis_client(settings)
+    app.state.queue = JobQueue(app.state.redis, app.state.keys)
+    app.state.waiters = Waiters()
+
+    @app.middleware("http")
+    async def limit_body(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
+        """Refuse oversized bodies before reading them (413)."""
+        length = request.headers.get("content-length")
+        if length is not None:
+            if not length.isdigit():
+                return JSONResponse({"detail": "invalid Content-Length header"}, status_code=400)
+            if int(length) > MAX_BODY_BYTES:
+                return JSONResponse(
+                    {"detail": f"request body too large: {length} bytes, limit {MAX_BODY_BYTES}"},
+                    status_code=413,
+                )
+        elif request.method in ("POST", "PUT", "PATCH"):
+            body = b""
+            async for chunk in request.stream():
+                body += chunk
+                if len(body) > MAX_BODY_BYTES:
+                    return JSONResponse(
+                        {"detail": f"request body over {MAX_BODY_BYTES} bytes"}, status_code=413
+                    )
+            request._body = body  # starlette re-reads the cached body
+        try:
+            return await call_next(request)
+        except REDIS_DOWN:
+            return _redis_down()
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(_request: Request, exc: RequestValidationError) -> JSONResponse:
+        """422 with one readable line per problem (plus FastAPI's structured errors)."""
+        problems = []
+        errors = []
+        for err in exc.errors():
+            loc = ".".join(str(p) for p in err.get("loc", ()) if p != "body") or "body"
+            problems.append(f"{loc}: {err.get('msg', 'invalid')}")
+            errors.append({k: err[k] for k in ("type", "loc", "msg") if k in err})
+        return JSONResponse({"detail": "; ".join(problems), "errors": errors}, status_code=422)
+
+    @app.get("/healthz", tags=["health"])
+    async def healthz() -> dict[str, str]:
+        """Liveness: the process answers."""
+        return {"status": "ok"}
+
+    @app.get("/readyz", tags=["health"], responses={503: {"description": "Redis unreachable"}})
+    async def readyz() -> JSONResponse:
+        """Readiness: Redis answers PING."""
+        try:
+            await asyncio.wait_for(app.state.redis.ping(), timeout=1.0)
+        except (TimeoutError, *REDIS_DOWN):
+            return JSONResponse({"redis": "unreachable"}, status_code=503)
+        return JSONResponse({"redis": "ok"})
+
+    @app.post(
+        "/v1/jobs",
+        status_code=202,
+        response_model=JobAccepted,
+        dependencies=[Depends(_require_key)],
+        tags=["jobs"],
+        responses={
+            401: {"description": "Missing or wrong API key"},
+            413: {"description": "Body too large"},
+            422: {"description": "Invalid job: the message says which field and why"},
+            429: {"description": "Too many active jobs; retry after Retry-After seconds"},
+            503: {"description": "Redis unavailable; nothing was accepted"},
+        },
+    )
+    async def submit(
+        job: JobRequest,
+        idempotency_key: Annotated[
+            str | None,
+            Header(
+                max_length=128,
+                pattern=IDEMPOTENCY_PATTERN,
+                description="Repeat a submit safely: the same key returns the same job id.",
+            ),
+        ] = None,
+    ) -> JobAccepted | JSONResponse:
+        """Accept a job and queue it; answers at once with its id."""
+        t_received = now_ns()
+        s: Settings = app.state.settings
+        if idempotency_key is not None and not _IDEM_RE.match(idempotency_key):
+            raise HTTPException(422, f"Idempotency-Key must match {IDEMPOTENCY_PATTERN}")
+        input_tokens = None if job.prompt is not None else (job.input_tokens or s.input_tokens)
+        output_tokens = job.output_tokens or s.output_tokens
+        try:
+            limit = await _context_limit(app)
+            if input_tokens is not None and input_tokens + output_tokens > limit:
+                raise HTTPException(
+                    422,
+                    f"input_tokens + output_tokens = {input_tokens + output_tokens} exceeds the engine's "
+                    f"context length {limit}; lower one of them",
+                )
+            job_id = new_id("j")
+            spec = JobSpec(
+                job_id=job_id,
+                input_tokens=input_tokens,
+                output_tokens=output_tokens,
+                prefix_share=s.prefix_share if job.prefix_share is None else job.prefix_share,
+                prompt=job.prompt,
+                run_id=job.run_id,
+                label=job.label,
+                seed=job.seed if job.seed is not None else int.from_bytes(job_id.encode()[-8:], "big"),
+            )
+            out = await app.state.queue.submit(
+                spec,
+                t_received,
+                max_active=s.max_active_jobs,
+                idempotency_key=idempotency_key,
+                idempotency_ttl_s=s.idempotency_ttl_s,
+            )
+        except REDIS_DOWN:
+            return _redis_down()
+        if out.status == "busy":
+            return JSONResponse(
+                {"detail": f"too many active jobs ({out.active} ≥ {s.max_active_jobs}); retry later"},
+                status_code=429,
+                headers={"Retry-After": "1"},
+            )
+        if out.status == "dup":
+            return JobAccepted(job_id=out.job_id, state=JobState.QUEUED, run_id=job.run_id, duplicate=True)
+        return JobAccepted(job_id=out.job_id, state=JobState.QUEUED, run_id=job.run_id)
+
+    @app.get(
+        "/v1/jobs/{job_id}",
+        response_model=JobView,
+        dependencies=[Depends(_require_key)],
+        tags=["jobs"],
+        responses={404: {"description": "Unknown or expired job"}, 503: {"description": "Redis unavailable"}},
+    )
+    async def get_job(
+        job_id: Annotated[str, Path(pattern=ID_PATTERN, description="A job id from POST /v1/jobs")],
+        wait: Annotated[
+            float,
+            Query(ge=0, le=MAX_WAIT_S, description="Seconds to wait for the job to finish (long poll)."),
+        ] = 0.0,
+    ) -> JobView | JSONResponse:
+        """A job's state, timestamps, per-stage durations and result."""
+        waiters: Waiters = app.state.waiters
+        ev = waiters.add(job_id) if wait > 0 else None
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + wait
+        try:
+            while True:
+                try:
+                    h = await app.state.queue.get_job(job_id)
+                except REDIS_DOWN:
+                    return _redis_down()
+                if not h:
+                    raise HTTPException(404, f"no job {job_id} (unknown, or expired after its TTL)")
+                remaining = deadline - loop.time()
+                if ev is None or h.get("state") in _TERMINAL or remaining <= 0:
+                    return job_hash_to_view(h)
+                ev.clear()
+                with contextlib.suppress(asyncio.TimeoutError):
+                    # Re-read at least every 2 s in case an event was missed.
+                    await asyncio.wait_for(ev.wait(), timeout=min(remaining, 2.0))
+        finally:
+            if ev is not None:
+                waiters.remove(job_id, ev)
+
+    @app.get("/v1/queue", dependencies=[Depends(_require_key)], tags=["jobs"])
+    async def queue_stats() -> dict[str, Any]:
+        """Queue depth, in flight, active and lifetime counters."""
+        try:
+            st = await app.state.queue.stats()
+        except REDIS_DOWN:
+            return _redis_down()  # type: ignore[return-value]
+        return {
+            "waiting": st.waiting,
+            "in_flight": st.in_flight,
+            "active": st.active,
+            "stream_len": st.stream_len,
+            "consumers": st.consumers,
+            "counters": st.counters,
+            "max_active_jobs": app.state.settings.max_active_jobs,
+        }
+
+    return app
+
+
+def main() -> None:
+    """Run ingestion under uvicorn (``python -m services.ingestion``)."""
+    import uvicorn
+
+    s = get_settings()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    uvicorn.run(
+        create_app(s),
+        host=s.ingestion_host,
+        port=s.ingestion_port,
+        timeout_graceful_shutdown=int(s.shutdown_grace_s),
+        log_level="info",
+        access_log=False,
+        limit_concurrency=4096,
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,341 @@
+"""Proxy worker: consume → dispatch → finish.
+
+Reads jobs from the Redis stream with a blocking XREADGROUP (no polling),
+forwards each to an inference worker over pooled async HTTP with a bounded
+number in flight, and writes the result with the fenced ``finish``.
+
+Reliability, in short:
+
+* While a job runs its lease is renewed (``renew``); a consumer that stops
+  renewing (killed, frozen) has its jobs reclaimed by any other consumer with
+  XAUTOCLAIM, which raises the job's attempt, so the late one is refused.
+* Engine 5xx, timeouts and connection errors are retried with jittered
+  exponential backoff; after ``max_attempts`` tries the job is ``dead`` (and in
+  the dead-letter stream). An overloaded engine (503/429) is backpressure: it
+  waits without using up an attempt. A 4xx from the engine is a final ``failed``.
+* SIGTERM: stop reading, give running jobs ``shutdown_grace_s`` to finish, then
+  hand the rest back (their idle time is set past the lease so the next
+  consumer takes them at once).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import random
+import signal
+import socket
+from typing import Any
+
+import httpx
+
+from services.contracts import InferRequest, InferResult, JobSpec, JobState, Keys, now_ns
+from services.queue import REDIS_DOWN, Delivery, JobQueue, redis_client
+from services.settings import Settings, get_settings
+
+log = logging.getLogger("llmconsole.proxy_worker")
+
+
+class Superseded(Exception):
+    """This attempt was reclaimed by another consumer; stop working on it."""
+
+
+class ProxyWorker:
+    """One consumer of the job stream."""
+
+    def __init__(self, settings: Settings, consumer: str | None = None) -> None:
+        self.s = settings
+        self.keys = Keys(settings.redis_prefix)
+        self.consumer = consumer or f"{socket.gethostname()[:40]}-{os.getpid()}"
+        self.r = redis_client(settings, blocking=True)
+        self.q = JobQueue(self.r, self.keys)
+        self.http = httpx.AsyncClient(
+            timeout=httpx.Timeout(settings.job_timeout_s, connect=3.0),
+            limits=httpx.Limits(max_connections=settings.proxy_concurrency * 2),
+            headers={"Authorization": f"Bearer {settings.api_key.get_secret_value()}"}
+            if settings.api_key.get_secret_value()
+            else {},
+        )
+        self.slots = asyncio.Semaphore(settings.proxy_concurrency)
+        self.running: dict[str, tuple[Delivery, asyncio.Task[None]]] = {}
+        self.stopping = asyncio.Event()
+        self._rr = 0
+
+    # --- main loops -------------------------------------------------------
+    async def run(self) -> None:
+        """Consume until :meth:`stop`; then drain within the grace period."""
+        await self._wait_for_redis()
+        loops = [
+            asyncio.create_task(self._reclaim_loop()),
+            asyncio.create_task(self._trim_loop()),
+            asyncio.create_task(self._heartbeat_loop()),
+        ]
+        consume = asyncio.create_task(self._consume_loop())
+        try:
+            await asyncio.wait(
+                [consume, asyncio.create_task(self.stopping.wait())], return_when="FIRST_COMPLETED"
+            )
+        finally:
+            consume.cancel()
+            for t in loops:
+                t.cancel()
+            await asyncio.gather(consume, *loops, return_exceptions=True)
+            await self._drain()
+            await self.http.aclose()
+            await self.r.aclose()
+
+    def stop(self) -> None:
+        """Stop taking jobs (called from the SIGTERM handler)."""
+        self.stopping.set()
+
+    async def _wait_for_redis(self) -> None:
+        while not self.stopping.is_set():
+            try:
+                await self.q.ensure_group()
+                log.info("consumer %s ready", self.consumer)
+                return
+            except REDIS_DOWN:
+                log.info("waiting for Redis at %s:%s", self.s.redis_host, self.s.redis_port)
+                await asyncio.sleep(0.5)
+
+    async def _consume_loop(self) -> None:
+        while not self.stopping.is_set():
+            # Take only as many as there are free slots: the rest stays in the
+            # stream for other consumers instead of waiting on this one.
+            await self.slots.acquire()
+            free = 1
+            while free < 64 and self.slots._value > 0:
+                await self.slots.acquire()
+                free += 1
+            try:
+                entries = await self.q.read(self.consumer, count=free, block_ms=1000)
+            except REDIS_DOWN:
+                entries = []
+                await asyncio.sleep(0.5)
+            except Exception as e:  # NOGROUP after a Redis wipe, etc.
+                log.warning("read failed: %s", e)
+                entries = []
+                with contextlib.suppress(*REDIS_DOWN):
+                    await self.q.ensure_group()
+                await asyncio.sleep(0.5)
+            for entry_id, job_id in entries:
+                free -= 1
+                self._launch(entry_id, job_id)
+            for _ in range(free):
+                self.slots.release()
+
+    async def _reclaim_loop(self) -> None:
+        interval = max(self.s.lease_ms / 2000, 0.05)
+        while not self.stopping.is_set():
+            await asyncio.sleep(interval)
+            try:
+                if self.slots._value <= 0:
+                    continue
+                for entry_id, job_id in await self.q.reclaim(self.consumer, self.s.lease_ms, count=16):
+                    await self.slots.acquire()
+                    log.info("reclaimed %s (entry %s) from a stopped consumer", job_id, entry_id)
+                    await self.r.hincrby(self.keys.stats, "reclaimed", 1)
+                    self._launch(entry_id, job_id)
+            except REDIS_DOWN:
+                continue
+            except Exception as e:
+                log.warning("reclaim failed: %s", e)
+
+    async def _trim_loop(self) -> None:
+        while not self.stopping.is_set():
+            await asyncio.sleep(self.s.stream_trim_interval_s)
+            with contextlib.suppress(*REDIS_DOWN):
+                await self.q.trim()
+
+    async def _heartbeat_loop(self) -> None:
+        key = self.keys.consumer_heartbeat(self.consumer)
+        while not self.stopping.is_set():
+            with contextlib.suppress(*REDIS_DOWN):
+                await self.r.set(key, json.dumps({"in_flight": len(self.running), "t": now_ns()}), ex=15)
+            await asyncio.sleep(5)
+
+    async def _drain(self) -> None:
+        """Let running jobs finish within the grace period, then hand the rest back."""
+        if self.running:
+            log.info(
+                "stopping: %d job(s) in flight, waiting up to %.0f s",
+                len(self.running),
+                self.s.shutdown_grace_s,
+            )
+            tasks = [t for _, t in self.running.values()]
+            _done, pending = await asyncio.wait(tasks, timeout=self.s.shutdown_grace_s)
+            for t in pending:
+                t.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+        await self._hand_back_all()
+
+    async def _hand_back_all(self) -> None:
+        """Make every entry still pending on this consumer reclaimable at once by others."""
+        with contextlib.suppress(*REDIS_DOWN):
+            pending = await self.r.xpending_range(
+                self.keys.stream, self.q.group, min="-", max="+", count=10_000, consumername=self.consumer
+            )
+            ids = [p["message_id"] for p in pending]
+            if ids:
+                await self.r.xclaim(
+                    self.keys.stream,
+                    self.q.group,
+                    self.consumer,
+                    0,
+                    ids,
+                    idle=self.s.lease_ms * 10,
+                    justid=True,
+                )
+                log.info("handed back %d unfinished job(s)", len(ids))
+
+    # --- one job ----------------------------------------------------------
+    def _launch(self, entry_id: str, job_id: str) -> None:
+        task = asyncio.create_task(self._process(entry_id, job_id))
+        task.add_done_callback(lambda _t: self.slots.release())
+
+    async def _process(self, entry_id: str, job_id: str) -> None:
+        try:
+            d = await self.q.start(entry_id, job_id, self.consumer)
+        except REDIS_DOWN:
+            return  # stays pending; reclaimed after the lease
+        if d is None:
+            return
+        task = asyncio.current_task()
+        assert task is not None
+        self.running[job_id] = (d, task)
+        renewer = asyncio.create_task(self._renew_loop(d, task))
+        try:
+            await self._run_attempt(d)
+        except Superseded:
+            log.info("job %s attempt %d was reclaimed elsewhere; dropped here", job_id, d.attempt)
+        except asyncio.CancelledError:
+            pass  # shutting down (handed back) or superseded
+        except REDIS_DOWN:
+            log.warning("Redis down while finishing %s; it stays pending and will be redelivered", job_id)
+        except Exception:
+            log.exception("unexpected error on job %s", job_id)
+            with contextlib.suppress(Exception):
+                await self._finish(
+                    d, JobState.DEAD, {"error": "internal error in proxy worker"}, "internal error"
+                )
+        finally:
+            renewer.cancel()
+            self.running.pop(job_id, None)
+
+    async def _renew_loop(self, d: Delivery, task: asyncio.Task[None]) -> None:
+        interval = max(self.s.lease_ms / 3000, 0.05)
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                if not await self.q.renew(d, self.consumer):
+                    log.info("lost lease on %s (attempt %d)", d.job_id, d.attempt)
+                    task.cancel()
+                    return
+            except REDIS_DOWN:
+                continue
+
+    async def _finish(self, d: Delivery, state: JobState, fields: dict[str, Any], reason: str = "") -> None:
+        ok = await self.q.finish(d, state, fields, ttl_s=self.s.result_ttl_s, reason=reason)
+        if not ok:
+            raise Superseded(d.job_id)
+
+    def _next_worker(self) -> str:
+        urls = self.s.worker_url_list
+        self._rr = (self._rr + 1) % len(urls)
+        return urls[self._rr]
+
+    def _backoff(self, n: int) -> float:
+        base = self.s.retry_base_ms / 1000 * (2 ** max(n - 1, 0))
+        return random.uniform(0, min(base, self.s.retry_max_ms / 1000)) + 0.01
+
+    async def _run_attempt(self, d: Delivery) -> None:
+        h = await self.q.get_job(d.job_id)
+        spec = JobSpec.model_validate_json(h["spec"])
+        if d.attempt > self.s.max_attempts:
+            reason = f"delivered {d.attempt} times without a result (workers died on it)"
+            await self._finish(d, JobState.DEAD, {"error": reason, "t_finished": now_ns()}, reason)
+            return
+        tries = int(h.get("tries") or 0)
+        overload_waits = 0
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.s.job_timeout_s
+        body = InferRequest(spec=spec, attempt=d.attempt).model_dump(mode="json")
+        while True:
+            t_dispatched = now_ns()
+            url = self._next_worker()
+            status: int | None
+            try:
+                resp = await self.http.post(f"{url}/v1/infer", json=body)
+                status = resp.status_code
+            except httpx.HTTPError as e:
+                status, resp, err = None, None, f"inference worker {url} unreachable: {e!r}"
+            if status == 200 and resp is not None:
+                result = InferResult.model_validate_json(resp.content)
+                fields = {
+                    "result": result.model_dump_json(),
+                    "t_dispatched": t_dispatched,
+                    "t_worker_received": result.t_worker_received,
+                    "t_engine_start": result.t_engine_start,
+                    "t_first_token": result.t_first_token,
+                    "t_engine_end": result.t_engine_end,
+                    "t_result_received": now_ns(),
+                }
+                fields["t_finished"] = now_ns()
+                await self._finish(d, JobState.SUCCEEDED, fields)
+                return
+            if resp is not None:
+                try:
+                    err = str(resp.json().get("detail", resp.text))[:1000]
+                except ValueError:
+                    err = resp.text[:1000]
+            if status is not None and 400 <= status < 500 and status not in (408, 429):
+                # The engine (or worker) refused the request itself: retrying cannot help.
+                await self._finish(
+                    d,
+                    JobState.FAILED,
+                    {"error": f"{status}: {err}", "t_dispatched": t_dispatched, "t_finished": now_ns()},
+                )
+                return
+            if status == 503 and loop.time() < deadline:
+                # Engine overloaded or still loading: backpressure, not a used-up attempt.
+                overload_waits += 1
+                await asyncio.sleep(self._backoff(min(overload_waits, 6)))
+                continue
+            tries = await self.q.bump(d, "tries")
+            if tries < 0:
+                raise Superseded(d.job_id)
+            log.info("job %s try %d failed: %s", d.job_id, tries, err)
+            await self.r.hincrby(self.keys.stats, "retried", 1)
+            if tries >= self.s.max_attempts or loop.time() >= deadline:
+                reason = f"gave up after {tries} tries: {err}"
+                await self._finish(
+                    d,
+                    JobState.DEAD,
+                    {"error": reason, "t_dispatched": t_dispatched, "t_finished": now_ns()},
+                    reason,
+                )
+                return
+            await asyncio.sleep(self._backoff(tries))
+
+
+async def amain(settings: Settings | None = None) -> None:
+    """Run one proxy worker until SIGTERM/SIGINT."""
+    s = settings or get_settings()
+    worker = ProxyWorker(s)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, worker.stop)
+    await worker.run()
+
+
+def main() -> None:
+    """Entry point: ``python -m services.proxy_worker``."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    asyncio.run(amain())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,353 @@
+"""Redis Streams job queue: submit, claim, renew, reclaim, finish (fenced), trim.
+
+The job hash is the truth; the stream entry carries only the job id. Every
+state change after submit is a Lua script, so it is checked and written
+atomically:
+
+* ``submit`` refuses above the active-job bound and honours idempotency keys.
+* ``start`` raises the job's attempt number on every delivery (the fencing token).
+* ``renew`` resets the entry's idle time only while the caller's attempt is current.
+* ``finish`` writes a result only for the current attempt, then acks, so a
+  frozen worker that wakes up late cannot overwrite or duplicate a result.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialWithJitterBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from services.contracts import (
+    JOB_GROUP,
+    RECENT_JOBS_MAX,
+    STREAM_FIELD,
+    JobSpec,
+    JobState,
+    Keys,
+    now_ns,
+)
+from services.settings import Settings
+
+#: Errors that mean "Redis is not reachable right now".
+REDIS_DOWN = (RedisConnectionError, RedisTimeoutError, ConnectionError, OSError)
+
+
+def redis_client(settings: Settings, *, blocking: bool = False) -> aioredis.Redis:
+    """An asyncio Redis client that fails fast when Redis is down.
+
+    ``blocking`` clients serve XREADGROUP BLOCK, so their read timeout must
+    exceed the block time; others time out quickly so ingestion answers 503
+    instead of hanging.
+    """
+    return aioredis.Redis(
+        host=settings.redis_host,
+        port=settings.redis_port,
+        db=settings.redis_db,
+        password=settings.redis_password.get_secret_value() or None,
+        decode_responses=True,
+        socket_connect_timeout=0.5,
+        socket_timeout=None if blocking else 2.0,
+        retry=Retry(ExponentialWithJitterBackoff(base=0.05, cap=0.5), 1),
+        retry_on_error=[RedisConnectionError],
+        health_check_interval=15,
+        client_name="llmconsole",
+    )
+
+
+_SUBMIT = """
+-- KEYS: job, stream, active, stats, recent, idem ('' = none)
+-- ARGV: job_id, spec, t_received, t_enqueued, max_active, idem_ttl, channel, run_id, label, recent_max
+if KEYS[6] ~= '' then
+  local existing = redis.call('GET', KEYS[6])
+  if existing then return {'dup', existing} end
+end
+local active = tonumber(redis.call('GET', KEYS[3]) or '0')
+if active >= tonumber(ARGV[5]) then
+  redis.call('HINCRBY', KEYS[4], 'refused', 1)
+  return {'busy', tostring(active)}
+end
+redis.call('HSET', KEYS[1], 'job_id', ARGV[1], 'state', 'queued', 'attempt', 0, 'tries', 0,
+  'spec', ARGV[2], 't_received', ARGV[3], 't_enqueued', ARGV[4], 'run_id', ARGV[8], 'label', ARGV[9])
+local entry = redis.call('XADD', KEYS[2], '*', 'job_id', ARGV[1])
+redis.call('HSET', KEYS[1], 'entry', entry)
+redis.call('INCR', KEYS[3])
+redis.call('HINCRBY', KEYS[4], 'submitted', 1)
+if KEYS[6] ~= '' then redis.call('SET', KEYS[6], ARGV[1], 'EX', ARGV[6]) end
+redis.call('LPUSH', KEYS[5], ARGV[1])
+redis.call('LTRIM', KEYS[5], 0, tonumber(ARGV[10]) - 1)
+redis.call('PUBLISH', ARGV[7], cjson.encode({job_id=ARGV[1], state='queued'}))
+return {'ok', ARGV[1]}
+"""
+
+_START = """
+-- KEYS: job, stream, stats ; ARGV: entry, consumer, t_dequeued, group, channel
+local st = redis.call('HGET', KEYS[1], 'state')
+if not st then
+  redis.call('XACK', KEYS[2], ARGV[4], ARGV[1])
+  return {-1, 'missing'}
+end
+if st == 'succeeded' or st == 'failed' or st == 'dead' then
+  redis.call('XACK', KEYS[2], ARGV[4], ARGV[1])
+  return {-2, st}
+end
+local attempt = redis.call('HINCRBY', KEYS[1], 'attempt', 1)
+if attempt > 1 then redis.call('HINCRBY', KEYS[3], 'redelivered', 1) end
+redis.call('HDEL', KEYS[1], 't_dispatched', 't_worker_received', 't_engine_start', 't_first_token',
+  't_engine_end', 't_result_received', 't_finished')
+redis.call('HSET', KEYS[1], 'state', 'running', 't_dequeued', ARGV[3], 'worker', ARGV[2], 'entry', ARGV[1])
+redis.call('PUBLISH', ARGV[5], cjson.encode({job_id=redis.call('HGET', KEYS[1], 'job_id'), state='running',
+  attempt=attempt}))
+return {attempt, 'running'}
+"""
+
+_RENEW = """
+-- KEYS: job, stream ; ARGV: attempt, group, consumer
+if redis.call('HGET', KEYS[1], 'attempt') ~= ARGV[1] then return 0 end
+if redis.call('HGET', KEYS[1], 'state') ~= 'running' then return 0 end
+local entry = redis.call('HGET', KEYS[1], 'entry')
+redis.call('XCLAIM', KEYS[2], ARGV[2], ARGV[3], 0, entry, 'JUSTID')
+return 1
+"""
+
+_FINISH = """
+-- KEYS: job, stream, active, stats, dead
+-- ARGV: attempt, state, group, ttl, channel, job_id, reason, then field/value pairs
+if redis.call('HGET', KEYS[1], 'attempt') ~= ARGV[1] then return 0 end
+if redis.call('HGET', KEYS[1], 'state') ~= 'running' then return 0 end
+for i = 8, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
+redis.call('HSET', KEYS[1], 'state', ARGV[2])
+local entry = redis.call('HGET', KEYS[1], 'entry')
+if entry then redis.call('XACK', KEYS[2], ARGV[3], entry) end
+if tonumber(redis.call('DECR', KEYS[3])) < 0 then redis.call('SET', KEYS[3], 0) end
+redis.call('HINCRBY', KEYS[4], ARGV[2], 1)
+if ARGV[2] == 'dead' then
+  redis.call('XADD', KEYS[5], 'MAXLEN', '~', 100000, '*', 'job_id', ARGV[6], 'reason', ARGV[7],
+    'attempt', ARGV[1])
+end
+redis.call('EXPIRE', KEYS[1], tonumber(ARGV[4]))
+redis.call('PUBLISH', ARGV[5], cjson.encode({job_id=ARGV[6], state=ARGV[2]}))
+return 1
+"""
+
+_BUMP = """
+-- KEYS: job ; ARGV: attempt, field, amount. Fenced HINCRBY (e.g. tries).
+if redis.call('HGET', KEYS[1], 'attempt') ~= ARGV[1] then return -1 end
+return redis.call('HINCRBY', KEYS[1], ARGV[2], tonumber(ARGV[3]))
+"""
+
+
+@dataclass
+class SubmitOutcome:
+    """Result of a submit: ``ok``, ``dup`` (idempotency hit) or ``busy`` (over the bound)."""
+
+    status: str
+    job_id: str
+    active: int | None = None
+
+
+@dataclass
+class Delivery:
+    """A job delivered to this consumer: its stream entry and attempt number."""
+
+    entry_id: str
+    job_id: str
+    attempt: int
+
+
+@dataclass
+class QueueStats:
+    """Depth and counters for the console and for backpressure."""
+
+    waiting: int
+    in_flight: int
+    active: int
+    stream_len: int
+    consumers: int
+    counters: dict[str, int]
+
+
+class JobQueue:
+    """Job queue operations on one Redis, under one key prefix."""
+
+    def __init__(self, redis: aioredis.Redis, keys: Keys, group: str = JOB_GROUP) -> None:
+        self.r = redis
+        self.keys = keys
+        self.group = group
+        self._submit = redis.register_script(_SUBMIT)
+        self._start = redis.register_script(_START)
+        self._renew = redis.register_script(_RENEW)
+        self._finish = redis.register_script(_FINISH)
+        self._bump = redis.register_script(_BUMP)
+
+    async def ensure_group(self) -> None:
+        """Create the stream and its consumer group if missing (idempotent)."""
+        try:
+            await self.r.xgroup_create(self.keys.stream, self.group, id="0", mkstream=True)
+        except ResponseError as e:
+            if "BUSYGROUP" not in str(e):
+                raise
+
+    async def submit(
+        self,
+        spec: JobSpec,
+        t_received: int,
+        *,
+        max_active: int,
+        idempotency_key: str | None = None,
+        idempotency_ttl_s: int = 86400,
+    ) -> SubmitOutcome:
+        """Write the job hash and its stream entry atomically (or refuse)."""
+        await self.ensure_group()
+        keys = [
+            self.keys.job(spec.job_id),
+            self.keys.stream,
+            self.keys.active,
+            self.keys.stats,
+            self.keys.recent,
+            self.keys.idempotency(idempotency_key) if idempotency_key else "",
+        ]
+        args = [
+            spec.job_id,
+            spec.model_dump_json(),
+            t_received,
+            now_ns(),
+            max_active,
+            idempotency_ttl_s,
+            self.keys.events,
+            spec.run_id or "",
+            spec.label or "",
+            RECENT_JOBS_MAX,
+        ]
+        status, value = await self._submit(keys=keys, args=args)
+        if status == "busy":
+            return SubmitOutcome("busy", "", int(value))
+        return SubmitOutcome(status, value)
+
+    async def read(self, consumer: str, count: int, block_ms: int) -> list[tuple[str, str]]:
+        """Blocking read of new entries for ``consumer``: [(entry_id, job_id)]."""
+        resp = await self.r.xreadgroup(
+            self.group, consumer, {self.keys.stream: ">"}, count=count, block=block_ms
+        )
+        out: list[tuple[str, str]] = []
+        for _stream, entries in resp or []:
+            for entry_id, fields in entries:
+                out.append((entry_id, fields.get(STREAM_FIELD, "")))
+        return out
+
+    async def reclaim(self, consumer: str, min_idle_ms: int, count: int = 32) -> list[tuple[str, str]]:
+        """Take over entries idle longer than the lease from stopped consumers."""
+        resp = await self.r.xautoclaim(
+            self.keys.stream, self.group, consumer, min_idle_ms, "0-0", count=count
+        )
+        entries = resp[1] if len(resp) > 1 else []
+        out = []
+        for entry_id, fields in entries:
+            if fields is None:  # entry trimmed away: nothing to redeliver
+                continue
+            out.append((entry_id, fields.get(STREAM_FIELD, "")))
+        return out
+
+    async def start(self, entry_id: str, job_id: str, consumer: str) -> Delivery | None:
+        """Begin an attempt for a delivered entry; None if the job is gone or already final."""
+        attempt, _state = await self._start(
+            keys=[self.keys.job(job_id), self.keys.stream, self.keys.stats],
+            args=[entry_id, consumer, now_ns(), self.group, self.keys.events],
+        )
+        if int(attempt) < 1:
+            return None
+        return Delivery(entry_id, job_id, int(attempt))
+
+    async def renew(self, d: Delivery, consumer: str) -> bool:
+        """Renew this consumer's lease on the job; False if the attempt is no longer current."""
+        ok = await self._renew(
+            keys=[self.keys.job(d.job_id), self.keys.stream], args=[d.attempt, self.group, consumer]
+        )
+        return bool(ok)
+
+    async def bump(self, d: Delivery, field: str, amount: int = 1) -> int:
+        """Fenced HINCRBY on the job hash (returns -1 if the attempt is stale)."""
+        return int(await self._bump(keys=[self.keys.job(d.job_id)], args=[d.attempt, field, amount]))
+
+    async def finish(
+        self,
+        d: Delivery,
+        state: JobState,
+        fields: dict[str, Any],
+        *,
+        ttl_s: int,
+        reason: str = "",
+    ) -> bool:
+        """Write the final state and fields if ``d.attempt`` is current; ack the entry.
+
+        Returns False (and writes nothing) when the attempt was superseded.
+        """
+        flat: list[Any] = []
+        for k, v in fields.items():
+            if v is None:
+                continue
+            flat.extend([k, v if isinstance(v, str | int | float) else json.dumps(v)])
+        ok = await self._finish(
+            keys=[
+                self.keys.job(d.job_id),
+                self.keys.stream,
+                self.keys.active,
+                self.keys.stats,
+                self.keys.dead,
+            ],
+            args=[d.attempt, state.value, self.group, ttl_s, self.keys.events, d.job_id, reason, *flat],
+        )
+        return bool(ok)
+
+    async def get_job(self, job_id: str) -> dict[str, str]:
+        """The raw job hash (empty dict if unknown or expired)."""
+        return await self.r.hgetall(self.keys.job(job_id))
+
+    async def trim(self) -> int:
+        """Trim entries that every consumer has acked; pending entries are never dropped."""
+        try:
+            groups = await self.r.xinfo_groups(self.keys.stream)
+        except ResponseError:
+            return 0
+        bounds: list[str] = []
+        for g in groups:
+            pend = await self.r.xpending(self.keys.stream, g["name"])
+            if pend and pend.get("pending"):
+                bounds.append(pend["min"])
+            else:
+                bounds.append(g["last-delivered-id"])
+        if not bounds:
+            return 0
+        minid = min(bounds, key=_entry_key)
+        if minid == "0-0":
+            return 0
+        return int(await self.r.xtrim(self.keys.stream, minid=minid, approximate=False))
+
+    async def stats(self) -> QueueStats:
+        """Waiting (not yet delivered), in flight (pending), active and lifetime counters."""
+        waiting = in_flight = consumers = 0
+        try:
+            for g in await self.r.xinfo_groups(self.keys.stream):
+                if g["name"] != self.group:
+                    continue
+                lag = g.get("lag")
+                in_flight = int(g.get("pending") or 0)
+                consumers = int(g.get("consumers") or 0)
+                waiting = int(lag) if lag is not None else 0
+        except ResponseError:
+            pass
+        stream_len = int(await self.r.xlen(self.keys.stream))
+        active = int(await self.r.get(self.keys.active) or 0)
+        counters = {k: int(v) for k, v in (await self.r.hgetall(self.keys.stats)).items()}
+        return QueueStats(waiting, in_flight, active, stream_len, consumers, counters)
+
+
+def _entry_key(entry_id: str) -> tuple[int, int]:
+    ms, _, seq = entry_id.partition("-")
+    return int(ms), int(seq or 0)

@@ -1,0 +1,185 @@
+"""The one typed settings object of llmconsole.
+
+Every process (services, bench, console) reads its configuration through
+:func:`get_settings`. Values come from, in order of precedence: the process
+environment, the env file that ``install.sh`` writes (``var/llmconsole.env``,
+mode 0600), then the defaults below. Nothing else in the code base reads
+``os.environ`` for configuration.
+"""
+
+from __future__ import annotations
+
+import os
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+#: The repository root (the folder holding ``install.sh``).
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+#: Where install.sh writes the env file; ``LLMC_ENV_FILE`` points elsewhere.
+DEFAULT_ENV_FILE = REPO_ROOT / "var" / "llmconsole.env"
+
+EngineKind = Literal["sim", "cpu", "gpu"]
+
+
+def env_file_path() -> Path:
+    """Return the env file this process reads (``LLMC_ENV_FILE`` or the default)."""
+    # The only place outside pydantic-settings that looks at the environment:
+    # the env file's own location cannot come from the env file.
+    return Path(os.environ.get("LLMC_ENV_FILE", str(DEFAULT_ENV_FILE)))
+
+
+class Settings(BaseSettings):
+    """Configuration for every llmconsole process.
+
+    Names match the environment variables (case-insensitive); the seed's
+    ``INPUT_TOKENS`` / ``OUTPUT_TOKENS`` keep their names and defaults.
+    """
+
+    model_config = SettingsConfigDict(
+        env_file=None,  # set per instance in get_settings()
+        env_file_encoding="utf-8",
+        extra="ignore",
+        case_sensitive=False,
+    )
+
+    # --- workload defaults (the seed's) ---------------------------------
+    input_tokens: int = Field(1000, ge=1, description="Prompt length in tokens.")
+    output_tokens: int = Field(500, ge=1, description="Tokens the engine must generate.")
+    prefix_share: float = Field(
+        0.5, ge=0.0, le=1.0, description="Share of the prompt that is a fixed per-run prefix."
+    )
+
+    # --- network: everything on loopback unless configured ---------------
+    ingestion_host: str = "127.0.0.1"
+    ingestion_port: int = Field(8080, ge=1, le=65535)
+    worker_host: str = "127.0.0.1"
+    worker_port: int = Field(8001, ge=1, le=65535)
+    #: Where proxy workers reach inference workers (comma-separated base URLs).
+    worker_urls: str = ""
+    engine_host: str = "127.0.0.1"
+    engine_port: int = Field(8000, ge=1, le=65535)
+    redis_host: str = "127.0.0.1"
+    redis_port: int = Field(6379, ge=1, le=65535)
+    redis_password: SecretStr = SecretStr("")
+    redis_db: int = Field(0, ge=0, le=15)
+    #: Prefix for every Redis key, so several stacks can share one Redis.
+    redis_prefix: str = Field("llmc:", pattern=r"^[A-Za-z0-9_.:-]{1,32}$")
+
+    # --- security ---------------------------------------------------------
+    #: API key for ingestion (Bearer or X-API-Key). Empty disables auth (tests only).
+    api_key: SecretStr = SecretStr("")
+    #: API key passed to the engine (vLLM's --api-key) and used by its clients.
+    engine_api_key: SecretStr = SecretStr("")
+
+    # --- engine -------------------------------------------------------------
+    engine_kind: EngineKind = "sim"
+    #: Served model name; empty = the engine kind's default.
+    model: str = ""
+    #: Local model folder for the CPU engine (converted at install).
+    model_path: str = ""
+    engine_venv: str = str(REPO_ROOT / ".venv-engine")
+    max_model_len: int = Field(2048, ge=16, le=1_048_576)
+    max_num_seqs: int = Field(64, ge=1, le=4096)
+    gpu_memory_utilization: float = Field(0.90, gt=0.0, le=1.0)
+    tensor_parallel_size: int = Field(0, ge=0, le=64, description="0 = number of GPUs found.")
+    cpu_kvcache_gib: int = Field(2, ge=1, le=512)
+    cpu_threads_bind: str = "auto"
+
+    # --- simulator timing model --------------------------------------------
+    sim_profile: str = ""
+    sim_ttft_base_ms: float = Field(20.0, ge=0)
+    sim_prefill_ms_per_token: float = Field(0.05, ge=0)
+    sim_itl_ms: float = Field(10.0, ge=0)
+    sim_itl_jitter_ms: float = Field(1.0, ge=0)
+    sim_itl_batch_ms: float = Field(0.05, ge=0, description="Extra ITL per running sequence.")
+    sim_max_num_seqs: int = Field(64, ge=1, le=4096)
+    sim_block_size: int = Field(16, ge=1, le=1024)
+    sim_kv_blocks: int = Field(8192, ge=16)
+    sim_seed: int = 0
+
+    # --- queue and workers -------------------------------------------------
+    #: Bound on waiting + in-flight jobs; above it ingestion answers 429.
+    max_active_jobs: int = Field(10_000, ge=1)
+    proxy_concurrency: int = Field(32, ge=1, le=4096)
+    #: A job pending this long on a consumer that stopped renewing is reclaimed.
+    lease_ms: int = Field(30_000, ge=100)
+    max_attempts: int = Field(3, ge=1, le=100)
+    retry_base_ms: int = Field(200, ge=1)
+    retry_max_ms: int = Field(10_000, ge=1)
+    job_timeout_s: float = Field(1800.0, gt=0)
+    result_ttl_s: int = Field(7 * 24 * 3600, ge=60)
+    idempotency_ttl_s: int = Field(24 * 3600, ge=60)
+    stream_trim_interval_s: float = Field(10.0, gt=0)
+    shutdown_grace_s: float = Field(20.0, ge=0)
+    node_id: str = ""
+    telemetry_interval_s: float = Field(0.1, gt=0)
+
+    # --- paths --------------------------------------------------------------
+    var_dir: str = str(REPO_ROOT / "var")
+    results_dir: str = str(REPO_ROOT / "var" / "runs")
+
+    @field_validator("worker_urls")
+    @classmethod
+    def _strip_urls(cls, v: str) -> str:
+        return ",".join(u.strip().rstrip("/") for u in v.split(",") if u.strip())
+
+    # --- derived ------------------------------------------------------------
+    @property
+    def redis_url(self) -> str:
+        """A redis:// URL with the password (never log it)."""
+        pw = self.redis_password.get_secret_value()
+        auth = f":{pw}@" if pw else ""
+        return f"redis://{auth}{self.redis_host}:{self.redis_port}/{self.redis_db}"
+
+    @property
+    def ingestion_url(self) -> str:
+        """Base URL of the ingestion API."""
+        return f"http://{_client_host(self.ingestion_host)}:{self.ingestion_port}"
+
+    @property
+    def engine_url(self) -> str:
+        """Base URL of the engine's OpenAI-compatible API."""
+        return f"http://{_client_host(self.engine_host)}:{self.engine_port}"
+
+    @property
+    def worker_url_list(self) -> list[str]:
+        """Inference worker base URLs the proxy worker dispatches to."""
+        if self.worker_urls:
+            return self.worker_urls.split(",")
+        return [f"http://{_client_host(self.worker_host)}:{self.worker_port}"]
+
+    @property
+    def supervisor_socket(self) -> Path:
+        """supervisord's unix socket (mode 0700 folder)."""
+        return Path(self.var_dir) / "supervisor.sock"
+
+    @property
+    def effective_node_id(self) -> str:
+        """This host's node id (setting, else the hostname)."""
+        if self.node_id:
+            return self.node_id
+        import socket
+
+        return socket.gethostname()[:64]
+
+
+def _client_host(bind_host: str) -> str:
+    """A host a client can connect to, given the address a server binds."""
+    return "127.0.0.1" if bind_host in ("0.0.0.0", "", "::") else bind_host  # noqa: S104
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Build a fresh Settings (env + env file + overrides); not cached."""
+    path = env_file_path()
+    return Settings(_env_file=path if path.is_file() else None, **overrides)  # type: ignore[call-arg]
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process-wide Settings, read once."""
+    return load_settings()
