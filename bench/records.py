@@ -54,7 +54,8 @@ class RequestRecord:
     client_s: float | None = None  # latency - server_e2e: HTTP, long-poll wake-up, retries
     engine_time_s: float | None = None  # t_engine_start → t_engine_end
     gpu: dict[str, Any] | None = None
-    submit_retries: int = 0  # 429 / 503 / connection retries of the POST
+    submit_retries: int = 0  # POST retries: 503, connection errors (429s are counted apart)
+    refused_429: int = 0  # times ingestion answered 429 (over its active-job bound) before accepting
     engine: str | None = None
     model: str | None = None
     node: str | None = None

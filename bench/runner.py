@@ -1,0 +1,548 @@
+"""Drives a benchmark run: warm-up, load shapes, sweep steps, metrics, results.
+
+Load shapes
+    * **concurrency** (closed loop, no rate): ``c`` workers each send their next
+      request as soon as their previous one finishes. A request's intended send
+      time is the moment its worker became free; its ``client_queue_s`` is its
+      wait since the run started, as vLLM's semaphore measures it.
+    * **rate** (open loop): arrival times from :func:`bench.arrivals.arrival_offsets`
+      (Poisson/gamma); each request is sent at its arrival time, or when a
+      concurrency slot frees if a concurrency limit is also set. Its intended
+      send time is its arrival time, so a saturated system that holds sends
+      back shows up as schedule lag instead of vanishing from the latencies
+      (coordinated omission made visible).
+    * **sweep**: the same workload at each load level, until the knee.
+
+``--path both`` sends each item on both paths in one schedule (pairs in random
+order), sharing the concurrency limit and the arrival process, so both paths
+see the same engine load at the same time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import math
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Protocol
+
+import httpx
+
+from bench import gpu as gpu_window
+from bench.arrivals import arrival_offsets
+from bench.config import BenchConfig, ProgressEvent
+from bench.metrics import find_knee, overhead, path_metrics, prefix_cache_delta
+from bench.paths import DirectPath, PipelinePath, StepClock
+from bench.records import RequestRecord
+from bench.store import RunStore
+from bench.workload import DatasetPrompt, WorkItem, build_workload, derive_seed, interleave, load_dataset
+from services.contracts import RunState, new_id, now_ns
+from services.engine_client import EngineClient, EngineError, Sample, parse_prometheus
+from services.settings import Settings, get_settings
+
+ProgressCallback = Callable[[ProgressEvent], None]
+
+
+class BenchError(Exception):
+    """A run could not start or went wrong in a way the user can fix (message says how)."""
+
+
+class _Path(Protocol):
+    name: str
+
+    async def prepare(self, items: list[WorkItem]) -> None: ...
+
+    def forget(self) -> None: ...
+
+    async def send(self, item: WorkItem, rec: RequestRecord, clock: StepClock, deadline_s: float) -> None: ...
+
+
+@dataclass
+class RunResult:
+    """A finished (or loaded) run: its summary, its per-request records and where they were written."""
+
+    run_id: str
+    config: BenchConfig
+    summary: dict[str, Any]
+    records: list[RequestRecord]
+    out_dir: Path | None = None
+    state: RunState = RunState.FINISHED
+    warnings: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Load:
+    """The load of one step."""
+
+    concurrency: int | None
+    rate: float | None
+    value: float | None = None  # the swept value, if a sweep
+
+    def describe(self) -> str:
+        """e.g. 'concurrency 16' or 'rate 4 req/s, concurrency 8'."""
+        parts = []
+        if self.rate is not None:
+            parts.append(f"rate {self.rate:g} req/s")
+        if self.concurrency is not None:
+            parts.append(f"concurrency {self.concurrency}")
+        return ", ".join(parts) or "all at once"
+
+
+def step_loads(cfg: BenchConfig) -> list[Load]:
+    """The load of every step of a resolved config (one step unless it sweeps)."""
+    if cfg.sweep is None:
+        return [Load(cfg.concurrency, cfg.rate)]
+    if cfg.sweep.param == "concurrency":
+        return [Load(int(v), cfg.rate, v) for v in cfg.sweep.values]
+    return [Load(cfg.concurrency, v, v) for v in cfg.sweep.values]
+
+
+class _Progress:
+    """Counts finished requests, calls the caller's callback, mirrors progress into Redis."""
+
+    def __init__(self, run_id: str, cb: ProgressCallback | None, store: RunStore, steps: int) -> None:
+        self.run_id, self.cb, self.store, self.steps = run_id, cb, store, steps
+        self.phase: str = "prepare"
+        self.done = self.failed = self.total = 0
+        self.step = 0
+        self.load = ""
+        self.t0 = time.perf_counter()
+        self._dirty = True
+
+    def emit(self, phase: str, message: str = "") -> None:
+        self.phase = phase
+        self._dirty = True
+        if self.cb is not None:
+            self.cb(
+                ProgressEvent(
+                    run_id=self.run_id,
+                    phase=phase,  # type: ignore[arg-type]
+                    done=self.done,
+                    total=self.total,
+                    failed=self.failed,
+                    elapsed_s=time.perf_counter() - self.t0,
+                    step=self.step,
+                    steps=self.steps,
+                    load=self.load,
+                    message=message,
+                )
+            )
+
+    def begin(self, phase: str, total: int, step: int, load: str, message: str = "") -> None:
+        self.done = self.failed = 0
+        self.total, self.step, self.load = total, step, load
+        self.t0 = time.perf_counter()
+        self.emit(phase, message)
+
+    def record(self, rec: RequestRecord) -> None:
+        self.done += 1
+        self.failed += 0 if rec.success else 1
+        self.emit(self.phase if self.phase in ("warmup", "run") else "run")
+
+    async def mirror(self) -> None:
+        """Write progress to the run hash about twice a second (for the console)."""
+        while True:
+            if self._dirty:
+                self._dirty = False
+                await self.store.progress(
+                    self.run_id,
+                    {
+                        "phase": self.phase,
+                        "done": self.done,
+                        "failed": self.failed,
+                        "total": self.total,
+                        "step": self.step,
+                        "steps": self.steps,
+                        "load": self.load,
+                    },
+                )
+            await asyncio.sleep(0.5)
+
+
+async def drive(
+    sends: list[tuple[WorkItem, str]],
+    paths: dict[str, _Path],
+    load: Load,
+    *,
+    burstiness: float,
+    seed: int,
+    timeout_s: float,
+    step: int = 0,
+    on_record: Callable[[RequestRecord], None] | None = None,
+) -> tuple[list[RequestRecord], float]:
+    """Send every (item, path) under ``load``; return the records (in send order) and the duration.
+
+    The duration runs from the first dispatch to the last completion, as
+    ``vllm bench serve`` measures it.
+    """
+    n = len(sends)
+    records: list[RequestRecord | None] = [None] * n
+    clock = StepClock()
+
+    async def do(i: int, intended: float, queued_since: float) -> None:
+        item, pname = sends[i]
+        rec = RequestRecord(index=item.index, path=pname, step=step, load=load.value, intended_s=intended)
+        rec.sent_s = clock.now()
+        rec.start_ns = now_ns()
+        rec.schedule_lag_s = rec.sent_s - intended
+        rec.client_queue_s = rec.sent_s - queued_since
+        try:
+            await paths[pname].send(item, rec, clock, rec.sent_s + timeout_s)
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:  # a bug or an unexpected answer must not sink the whole run
+            rec.success = False
+            rec.error = f"client error: {e.__class__.__name__}: {e}"[:500]
+            if rec.latency_s is None:
+                rec.latency_s = clock.now() - rec.sent_s
+        records[i] = rec
+        if on_record is not None:
+            on_record(rec)
+
+    if load.rate is None and load.concurrency is not None:
+        nxt = iter(range(n))
+
+        async def worker() -> None:
+            free_at = 0.0
+            for i in nxt:  # a shared iterator: each index goes to exactly one worker
+                # vLLM's client queue time: every request "arrived" at 0 and waited for a slot.
+                await do(i, intended=free_at, queued_since=0.0)
+                free_at = clock.now()
+
+        await asyncio.gather(*(worker() for _ in range(min(load.concurrency, n))))
+    elif load.rate is None:
+        await asyncio.gather(*(do(i, 0.0, 0.0) for i in range(n)))
+    else:
+        offsets = arrival_offsets(n, load.rate, burstiness, seed)
+        sem = asyncio.Semaphore(load.concurrency) if load.concurrency else None
+
+        async def arrive(i: int, at: float) -> None:
+            if sem is None:
+                await do(i, at, clock.now())
+                return
+            t_wait = clock.now()
+            async with sem:
+                await do(i, at, t_wait)
+
+        tasks: list[asyncio.Task[None]] = []
+        try:
+            for i, at in enumerate(offsets):
+                delay = at - clock.now()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+                tasks.append(asyncio.create_task(arrive(i, at)))
+            await asyncio.gather(*tasks)
+        finally:
+            for t in tasks:
+                t.cancel()
+    duration = clock.now()
+    return [r for r in records if r is not None], duration
+
+
+async def _scrape(engine: EngineClient) -> list[Sample] | None:
+    try:
+        return parse_prometheus(await engine.metrics_text())
+    except EngineError:
+        return None
+
+
+async def _check_pipeline(settings: Settings) -> None:
+    url = f"{settings.ingestion_url}/readyz"
+    try:
+        async with httpx.AsyncClient(timeout=5.0) as c:
+            resp = await c.get(url)
+    except httpx.HTTPError as e:
+        raise BenchError(
+            f"ingestion is not reachable at {settings.ingestion_url} ({e.__class__.__name__}); "
+            "is the stack running? (supervisorctl status, or use --path direct)"
+        ) from None
+    if resp.status_code != 200:
+        raise BenchError(f"ingestion at {settings.ingestion_url} is not ready ({resp.status_code}: {resp.text[:200]})")
+
+
+async def _check_engine(engine: EngineClient) -> tuple[str, str]:
+    try:
+        model = await engine.model()
+    except EngineError as e:
+        raise BenchError(f"the engine is not reachable for the direct path: {e}") from None
+    return model, await engine.version()
+
+
+async def run_benchmark(
+    config: BenchConfig,
+    progress: ProgressCallback | None = None,
+    *,
+    settings: Settings | None = None,
+) -> RunResult:
+    """Run a benchmark (or sweep) as ``config`` says; write its folder; store it in Redis.
+
+    ``progress`` is called on the event loop after every request and phase
+    change. Raises :class:`BenchError` for problems the user can fix (nothing
+    listening, a bad dataset); a cancelled run is marked failed in Redis.
+    """
+    s = settings or get_settings()
+    cfg = config.resolved(s)
+    run_id = cfg.run_id or new_id("run-")
+    cfg = cfg.model_copy(update={"run_id": run_id})
+    out_dir = Path(cfg.out) if cfg.out else Path(s.results_dir) / run_id
+    dataset: list[DatasetPrompt] | None = None
+    if cfg.dataset is not None:
+        try:
+            dataset = load_dataset(cfg.dataset)
+        except ValueError as e:
+            raise BenchError(str(e)) from None
+    loads = step_loads(cfg)
+    pnames = cfg.paths
+    engine = EngineClient(s.engine_url, s.engine_api_key.get_secret_value(), timeout_s=cfg.timeout_s)
+    pipeline = (
+        PipelinePath(
+            s,
+            run_id,
+            cfg.label,
+            poll_wait_s=cfg.poll_wait_s,
+            max_connections=max(64, 2 * max(ld.concurrency or 0 for ld in loads) + 16),
+        )
+        if "pipeline" in pnames
+        else None
+    )
+    store = RunStore(s, enabled=cfg.store)
+    prog = _Progress(run_id, progress, store, len(loads))
+    mirror: asyncio.Task[None] | None = None
+    warnings: list[str] = []
+    try:
+        model_id, version = "", ""
+        if "direct" in pnames:
+            model_id, version = await _check_engine(engine)
+        else:
+            with contextlib.suppress(EngineError):
+                model_id = await engine.model()
+                version = await engine.version()
+        if pipeline is not None:
+            await _check_pipeline(s)
+        paths: dict[str, _Path] = {}
+        if pipeline is not None:
+            paths["pipeline"] = pipeline
+        if "direct" in pnames:
+            paths["direct"] = DirectPath(engine, run_id)
+
+        params = cfg.model_dump(mode="json")
+        await store.start(run_id, params, str(out_dir), cfg.requests * len(pnames) * len(loads))
+        mirror = asyncio.create_task(prog.mirror())
+
+        if cfg.warmup:
+            await _phase(cfg, paths, loads[0], "warmup", cfg.warmup, "warmup", dataset, prog, 0)
+
+        before = await _scrape(engine)
+        t_start_ns = now_ns()
+        steps: list[dict[str, Any]] = []
+        all_records: list[RequestRecord] = []
+        knee: dict[str, Any] | None = None
+        for i, load in enumerate(loads):
+            records, duration = await _phase(cfg, paths, load, f"step{i}", cfg.requests, "run", dataset, prog, i)
+            all_records.extend(records)
+            steps.append(_step_summary(cfg, load, i, records, duration))
+            prog.emit("step", f"step {i + 1}/{len(loads)} done ({load.describe()})")
+            if cfg.sweep is not None and len(steps) >= 2:
+                knee = _knee(cfg, steps)
+                if knee["saturated"] and cfg.sweep.stop_at_knee:
+                    break
+        t_end_ns = now_ns()
+        after = await _scrape(engine)
+        gpu = await gpu_window.run_window(s, t_start_ns, t_end_ns, sum(r.output_len for r in all_records))
+
+        engine_name = next((r.engine for r in all_records if r.engine), None) or (
+            f"{version}".strip() if version else None
+        )
+        model_id = next((r.model for r in all_records if r.model), None) or model_id
+        summary = _summary(
+            cfg,
+            steps,
+            knee,
+            prefix_cache_delta(before, after),
+            gpu,
+            engine=engine_name,
+            model_id=model_id,
+            t_start_ns=t_start_ns,
+            t_end_ns=t_end_ns,
+            settings=s,
+        )
+        if store.warning:
+            warnings.append(store.warning)
+        summary["warnings"] = warnings
+        result = RunResult(run_id, cfg, summary, all_records, out_dir, RunState.FINISHED, warnings)
+        from bench.report import write_run  # matplotlib is imported only here
+
+        await asyncio.to_thread(write_run, out_dir, summary, all_records, cfg.plots)
+        await store.add_records(run_id, all_records)
+        await store.finish(run_id, summary)
+        prog.emit("done", f"results in {out_dir}")
+        return result
+    except asyncio.CancelledError:
+        await asyncio.shield(store.fail(run_id, "cancelled"))
+        raise
+    except BaseException as e:
+        await store.fail(run_id, f"{e.__class__.__name__}: {e}")
+        raise
+    finally:
+        if mirror is not None:
+            mirror.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await mirror
+        if pipeline is not None:
+            await pipeline.aclose()
+        await engine.aclose()
+        await store.aclose()
+
+
+async def _phase(
+    cfg: BenchConfig,
+    paths: dict[str, _Path],
+    load: Load,
+    namespace: str,
+    n: int,
+    phase: str,
+    dataset: list[DatasetPrompt] | None,
+    prog: _Progress,
+    step: int,
+) -> tuple[list[RequestRecord], float]:
+    items = build_workload(cfg, n, namespace, dataset)
+    sends = interleave(items, list(paths), derive_seed(cfg.seed, namespace, "order"))
+    prog.begin("prepare", len(sends), step, load.describe(), f"building {namespace} prompts")
+    await asyncio.gather(*(p.prepare(items) for p in paths.values()))
+    prog.begin(phase, len(sends), step, load.describe())
+    try:
+        return await drive(
+            sends,
+            paths,
+            load,
+            burstiness=cfg.burstiness,
+            seed=derive_seed(cfg.seed, namespace, "arrivals"),
+            timeout_s=cfg.timeout_s,
+            step=step,
+            on_record=prog.record,
+        )
+    finally:
+        for p in paths.values():
+            p.forget()
+
+
+def _step_summary(
+    cfg: BenchConfig, load: Load, index: int, records: list[RequestRecord], duration: float
+) -> dict[str, Any]:
+    per_path: dict[str, Any] = {}
+    for pname in cfg.paths:
+        recs = [r for r in records if r.path == pname]
+        per_path[pname] = path_metrics(
+            recs, duration, cfg.percentiles, cfg.goodput or None, max_concurrency=load.concurrency, rate=load.rate
+        )
+    step: dict[str, Any] = {
+        "index": index,
+        "load": load.value,
+        "max_concurrency": load.concurrency,
+        "request_rate": load.rate if load.rate is not None else "inf",
+        "duration": duration,
+        "paths": per_path,
+    }
+    if "pipeline" in per_path and "direct" in per_path:
+        step["overhead"] = overhead(per_path["pipeline"], per_path["direct"], cfg.percentiles)
+    return step
+
+
+def primary_path(cfg: BenchConfig) -> str:
+    """The path whose figures a summary's top-level vLLM keys carry (pipeline if it ran)."""
+    return "pipeline" if "pipeline" in cfg.paths else "direct"
+
+
+def _knee(cfg: BenchConfig, steps: list[dict[str, Any]]) -> dict[str, Any]:
+    assert cfg.sweep is not None
+    p = primary_path(cfg)
+    return find_knee(
+        [float(st["load"]) for st in steps],
+        [st["paths"][p]["output_throughput"] for st in steps],
+        [st["paths"][p]["median_ttft_ms"] for st in steps],
+        cfg.sweep.min_gain,
+        cfg.sweep.latency_factor,
+    )
+
+
+def _summary(
+    cfg: BenchConfig,
+    steps: list[dict[str, Any]],
+    knee: dict[str, Any] | None,
+    prefix_cache: dict[str, Any] | None,
+    gpu: dict[str, Any] | None,
+    *,
+    engine: str | None,
+    model_id: str | None,
+    t_start_ns: int,
+    t_end_ns: int,
+    settings: Settings,
+) -> dict[str, Any]:
+    chosen = steps[knee["knee_index"]] if knee and knee.get("knee_index") is not None else steps[-1]
+    primary = primary_path(cfg)
+    rate = chosen["request_rate"]
+    out: dict[str, Any] = {
+        "run_id": cfg.run_id,
+        "label": cfg.label,
+        "date": datetime.fromtimestamp(t_start_ns / 1e9).strftime("%Y%m%d-%H%M%S"),
+        "state": RunState.FINISHED.value,
+        "backend": "llmconsole-pipeline" if primary == "pipeline" else "openai",
+        "model_id": model_id,
+        "engine": engine,
+        "path": cfg.path,
+        "primary_path": primary,
+        "num_prompts": cfg.requests,
+        "request_rate": rate,
+        "burstiness": cfg.burstiness,
+        "max_concurrency": chosen["max_concurrency"],
+        "input_tokens": cfg.input_tokens,
+        "output_tokens": cfg.output_tokens,
+        "prefix_share": cfg.prefix_share,
+        "range_ratio": cfg.range_ratio,
+        "dataset": cfg.dataset,
+        "seed": cfg.seed,
+        "warmup": cfg.warmup,
+        "goodput_slo_ms": cfg.goodput or None,
+        "percentiles": cfg.percentiles,
+    }
+    out.update({k: v for k, v in chosen["paths"][primary].items()})
+    out["duration"] = chosen["duration"]
+    out["paths"] = chosen["paths"]
+    if "overhead" in chosen:
+        out["overhead"] = chosen["overhead"]
+    out["prefix_cache"] = prefix_cache
+    out["gpu"] = gpu
+    if cfg.sweep is not None:
+        out["sweep"] = {
+            "param": cfg.sweep.param,
+            "values": cfg.sweep.values,
+            "steps": steps,
+            "knee": knee,
+            "min_gain": cfg.sweep.min_gain,
+            "latency_factor": cfg.sweep.latency_factor,
+        }
+    out["t_start_ns"] = t_start_ns
+    out["t_end_ns"] = t_end_ns
+    out["engine_url"] = settings.engine_url
+    out["ingestion_url"] = settings.ingestion_url if "pipeline" in cfg.paths else None
+    out["config"] = cfg.model_dump(mode="json")
+    return out
+
+
+def run_sync(
+    config: BenchConfig, progress: ProgressCallback | None = None, *, settings: Settings | None = None
+) -> RunResult:
+    """:func:`run_benchmark` from synchronous code."""
+    return asyncio.run(run_benchmark(config, progress, settings=settings))
+
+
+def is_finite_rate(rate: float | str | None) -> bool:
+    """True for a numeric, finite request rate."""
+    return isinstance(rate, int | float) and not math.isinf(rate)
+
+
+_Unused = Awaitable  # keep the import for type readers of drive()'s callbacks

@@ -1,0 +1,165 @@
+"""Benchmark runs in Redis, for the console (key names from :class:`services.contracts.Keys`).
+
+Layout (all under the stack's key prefix):
+
+``Keys.runs`` (sorted set)
+    run id → start time in seconds since the epoch (float).
+``Keys.run(run_id)`` (hash)
+    ``run_id``, ``state`` (:class:`~services.contracts.RunState`), ``label``,
+    ``path``, ``t_start`` and ``t_end`` (wall clock ns), ``params`` (the
+    resolved :class:`~bench.config.BenchConfig` as JSON), ``out_dir``,
+    live progress ``done`` / ``failed`` / ``total`` / ``phase`` / ``step`` /
+    ``steps`` / ``load`` (updated about twice a second while running),
+    ``summary`` (the summary JSON, when finished), ``error`` (when failed),
+    ``engine``, ``model``.
+``Keys.run_jobs(run_id)`` (list)
+    One JSON :class:`~bench.records.RequestRecord` per measured request, in
+    completion order.
+
+Storing is best effort: a benchmark of the direct path needs no Redis, so
+when Redis cannot be reached the run goes on and only the folder is written.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any
+
+from bench.records import RequestRecord
+from redis.exceptions import RedisError
+
+from services.contracts import Keys, RunState, now_ns
+from services.queue import REDIS_DOWN, redis_client
+from services.settings import Settings
+
+log = logging.getLogger("llmconsole.bench.store")
+
+#: Records are pushed in batches of this many (one round trip each).
+_BATCH = 500
+
+
+class RunStore:
+    """Writes one run's hash, progress, records and summary; silent no-op when Redis is down."""
+
+    def __init__(self, settings: Settings, enabled: bool = True) -> None:
+        self.keys = Keys(settings.redis_prefix)
+        self.r = redis_client(settings) if enabled else None
+        self.ok = enabled
+        self.warning: str | None = None
+
+    async def aclose(self) -> None:
+        """Close the Redis connection."""
+        if self.r is not None:
+            await self.r.aclose()
+
+    async def _do(self, what: str, coro: Any) -> bool:
+        if not self.ok:
+            coro.close()
+            return False
+        try:
+            await coro
+            return True
+        except (*REDIS_DOWN, RedisError) as e:
+            self.ok = False
+            self.warning = f"run not stored in Redis ({what}: {e.__class__.__name__}: {e})"
+            log.warning(self.warning)
+            return False
+
+    async def start(self, run_id: str, params: dict[str, Any], out_dir: str, total: int) -> bool:
+        """Register a running run (hash + sorted set entry)."""
+        if self.r is None:
+            return False
+        t = now_ns()
+        fields = {
+            "run_id": run_id,
+            "state": RunState.RUNNING.value,
+            "label": params.get("label") or "",
+            "path": params.get("path") or "",
+            "t_start": str(t),
+            "params": json.dumps(params),
+            "out_dir": out_dir,
+            "done": "0",
+            "failed": "0",
+            "total": str(total),
+            "phase": "prepare",
+        }
+
+        async def go() -> None:
+            assert self.r is not None
+            async with self.r.pipeline(transaction=True) as p:
+                p.hset(self.keys.run(run_id), mapping=fields)
+                p.delete(self.keys.run_jobs(run_id))
+                p.zadd(self.keys.runs, {run_id: t / 1e9})
+                await p.execute()
+
+        return await self._do("start", go())
+
+    async def progress(self, run_id: str, fields: dict[str, Any]) -> None:
+        """Update live progress fields of the run hash."""
+        if self.r is None:
+            return
+        await self._do("progress", self.r.hset(self.keys.run(run_id), mapping={k: str(v) for k, v in fields.items()}))
+
+    async def add_records(self, run_id: str, records: list[RequestRecord]) -> None:
+        """Append per-request records to the run's list."""
+        if self.r is None or not records:
+            return
+        for i in range(0, len(records), _BATCH):
+            chunk = [json.dumps(r.to_dict()) for r in records[i : i + _BATCH]]
+            if not await self._do("records", self.r.rpush(self.keys.run_jobs(run_id), *chunk)):
+                return
+
+    async def finish(self, run_id: str, summary: dict[str, Any]) -> None:
+        """Mark the run finished with its summary."""
+        if self.r is None:
+            return
+        fields = {
+            "state": RunState.FINISHED.value,
+            "t_end": str(now_ns()),
+            "summary": json.dumps(summary),
+            "phase": "done",
+            "engine": summary.get("engine") or "",
+            "model": summary.get("model_id") or "",
+        }
+        await self._do("finish", self.r.hset(self.keys.run(run_id), mapping=fields))
+
+    async def fail(self, run_id: str, error: str) -> None:
+        """Mark the run failed (or cancelled) with a reason."""
+        if self.r is None:
+            return
+        fields = {"state": RunState.FAILED.value, "t_end": str(now_ns()), "error": error[:2000], "phase": "done"}
+        await self._do("fail", self.r.hset(self.keys.run(run_id), mapping=fields))
+
+
+async def list_stored_runs(settings: Settings, limit: int = 50) -> list[dict[str, Any]]:
+    """The newest ``limit`` runs in Redis: their hashes without ``summary`` and ``params`` blobs, newest first."""
+    keys = Keys(settings.redis_prefix)
+    r = redis_client(settings)
+    try:
+        ids = await r.zrevrange(keys.runs, 0, max(limit - 1, 0))
+        out: list[dict[str, Any]] = []
+        for run_id in ids:
+            h = await r.hgetall(keys.run(run_id))
+            if h:
+                out.append({k: v for k, v in h.items() if k not in ("summary", "params")})
+        return out
+    finally:
+        await r.aclose()
+
+
+async def load_stored_run(settings: Settings, run_id: str) -> tuple[dict[str, Any], list[RequestRecord]] | None:
+    """A run's hash (``summary`` and ``params`` decoded) and its records, or None if unknown."""
+    keys = Keys(settings.redis_prefix)
+    r = redis_client(settings)
+    try:
+        h: dict[str, Any] = await r.hgetall(keys.run(run_id))
+        if not h:
+            return None
+        for k in ("summary", "params"):
+            if h.get(k):
+                h[k] = json.loads(h[k])
+        raw = await r.lrange(keys.run_jobs(run_id), 0, -1)
+        return h, [RequestRecord.from_dict(json.loads(x)) for x in raw]
+    finally:
+        await r.aclose()

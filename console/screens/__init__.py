@@ -1,0 +1,1 @@
+"""The console's screens: overview, job detail, logs, benchmarks, help and confirmation."""

@@ -1,0 +1,370 @@
+"""The overview's panels. Each one draws a part of a :class:`~console.model.Snapshot`.
+
+Panels never fetch anything: :meth:`show` takes the view and redraws. A view
+with an ``error`` makes the panel say so plainly in place of its data.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from rich.text import Text
+from textual.app import ComposeResult
+from textual.containers import Vertical, VerticalScroll
+from textual.markup import escape
+from textual.widgets import DataTable, Sparkline, Static
+
+from console.model import (
+    DASH,
+    EngineView,
+    GpusView,
+    GpuView,
+    JobsView,
+    QueueView,
+    ServicesView,
+    ServiceView,
+    bar,
+    fmt_bytes,
+    fmt_num,
+    fmt_pct,
+    fmt_rate,
+    fmt_s,
+    fmt_uptime,
+)
+from services.contracts import JobState, JobView
+
+#: Styles of supervisord states and job states.
+SERVICE_STYLES = {
+    "RUNNING": "green",
+    "STARTING": "yellow",
+    "STOPPING": "yellow",
+    "BACKOFF": "bold red",
+    "FATAL": "bold red",
+    "EXITED": "red",
+    "STOPPED": "dim",
+    "UNKNOWN": "magenta",
+}
+JOB_STYLES = {
+    JobState.QUEUED: "cyan",
+    JobState.RUNNING: "yellow",
+    JobState.SUCCEEDED: "green",
+    JobState.FAILED: "bold red",
+    JobState.DEAD: "bold magenta",
+}
+
+
+def error_markup(message: str) -> str:
+    """A panel's 'source down' line."""
+    return f"[$error]✖[/] {escape(message)}"
+
+
+def sync_rows(table: DataTable[Any], rows: Sequence[tuple[str, Sequence[Any]]]) -> None:
+    """Make ``table`` show ``rows`` (key, cells) with as little redrawing as possible.
+
+    The same keys in the same order only update changed cells; otherwise the
+    table is rebuilt and the cursor stays on the row it was on (by key).
+    """
+    keys = [k for k, _ in rows]
+    current = [rk.value for rk in table.rows]
+    if keys == current:
+        columns = list(table.columns)
+        for key, cells in rows:
+            old = table.get_row(key)
+            for col, (before, after) in enumerate(zip(old, cells, strict=False)):
+                if before != after:
+                    table.update_cell(key, columns[col], after)
+        return
+    selected: str | None = None
+    if table.row_count and 0 <= table.cursor_row < table.row_count:
+        selected = table.coordinate_to_cell_key(table.cursor_coordinate).row_key.value
+    table.clear()
+    for key, cells in rows:
+        table.add_row(*cells, key=key)
+    if selected in keys:
+        table.move_cursor(row=keys.index(selected), animate=False)
+
+
+class Panel(Vertical):
+    """A bordered box with a title."""
+
+    DEFAULT_CLASSES = "panel"
+
+    def __init__(self, title: str, **kw: Any) -> None:
+        super().__init__(**kw)
+        self.border_title = title
+
+
+class QueuePanel(Panel):
+    """Depth, in flight, done, failed/dead, throughput, and a sparkline of depth."""
+
+    def __init__(self, **kw: Any) -> None:
+        super().__init__("Queue", **kw)
+
+    def compose(self) -> ComposeResult:
+        """Figures on top, the depth sparkline under them."""
+        yield Static(id="queue-text")
+        yield Sparkline([], id="queue-spark", summary_function=max)
+
+    def show(self, q: QueueView) -> None:
+        """Draw ``q``."""
+        text = self.query_one("#queue-text", Static)
+        spark = self.query_one("#queue-spark", Sparkline)
+        spark.data = list(q.depth_history)
+        if q.error:
+            text.update(error_markup(q.error))
+            self.border_subtitle = ""
+            return
+        text.update(
+            f"waiting [b]{q.waiting:>7,}[/]  in flight [b]{q.in_flight:>5,}[/]\n"
+            f"done    [b $success]{q.succeeded:>7,}[/]  failed/dead "
+            f"[b {'$error' if q.failed or q.dead else ''}]{q.failed:,}/{q.dead:,}[/]\n"
+            f"done/s  [b]{fmt_rate(q.done_per_s, ''):>7}[/]  in/s [b]{fmt_rate(q.submitted_per_s, '')}[/]"
+        )
+        peak = max(q.depth_history, default=0)
+        self.border_subtitle = f"depth peak {peak:,.0f} · {q.consumers} consumers"
+
+
+class EnginePanel(Panel):
+    """The engine's running/waiting requests, KV cache, prefix hits and token rates."""
+
+    def __init__(self, **kw: Any) -> None:
+        super().__init__("Engine", **kw)
+
+    def compose(self) -> ComposeResult:
+        """One text block."""
+        yield Static(id="engine-text")
+
+    def show(self, e: EngineView, model: str = "") -> None:
+        """Draw ``e`` (``model`` from the node heartbeat, if known)."""
+        text = self.query_one("#engine-text", Static)
+        self.border_subtitle = escape(model)
+        if e.error:
+            text.update(error_markup(e.error))
+            return
+        kv = e.kv_usage
+        kv_style = "$error" if kv is not None and kv > 0.9 else "$warning" if kv is not None and kv > 0.7 else ""
+        text.update(
+            f"running [b]{fmt_num(e.running):>5}[/]  waiting [b]{fmt_num(e.waiting):>5}[/]\n"
+            f"KV cache [{kv_style or 'b'}]{bar(kv, 12)}[/] [b]{fmt_pct(kv)}[/]\n"
+            f"prefix cache hits [b]{fmt_pct(e.prefix_hit_rate)}[/]\n"
+            f"prompt [b]{fmt_rate(e.prompt_tps, '')}[/] tok/s  gen [b]{fmt_rate(e.generation_tps, '')}[/] tok/s"
+        )
+
+
+def _gpu_lines(g: GpuView, compact: bool) -> list[str]:
+    util = DASH if g.util_pct is None else f"{g.util_pct:.0f}%"
+    temp = DASH if g.temp_c is None else f"{g.temp_c:.0f}°C"
+    power = DASH if g.power_w is None else f"{g.power_w:.0f}W"
+    frac = None
+    if g.vram_used_bytes is not None and g.vram_total_bytes:
+        frac = g.vram_used_bytes / g.vram_total_bytes
+    vram = f"{fmt_bytes(g.vram_used_bytes)}/{fmt_bytes(g.vram_total_bytes)}"
+    head = f"[b]{g.index}[/] {escape(g.name.removeprefix('NVIDIA '))} [b]{util}[/] {temp} {power}"
+    if compact:
+        return [f"{head} [b]{vram}[/]"]
+    lines = [head, f"VRAM [$accent]{bar(frac, 10)}[/] [b]{vram}[/]"]
+    for p in g.processes[:3]:
+        who = f"[b]{escape(p.program)}[/] pid {p.pid}" if p.program else f"pid {p.pid}"
+        lines.append(f"  {who} {fmt_bytes(p.vram_bytes)}")
+    return lines
+
+
+class GpuPanel(Panel):
+    """Per GPU: name, utilisation, temperature, power, VRAM, and the services holding it."""
+
+    def __init__(self, **kw: Any) -> None:
+        super().__init__("GPUs", **kw)
+
+    def compose(self) -> ComposeResult:
+        """A scrollable text block (many GPUs do not fit 80×24)."""
+        with VerticalScroll(id="gpu-scroll"):
+            yield Static(id="gpu-text")
+
+    def show(self, g: GpusView) -> None:
+        """Draw ``g``."""
+        text = self.query_one("#gpu-text", Static)
+        nodes_alive = sum(1 for n in g.nodes if n.alive)
+        self.border_subtitle = f"{nodes_alive}/{len(g.nodes)} nodes" if g.nodes else ""
+        if not g.gpus:
+            lines = [f"[$warning]No GPU[/]: {escape(g.no_gpu_reason or 'no samples')}"]
+            if g.error:
+                lines.append(error_markup(g.error))
+            for n in g.nodes[:3]:
+                state = "[$success]up[/]" if n.alive else "[$error]gone[/]"
+                lines.append(f"node [b]{escape(n.node)}[/] {state} {escape(n.engine)}")
+            text.update("\n".join(lines))
+            return
+        compact = len(g.gpus) > 1
+        by_node = len({x.node for x in g.gpus}) > 1
+        lines = []
+        last_node = None
+        for gpu in g.gpus:
+            if by_node and gpu.node != last_node:
+                lines.append(f"[dim]{escape(gpu.node)}[/]")
+                last_node = gpu.node
+            lines += _gpu_lines(gpu, compact)
+        if compact:
+            # One summary line per service across GPUs instead of per-GPU process lists.
+            per: dict[str, int] = {}
+            for gpu in g.gpus:
+                for p in gpu.processes:
+                    per[p.program or "other"] = per.get(p.program or "other", 0) + p.vram_bytes
+            if per:
+                lines.append(" ".join(f"[b]{escape(k)}[/] {fmt_bytes(v)}" for k, v in per.items()))
+        if g.error:
+            lines.append(error_markup(g.error))
+        text.update("\n".join(lines))
+
+
+def service_cells(s: ServiceView) -> tuple[Text, Text, str, str]:
+    """The cells of one service row: name, state, pid, uptime."""
+    return (
+        Text(s.full_name),
+        Text(s.state, style=SERVICE_STYLES.get(s.state, "")),
+        str(s.pid) if s.pid else DASH,
+        fmt_uptime(s.uptime_s),
+    )
+
+
+class ServicesPanel(Panel):
+    """Every supervisord program with state, pid and uptime; the selected row is what r/s/S/l act on."""
+
+    def __init__(self, **kw: Any) -> None:
+        super().__init__("Services", **kw)
+        self.services: tuple[ServiceView, ...] = ()
+
+    def compose(self) -> ComposeResult:
+        """A table, and the line that replaces it when supervisord is down."""
+        table: DataTable[Any] = DataTable(id="services-table", cursor_type="row", zebra_stripes=False)
+        table.add_column("program", key="name")
+        table.add_column("state", key="state")
+        table.add_column("pid", key="pid")
+        table.add_column("uptime", key="uptime")
+        yield table
+        yield Static(id="services-error")
+
+    def show(self, v: ServicesView, filter_text: str = "") -> None:
+        """Draw ``v`` (rows matching ``filter_text`` only)."""
+        table = self.query_one("#services-table", DataTable)
+        err = self.query_one("#services-error", Static)
+        if v.error:
+            err.update(error_markup(v.error))
+            err.display = True
+            table.display = False
+            self.services = ()
+            self.border_subtitle = ""
+            return
+        err.display = False
+        table.display = True
+        f = filter_text.lower()
+        shown = tuple(s for s in v.services if not f or f in s.full_name.lower() or f in s.state.lower())
+        self.services = shown
+        sync_rows(table, [(s.full_name, service_cells(s)) for s in shown])
+        running = sum(1 for s in v.services if s.state == "RUNNING")
+        self.border_subtitle = f"{running}/{len(v.services)} running"
+
+    def selected(self) -> ServiceView | None:
+        """The service under the cursor."""
+        table = self.query_one("#services-table", DataTable)
+        if not self.services or not table.display or table.row_count == 0:
+            return None
+        row = min(max(table.cursor_row, 0), len(self.services) - 1)
+        key = table.coordinate_to_cell_key((row, 0)).row_key.value
+        return next((s for s in self.services if s.full_name == key), None)
+
+
+def job_cells(j: JobView) -> tuple[Any, ...]:
+    """The cells of one job row."""
+    r = j.result
+    spec = j.spec
+    tok_in = r.prompt_tokens if r else (spec.input_tokens if spec else None)
+    tok_out = r.completion_tokens if r else (spec.output_tokens if spec else None)
+    ts = j.timestamps
+    e2e = None
+    if ts.get("t_received") and ts.get("t_finished"):
+        e2e = (ts["t_finished"] - ts["t_received"]) / 1e9  # type: ignore[operator]
+    run = (spec.label or spec.run_id or "") if spec else ""
+    return (
+        j.job_id[-12:],
+        Text(j.state.value, style=JOB_STYLES.get(j.state, "")),
+        DASH if tok_in is None else f"{tok_in:,}",
+        DASH if tok_out is None else f"{tok_out:,}",
+        fmt_s(j.stages_s.get("queue_wait")),
+        fmt_s(r.engine_time_s if r else None),
+        fmt_s(r.ttft_s if r else None),
+        fmt_s(e2e),
+        run[:16],
+    )
+
+
+JOB_COLUMNS = (
+    ("job", "id"),
+    ("state", "state"),
+    ("in", "in"),
+    ("out", "out"),
+    ("wait", "wait"),
+    ("engine", "engine"),
+    ("ttft", "ttft"),
+    ("e2e", "e2e"),
+    ("run", "run"),
+)
+
+
+def job_matches(j: JobView, f: str) -> bool:
+    """True if the filter text appears in the job's id, state, run, label or worker."""
+    if not f:
+        return True
+    spec = j.spec
+    hay = [j.job_id, j.state.value, j.worker or "", j.error or ""]
+    if spec:
+        hay += [spec.run_id or "", spec.label or ""]
+    f = f.lower()
+    return any(f in h.lower() for h in hay)
+
+
+class JobsPanel(Panel):
+    """A live table of recent jobs; Enter opens one."""
+
+    def __init__(self, **kw: Any) -> None:
+        super().__init__("Jobs", **kw)
+        self.jobs: tuple[JobView, ...] = ()
+
+    def compose(self) -> ComposeResult:
+        """The table, and the line shown when Redis is down."""
+        table: DataTable[Any] = DataTable(id="jobs-table", cursor_type="row")
+        for label, key in JOB_COLUMNS:
+            table.add_column(label, key=key)
+        yield table
+        yield Static(id="jobs-error")
+
+    def show(self, v: JobsView, filter_text: str = "") -> None:
+        """Draw ``v`` (rows matching ``filter_text`` only)."""
+        table = self.query_one("#jobs-table", DataTable)
+        err = self.query_one("#jobs-error", Static)
+        if v.error:
+            err.update(error_markup(v.error))
+            err.display = True
+            table.display = False
+            self.jobs = ()
+            self.border_subtitle = ""
+            return
+        err.display = False
+        table.display = True
+        shown = tuple(j for j in v.jobs if job_matches(j, filter_text))
+        self.jobs = shown
+        sync_rows(table, [(j.job_id, job_cells(j)) for j in shown])
+        parts = [f"{len(shown)}/{len(v.jobs)}" if filter_text else f"{len(v.jobs)} recent"]
+        if v.events_per_s is not None:
+            parts.append(f"{fmt_rate(v.events_per_s, '')} events/s")
+        if filter_text:
+            parts.append(f"filter “{escape(filter_text)}”")
+        self.border_subtitle = " · ".join(parts)
+
+    def selected(self) -> JobView | None:
+        """The job under the cursor."""
+        table = self.query_one("#jobs-table", DataTable)
+        if not self.jobs or table.row_count == 0:
+            return None
+        key = table.coordinate_to_cell_key((min(max(table.cursor_row, 0), table.row_count - 1), 0)).row_key.value
+        return next((j for j in self.jobs if j.job_id == key), None)

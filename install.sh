@@ -1,0 +1,195 @@
+#!/usr/bin/env bash
+# llmconsole: set up and start the whole stack, then run its main job.
+#
+#   ./install.sh                 detect the hardware, pick the engine, install, start, benchmark
+#   ./install.sh --engine sim    the simulator engine (no model, seconds to start)
+#   ./install.sh --engine cpu    vLLM's CPU build with a small real model (Gemma 3 270M)
+#   ./install.sh --engine gpu    vLLM on NVIDIA GPUs
+#   ./install.sh --no-bench      start everything, skip the benchmark
+#   ./install.sh --setup-only    install everything (packages, venvs, model, env file), start nothing
+#   ./install.sh --stop          stop everything
+#
+# Idempotent: run it again at any time; it installs only what is missing and
+# keeps the generated secrets in var/llmconsole.env (mode 0600).
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+cd "$ROOT"
+VAR="$ROOT/var"
+ENV_FILE="$VAR/llmconsole.env"
+VENV="$ROOT/.venv"
+PY="$VENV/bin/python"
+CTL=("$VENV/bin/supervisorctl" -c "$ROOT/supervisord.conf")
+
+ENGINE=""
+RUN_BENCH=1
+STOP=0
+SETUP_ONLY=0
+while [[ $# -gt 0 ]]; do
+  case "$1" in
+    --engine) ENGINE="${2:-}"; shift 2 ;;
+    --engine=*) ENGINE="${1#*=}"; shift ;;
+    --no-bench) RUN_BENCH=0; shift ;;
+    --stop) STOP=1; shift ;;
+    --setup-only) SETUP_ONLY=1; shift ;;
+    -h|--help) sed -n '2,14p' "$0"; exit 0 ;;
+    *) echo "install.sh: unknown option '$1' (see ./install.sh --help)" >&2; exit 2 ;;
+  esac
+done
+if [[ -n "$ENGINE" && ! "$ENGINE" =~ ^(sim|cpu|gpu)$ ]]; then
+  echo "install.sh: --engine must be sim, cpu or gpu (got '$ENGINE')" >&2; exit 2
+fi
+
+step() { printf '\n\033[1m==> %s\033[0m\n' "$*"; }
+info() { printf '    %s\n' "$*"; }
+die() { printf '\n\033[31mERROR:\033[0m %s\n' "$*" >&2; exit 1; }
+
+supervisord_running() { [[ -S "$VAR/supervisor.sock" ]] && "${CTL[@]}" pid >/dev/null 2>&1; }
+
+if [[ $STOP -eq 1 ]]; then
+  step "Stopping llmconsole"
+  if [[ -x "$VENV/bin/supervisorctl" ]] && supervisord_running; then
+    pid="$("${CTL[@]}" pid)"
+    "${CTL[@]}" shutdown >/dev/null
+    for _ in $(seq 1 120); do kill -0 "$pid" 2>/dev/null || break; sleep 0.5; done
+    kill -0 "$pid" 2>/dev/null && die "supervisord (pid $pid) did not stop within 60 s"
+    info "stopped (every service and the engine)"
+  else
+    info "not running"
+  fi
+  exit 0
+fi
+
+SUDO=""
+if [[ $EUID -ne 0 ]]; then SUDO="sudo"; fi
+APT_UPDATED=0
+apt_install() {
+  if [[ $APT_UPDATED -eq 0 ]]; then $SUDO apt-get update -qq; APT_UPDATED=1; fi
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "$@" >/dev/null
+}
+
+# --- 1. system packages --------------------------------------------------------
+step "System packages"
+command -v python3 >/dev/null || apt_install python3
+python3 -c 'import sys; assert sys.version_info >= (3, 11)' 2>/dev/null \
+  || die "Python 3.11 or newer is needed (found $(python3 --version 2>&1))"
+python3 -c 'import venv, ensurepip' 2>/dev/null || apt_install python3-venv
+if ! command -v redis-server >/dev/null; then
+  info "installing Debian's redis-server"
+  apt_install redis-server
+  # Debian starts its own redis on 6379; ours runs under supervisord with a password.
+  $SUDO systemctl disable --now redis-server >/dev/null 2>&1 || true
+fi
+info "redis-server: $(redis-server --version | awk '{print $3}')"
+
+# --- 2. the project's virtual environment --------------------------------------
+step "Python environment (.venv)"
+[[ -x "$PY" ]] || python3 -m venv "$VENV"
+STAMP="$VENV/.llmconsole-installed"
+if [[ ! -f "$STAMP" || pyproject.toml -nt "$STAMP" ]]; then
+  info "installing llmconsole and its dependencies (about a minute the first time)"
+  "$PY" -m pip install -q --upgrade pip >/dev/null 2>&1 || true
+  "$PY" -m pip install -q -e ".[dev]" || die "pip could not install the project (see the messages above)"
+  touch "$STAMP"
+else
+  info "up to date"
+fi
+
+# --- 3. settings and secrets ----------------------------------------------------
+step "Settings ($ENV_FILE)"
+mkdir -p "$VAR/log" "$VAR/runs"
+chmod 700 "$VAR"
+umask 077
+if [[ ! -f "$ENV_FILE" ]]; then
+  gen() { "$PY" -c 'import secrets; print(secrets.token_urlsafe(32))'; }
+  cat > "$ENV_FILE" <<EOF
+# llmconsole settings, written by install.sh. Secrets: keep this file private (0600).
+API_KEY=$(gen)
+REDIS_PASSWORD=$(gen)
+ENGINE_API_KEY=$(gen)
+EOF
+  info "generated API key, Redis password and engine key"
+fi
+chmod 600 "$ENV_FILE"
+
+set_env() {  # set_env NAME VALUE: replace or append one line of the env file
+  local name="$1" value="$2"
+  if grep -q "^${name}=" "$ENV_FILE"; then
+    sed -i "s|^${name}=.*|${name}=${value}|" "$ENV_FILE"
+  else
+    echo "${name}=${value}" >> "$ENV_FILE"
+  fi
+}
+get_env() { grep -E "^$1=" "$ENV_FILE" | tail -1 | cut -d= -f2- || true; }
+
+# shellcheck source=install/engine.sh
+source "$ROOT/install/engine.sh"
+if [[ -z "$ENGINE" ]]; then
+  ENGINE="$(get_env ENGINE_KIND)"
+  if [[ -z "$ENGINE" ]]; then
+    ENGINE="$(detect_engine_kind)"
+    info "detected hardware: engine '$ENGINE'"
+  fi
+fi
+PREV_ENGINE="$(get_env ENGINE_KIND)"
+set_env ENGINE_KIND "$ENGINE"
+info "engine: $ENGINE"
+
+# --- 4. the engine --------------------------------------------------------------
+step "Engine ($ENGINE)"
+case "$ENGINE" in
+  sim) info "the simulator runs from the project's .venv: nothing to install" ;;
+  cpu|gpu)
+    install_engine_venv "$ENGINE" || die "the $ENGINE engine could not be installed (see above)"
+    if [[ "$ENGINE" == cpu ]]; then
+      prepare_model || die "the CPU model could not be prepared (see above)"
+    fi
+    ;;
+esac
+
+if [[ $SETUP_ONLY -eq 1 ]]; then
+  step "Set up (not started)"
+  info "start the stack: ./install.sh    run the tests: ./.venv/bin/pytest"
+  exit 0
+fi
+
+# --- 5. start everything under supervisord ------------------------------------
+step "Services (supervisord)"
+if supervisord_running; then
+  "${CTL[@]}" update >/dev/null
+  if [[ "$PREV_ENGINE" != "$ENGINE" || "$ENV_FILE" -nt "$VAR/supervisord.pid" ]]; then
+    info "settings changed: restarting every service"
+    "${CTL[@]}" restart all >/dev/null || true
+  else
+    "${CTL[@]}" start all >/dev/null || true
+  fi
+else
+  "$VENV/bin/supervisord" -c "$ROOT/supervisord.conf"
+  info "supervisord started"
+fi
+
+# --- 6. wait until every service is ready ---------------------------------------
+step "Waiting for the stack"
+"$PY" -m services.readiness --timeout "$([[ $ENGINE == sim ]] && echo 60 || echo 1800)" \
+  || { "${CTL[@]}" status || true; die "the stack did not become ready (logs: var/log/)"; }
+
+# --- 7. the main job: a benchmark through the whole pipeline ---------------------
+if [[ $RUN_BENCH -eq 1 ]]; then
+  step "Main job: a benchmark through the whole pipeline"
+  case "$ENGINE" in
+    sim) BENCH_ARGS=(--requests 20 --concurrency 4 --input-tokens 1000 --output-tokens 500) ;;
+    cpu) BENCH_ARGS=(--requests 4 --concurrency 2 --input-tokens 256 --output-tokens 32) ;;
+    gpu) BENCH_ARGS=(--requests 20 --concurrency 4 --input-tokens 1000 --output-tokens 500) ;;
+  esac
+  "$VENV/bin/llmconsole" bench --path pipeline --label install "${BENCH_ARGS[@]}" \
+    || die "the benchmark failed (logs: var/log/)"
+fi
+
+step "Ready"
+info "console:        ./.venv/bin/llmconsole"
+info "benchmark:      ./.venv/bin/llmconsole bench --help"
+info "services:       ./.venv/bin/supervisorctl status   (restart inference_worker, tail -f engine, ...)"
+info "submit a job:   curl -s -H \"Authorization: Bearer \$(grep ^API_KEY= var/llmconsole.env | cut -d= -f2)\" \\"
+info "                  -d '{\"input_tokens\":100,\"output_tokens\":20}' -H 'Content-Type: application/json' \\"
+info "                  http://127.0.0.1:$(get_env INGESTION_PORT | grep . || echo 8080)/v1/jobs"
+info "stop:           ./install.sh --stop"

@@ -1,0 +1,106 @@
+"""The real supervisord running the real supervisord.conf, in a temporary var/ folder."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+from services.contracts import new_id
+from services.readiness import checks
+from services.settings import REPO_ROOT, Settings
+from services.supervisor_client import supervisor_proxy
+from tests.stackutil import free_port, wait_until
+
+VENV_BIN = Path(REPO_ROOT) / ".venv" / "bin"
+
+
+class SupervisedStack:
+    """supervisord.conf from the repository, with var/ moved to ``workdir`` and ports made free."""
+
+    def __init__(self, workdir: Path, **overrides: Any) -> None:
+        self.workdir = workdir
+        self.var = workdir / "var"
+        (self.var / "log").mkdir(parents=True, exist_ok=True)
+        self.var.chmod(0o700)
+        text = (REPO_ROOT / "supervisord.conf").read_text()
+        self.conf = workdir / "supervisord.conf"
+        self.conf.write_text(text.replace("%(here)s/var", str(self.var)).replace("%(here)s", str(REPO_ROOT)))
+        self.values: dict[str, Any] = {
+            "redis_port": free_port(),
+            "redis_password": "pw-" + new_id(),
+            "api_key": "key-" + new_id(),
+            "engine_api_key": "ekey-" + new_id(),
+            "engine_kind": "sim",
+            "engine_port": free_port(),
+            "worker_port": free_port(),
+            "ingestion_port": free_port(),
+            "var_dir": str(self.var),
+            "results_dir": str(workdir / "runs"),
+            "sim_ttft_base_ms": 5,
+            "sim_prefill_ms_per_token": 0.01,
+            "sim_itl_ms": 2,
+            "lease_ms": 3000,
+            "shutdown_grace_s": 10,
+            "node_id": "sup-test",
+        }
+        self.values.update(overrides)
+        self.env_file = self.var / "llmconsole.env"
+        self.env_file.write_text("".join(f"{k.upper()}={v}\n" for k, v in self.values.items()))
+        self.env_file.chmod(0o600)
+        self.env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_")}
+        self.env["LLMC_ENV_FILE"] = str(self.env_file)
+
+    @property
+    def settings(self) -> Settings:
+        """Settings as every supervised process reads them."""
+        return Settings(_env_file=self.env_file)  # type: ignore[call-arg]
+
+    @property
+    def headers(self) -> dict[str, str]:
+        """Auth headers for ingestion."""
+        return {"Authorization": f"Bearer {self.values['api_key']}"}
+
+    def start(self, timeout: float = 60) -> None:
+        """Start supervisord and wait for every service."""
+        subprocess.run([VENV_BIN / "supervisord", "-c", self.conf], env=self.env, check=True)
+        s = self.settings
+        wait_until(lambda: all(checks(s).values()), timeout, f"stack ready: {checks(s)}", interval=0.3)
+
+    def ctl(self, *args: str) -> subprocess.CompletedProcess[str]:
+        """Run supervisorctl against this supervisord."""
+        return subprocess.run(
+            [VENV_BIN / "supervisorctl", "-c", self.conf, *args], env=self.env, capture_output=True, text=True
+        )
+
+    def rpc(self) -> Any:
+        """supervisord's XML-RPC proxy."""
+        return supervisor_proxy(self.settings.supervisor_socket)
+
+    def pids(self) -> dict[str, int]:
+        """Program name → pid of the running programs."""
+        return {i["name"]: i["pid"] for i in self.rpc().supervisor.getAllProcessInfo() if i["pid"]}
+
+    def stop(self) -> None:
+        """Shut supervisord down and wait until its programs are gone."""
+        try:
+            pids = list(self.pids().values())
+            main_pid = self.rpc().supervisor.getPID()
+        except Exception:
+            return
+        self.ctl("shutdown")
+        deadline = time.monotonic() + 60
+        for pid in [*pids, main_pid]:
+            while time.monotonic() < deadline:
+                try:
+                    os.kill(pid, 0)
+                except ProcessLookupError:
+                    break
+                time.sleep(0.1)
+
+    def log(self, program: str) -> str:
+        """A program's log."""
+        p = self.var / "log" / f"{program}.log"
+        return p.read_text(errors="replace")[-4000:] if p.exists() else ""

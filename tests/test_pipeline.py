@@ -1,0 +1,135 @@
+"""The pipeline as real processes on the simulator: ingestion → Redis → proxy → inference worker → engine."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import httpx
+import pytest
+
+from services.contracts import MAX_BODY_BYTES, TIMESTAMPS
+from tests.stackutil import Stack
+
+
+@pytest.fixture
+def client() -> Iterator[httpx.Client]:
+    with httpx.Client(timeout=30) as c:
+        yield c
+
+
+def test_jobs_flow_through_every_stage(stack: Stack, client: httpx.Client) -> None:
+    ids = [
+        stack.submit(client, input_tokens=300, output_tokens=20, prefix_share=0.5, run_id="flow1", seed=i)
+        for i in range(10)
+    ]
+    jobs = [stack.wait_job(client, j) for j in ids]
+    for job in jobs:
+        assert job["state"] == "succeeded", job
+        ts = job["timestamps"]
+        assert all(ts[k] is not None for k in TIMESTAMPS), ts
+        values = [ts[k] for k in TIMESTAMPS]
+        assert values == sorted(values), "timestamps out of order"
+        res = job["result"]
+        assert res["prompt_tokens"] == 300 and res["completion_tokens"] == 20
+        assert res["token_mismatch"] == []
+        assert "sim" in res["engine"]
+        assert res["engine_time_s"] > 0 and len(res["itl_s"]) == 19
+        assert all(v is not None and v >= 0 for v in job["stages_s"].values())
+    # The run's shared prefix (150 tokens) really hits the engine's prefix cache.
+    assert max(j["result"]["cached_tokens"] or 0 for j in jobs[1:]) >= 128
+
+
+def test_defaults_are_the_seed_shape(stack: Stack, client: httpx.Client) -> None:
+    job = stack.wait_job(client, stack.submit(client))
+    assert job["state"] == "succeeded"
+    assert job["spec"]["input_tokens"] == 1000 and job["spec"]["output_tokens"] == 500
+    assert job["spec"]["prefix_share"] == 0.5
+    assert job["result"]["prompt_tokens"] == 1000 and job["result"]["completion_tokens"] == 500
+
+
+def test_literal_prompt(stack: Stack, client: httpx.Client) -> None:
+    job = stack.wait_job(client, stack.submit(client, prompt="tell me about the sea", output_tokens=7))
+    assert job["state"] == "succeeded"
+    assert job["result"]["completion_tokens"] == 7 and job["result"]["requested_input_tokens"] is None
+
+
+def test_wait_returns_when_final(stack: Stack, client: httpx.Client) -> None:
+    jid = stack.submit(client, input_tokens=50, output_tokens=5)
+    r = client.get(f"{stack.settings.ingestion_url}/v1/jobs/{jid}", params={"wait": 20}, headers=stack.headers)
+    assert r.status_code == 200 and r.json()["state"] == "succeeded"
+
+
+@pytest.mark.parametrize(
+    ("body", "needle"),
+    [
+        ({"input_tokens": -1}, "input_tokens"),
+        ({"input_tokens": 0}, "input_tokens"),
+        ({"output_tokens": 10**12}, "output_tokens"),
+        ({"input_tokens": "many"}, "input_tokens"),
+        ({"prefix_share": 2}, "prefix_share"),
+        ({"colour": "red"}, "colour"),
+        ({"run_id": "no spaces allowed"}, "run_id"),
+        ({"prompt": "x", "input_tokens": 5}, "not both"),
+        ({"input_tokens": 2000, "output_tokens": 1000}, "context length"),
+        ([1, 2, 3], "body"),
+    ],
+)
+def test_bad_input_gets_clear_4xx(stack: Stack, client: httpx.Client, body: object, needle: str) -> None:
+    r = client.post(f"{stack.settings.ingestion_url}/v1/jobs", json=body, headers=stack.headers)
+    assert r.status_code == 422, r.text
+    assert needle in r.json()["detail"]
+
+
+def test_malformed_json_is_422(stack: Stack, client: httpx.Client) -> None:
+    r = client.post(
+        f"{stack.settings.ingestion_url}/v1/jobs",
+        content=b"{not json",
+        headers={**stack.headers, "Content-Type": "application/json"},
+    )
+    assert r.status_code == 422
+
+
+def test_body_too_large_is_413(stack: Stack, client: httpx.Client) -> None:
+    r = client.post(
+        f"{stack.settings.ingestion_url}/v1/jobs",
+        json={"prompt": "x" * (MAX_BODY_BYTES + 10)},
+        headers=stack.headers,
+    )
+    assert r.status_code == 413 and "too large" in r.json()["detail"]
+
+
+def test_api_key_required(stack: Stack, client: httpx.Client) -> None:
+    url = f"{stack.settings.ingestion_url}/v1/jobs"
+    assert client.post(url, json={}).status_code == 401
+    r = client.post(url, json={}, headers={"Authorization": "Bearer wrong"})
+    assert r.status_code == 401 and "API key" in r.json()["detail"]
+    assert client.post(url, json={"output_tokens": 3}, headers={"X-API-Key": stack.values["api_key"]}).status_code == 202
+
+
+def test_job_ids_validated(stack: Stack, client: httpx.Client) -> None:
+    base = f"{stack.settings.ingestion_url}/v1/jobs"
+    assert client.get(f"{base}/bad..id", headers=stack.headers).status_code == 422
+    r = client.get(f"{base}/jdoesnotexist", headers=stack.headers)
+    assert r.status_code == 404 and "no job" in r.json()["detail"]
+    assert client.get(f"{base}/jx", params={"wait": 1000}, headers=stack.headers).status_code == 422
+
+
+def test_idempotency_key_header(stack: Stack, client: httpx.Client) -> None:
+    url = f"{stack.settings.ingestion_url}/v1/jobs"
+    h = {**stack.headers, "Idempotency-Key": "same-request-1"}
+    a = client.post(url, json={"input_tokens": 20, "output_tokens": 2}, headers=h).json()
+    b = client.post(url, json={"input_tokens": 20, "output_tokens": 2}, headers=h).json()
+    assert a["job_id"] == b["job_id"] and b["duplicate"] is True
+    bad = client.post(url, json={}, headers={**stack.headers, "Idempotency-Key": "x" * 200})
+    assert bad.status_code == 422
+
+
+def test_health_and_docs(stack: Stack, client: httpx.Client) -> None:
+    base = stack.settings.ingestion_url
+    assert client.get(f"{base}/healthz").json() == {"status": "ok"}
+    assert client.get(f"{base}/readyz").status_code == 200
+    spec = client.get(f"{base}/openapi.json").json()
+    assert "/v1/jobs" in spec["paths"] and "/v1/jobs/{job_id}" in spec["paths"]
+    assert client.get(f"{base}/docs").status_code == 200
+    q = client.get(f"{base}/v1/queue", headers=stack.headers).json()
+    assert q["counters"]["submitted"] >= 1

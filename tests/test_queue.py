@@ -1,0 +1,125 @@
+"""The Redis Streams queue against a real redis-server: fencing, reclaim, idempotency, bounds, trim."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import pytest
+import redis.asyncio as aioredis
+
+from services.contracts import JobSpec, JobState, Keys, new_id, now_ns
+from services.queue import JobQueue
+from tests.stackutil import RedisServer
+
+
+@pytest.fixture
+async def q(redis_server: RedisServer) -> AsyncIterator[JobQueue]:
+    r = aioredis.Redis(port=redis_server.port, password=redis_server.password, decode_responses=True)
+    queue = JobQueue(r, Keys(f"tq{new_id()[-8:]}:"))
+    await queue.ensure_group()
+    yield queue
+    await r.aclose()
+
+
+def _spec(**kw: object) -> JobSpec:
+    return JobSpec(job_id=new_id("j"), input_tokens=10, output_tokens=5, prefix_share=0.5, seed=1, **kw)
+
+
+async def test_submit_claim_finish(q: JobQueue) -> None:
+    spec = _spec()
+    out = await q.submit(spec, now_ns(), max_active=10)
+    assert out.status == "ok" and out.job_id == spec.job_id
+    entries = await q.read("c1", count=10, block_ms=100)
+    assert [j for _, j in entries] == [spec.job_id]
+    d = await q.start(entries[0][0], spec.job_id, "c1")
+    assert d is not None and d.attempt == 1
+    assert (await q.get_job(spec.job_id))["state"] == "running"
+    assert await q.finish(d, JobState.SUCCEEDED, {"result": "{}", "t_finished": now_ns()}, ttl_s=60)
+    h = await q.get_job(spec.job_id)
+    assert h["state"] == "succeeded"
+    st = await q.stats()
+    assert st.active == 0 and st.in_flight == 0 and st.counters["succeeded"] == 1
+    assert 0 < await q.r.ttl(q.keys.job(spec.job_id)) <= 60
+
+
+async def test_reclaimed_job_refuses_late_result(q: JobQueue) -> None:
+    spec = _spec()
+    await q.submit(spec, now_ns(), max_active=10)
+    (entry, job_id), = await q.read("frozen", count=1, block_ms=100)
+    d1 = await q.start(entry, job_id, "frozen")
+    assert d1 is not None
+    # The frozen consumer stops renewing; another takes the job over after the lease.
+    reclaimed = await q.reclaim("alive", min_idle_ms=0)
+    assert reclaimed == [(entry, job_id)]
+    d2 = await q.start(entry, job_id, "alive")
+    assert d2 is not None and d2.attempt == 2
+    # The late worker wakes up: its renew and its result are refused.
+    assert not await q.renew(d1, "frozen")
+    assert not await q.finish(d1, JobState.SUCCEEDED, {"result": "late"}, ttl_s=60)
+    assert await q.finish(d2, JobState.SUCCEEDED, {"result": "current"}, ttl_s=60)
+    h = await q.get_job(job_id)
+    assert h["result"] == "current" and h["attempt"] == "2"
+    # Written once: a second finish of the same attempt is refused too.
+    assert not await q.finish(d2, JobState.SUCCEEDED, {"result": "again"}, ttl_s=60)
+    assert (await q.stats()).counters["succeeded"] == 1
+
+
+async def test_redelivery_of_finished_job_is_acked_not_rerun(q: JobQueue) -> None:
+    spec = _spec()
+    await q.submit(spec, now_ns(), max_active=10)
+    (entry, job_id), = await q.read("c", count=1, block_ms=100)
+    d = await q.start(entry, job_id, "c")
+    assert d is not None
+    await q.r.hset(q.keys.job(job_id), "state", "succeeded")  # finished, but the ack was lost
+    assert await q.start(entry, job_id, "c2") is None
+    assert (await q.stats()).in_flight == 0
+
+
+async def test_idempotency_key_returns_same_job(q: JobQueue) -> None:
+    a = await q.submit(_spec(), now_ns(), max_active=10, idempotency_key="k1")
+    b = await q.submit(_spec(), now_ns(), max_active=10, idempotency_key="k1")
+    assert a.status == "ok" and b.status == "dup" and b.job_id == a.job_id
+    assert await q.r.xlen(q.keys.stream) == 1
+
+
+async def test_bound_refuses_above_max_active(q: JobQueue) -> None:
+    for _ in range(3):
+        assert (await q.submit(_spec(), now_ns(), max_active=3)).status == "ok"
+    out = await q.submit(_spec(), now_ns(), max_active=3)
+    assert out.status == "busy" and out.active == 3
+    assert await q.r.xlen(q.keys.stream) == 3
+
+
+async def test_trim_keeps_pending_and_undelivered(q: JobQueue) -> None:
+    specs = [_spec() for _ in range(6)]
+    for s in specs:
+        await q.submit(s, now_ns(), max_active=100)
+    entries = await q.read("c", count=4, block_ms=100)
+    ds = [await q.start(e, j, "c") for e, j in entries]
+    # Finish the 2nd..4th; the 1st stays pending, 5th and 6th undelivered.
+    for d in ds[1:]:
+        assert d is not None
+        await q.finish(d, JobState.SUCCEEDED, {}, ttl_s=60)
+    await q.trim()
+    left = [e for e, _ in await q.r.xrange(q.keys.stream)]
+    # The oldest entry is still pending, so nothing at or after it may go.
+    assert left[0] == entries[0][0] and len(left) == 6
+    d0 = ds[0]
+    assert d0 is not None
+    await q.finish(d0, JobState.SUCCEEDED, {}, ttl_s=60)
+    await q.read("c", count=10, block_ms=100)  # deliver the rest
+    await q.trim()
+    # Everything before the oldest pending entry (the 5th) is acked and trimmed.
+    left = [f["job_id"] for _, f in await q.r.xrange(q.keys.stream)]
+    assert left == [specs[4].job_id, specs[5].job_id]
+
+
+async def test_dead_goes_to_dead_letter(q: JobQueue) -> None:
+    spec = _spec()
+    await q.submit(spec, now_ns(), max_active=10)
+    (entry, job_id), = await q.read("c", count=1, block_ms=100)
+    d = await q.start(entry, job_id, "c")
+    assert d is not None
+    assert await q.finish(d, JobState.DEAD, {"error": "boom"}, ttl_s=60, reason="boom")
+    dead = await q.r.xrange(q.keys.dead)
+    assert dead[0][1]["job_id"] == job_id and dead[0][1]["reason"] == "boom"

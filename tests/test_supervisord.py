@@ -1,0 +1,110 @@
+"""End to end under the real supervisord with the simulator engine."""
+
+from __future__ import annotations
+
+import os
+import stat
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from services.contracts import TIMESTAMPS
+from tests.supervisedstack import SupervisedStack
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def sup(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SupervisedStack]:
+    st = SupervisedStack(tmp_path_factory.mktemp("sup"))
+    try:
+        st.start()
+    except Exception:
+        logs = "\n".join(f"--- {p}\n{st.log(p)}" for p in ("engine", "inference_worker", "proxy_worker", "ingestion"))
+        st.stop()
+        raise AssertionError(f"stack did not start\n{logs}") from None
+    yield st
+    st.stop()
+
+
+def _submit(c: httpx.Client, sup: SupervisedStack, n: int, run_id: str) -> list[str]:
+    url = f"{sup.settings.ingestion_url}/v1/jobs"
+    ids = []
+    for i in range(n):
+        r = c.post(url, json={"input_tokens": 200, "output_tokens": 30, "run_id": run_id, "seed": i}, headers=sup.headers)
+        assert r.status_code == 202, r.text
+        ids.append(r.json()["job_id"])
+    return ids
+
+
+def _wait_all(c: httpx.Client, sup: SupervisedStack, ids: list[str]) -> list[dict]:
+    out = []
+    for jid in ids:
+        for _ in range(30):
+            r = c.get(f"{sup.settings.ingestion_url}/v1/jobs/{jid}", params={"wait": 10}, headers=sup.headers)
+            if r.status_code == 200 and r.json()["state"] in ("succeeded", "failed", "dead"):
+                out.append(r.json())
+                break
+        else:
+            raise AssertionError(f"job {jid} never finished\n{sup.log('proxy_worker')}")
+    return out
+
+
+def test_fifty_jobs_through_supervised_stack(sup: SupervisedStack) -> None:
+    with httpx.Client(timeout=30) as c:
+        jobs = _wait_all(c, sup, _submit(c, sup, 50, "sup50"))
+    assert [j["state"] for j in jobs] == ["succeeded"] * 50
+    for j in jobs:
+        values = [j["timestamps"][k] for k in TIMESTAMPS]
+        assert None not in values and values == sorted(values)
+        assert j["result"]["completion_tokens"] == 30
+
+
+def test_restart_inference_worker_mid_run_loses_nothing(sup: SupervisedStack) -> None:
+    before = sup.pids()["inference_worker"]
+    with httpx.Client(timeout=30) as c:
+        ids = _submit(c, sup, 50, "suprestart")
+        restarted = threading.Event()
+
+        def restart() -> None:
+            res = sup.ctl("restart", "inference_worker")
+            assert "started" in res.stdout, res.stdout + res.stderr
+            restarted.set()
+
+        t = threading.Thread(target=restart)
+        t.start()
+        ids += _submit(c, sup, 20, "suprestart2")
+        jobs = _wait_all(c, sup, ids)
+        t.join(60)
+    assert restarted.is_set()
+    assert sup.pids()["inference_worker"] != before
+    assert [j["state"] for j in jobs] == ["succeeded"] * 70
+    assert len({j["job_id"] for j in jobs}) == 70
+
+
+def test_socket_and_env_file_are_private(sup: SupervisedStack) -> None:
+    sock = Path(sup.settings.supervisor_socket)
+    assert stat.S_IMODE(os.stat(sock).st_mode) & 0o077 == 0
+    assert stat.S_IMODE(os.stat(sup.env_file).st_mode) == 0o600
+    # Every service listens on loopback only.
+    out = os.popen("ss -ltnH 2>/dev/null").read()  # noqa: S605 - fixed command
+    ports = [sup.values[k] for k in ("redis_port", "engine_port", "worker_port", "ingestion_port")]
+    for port in ports:
+        listeners = [line for line in out.splitlines() if f":{port} " in line]
+        assert listeners, f"nothing listens on {port}"
+        assert all("127.0.0.1:" in line for line in listeners), listeners
+
+
+def test_redis_has_password_and_aof(sup: SupervisedStack) -> None:
+    import redis
+
+    s = sup.settings
+    with pytest.raises(redis.AuthenticationError):
+        redis.Redis(port=s.redis_port).ping()
+    r = redis.Redis(port=s.redis_port, password=s.redis_password.get_secret_value(), decode_responses=True)
+    cfg = r.config_get("appendonly") | r.config_get("appendfsync") | r.config_get("maxmemory-policy")
+    assert cfg == {"appendonly": "yes", "appendfsync": "everysec", "maxmemory-policy": "noeviction"}
+    r.close()
