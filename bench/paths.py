@@ -223,7 +223,12 @@ class PipelinePath:
         self._fill(view, rec, clock)
 
     async def _submit(
-        self, body: dict[str, object], headers: dict[str, str], rec: RequestRecord, clock: StepClock, deadline_s: float
+        self,
+        body: dict[str, object],
+        headers: dict[str, str],
+        rec: RequestRecord,
+        clock: StepClock,
+        deadline_s: float,
     ) -> str | None:
         backoff = 0.1
         while True:
@@ -255,7 +260,9 @@ class PipelinePath:
             rec.error = f"ingestion refused the job ({resp.status_code}): {_detail(resp)}"
             return None
 
-    async def _wait(self, job_id: str, rec: RequestRecord, clock: StepClock, deadline_s: float) -> JobView | None:
+    async def _wait(
+        self, job_id: str, rec: RequestRecord, clock: StepClock, deadline_s: float
+    ) -> JobView | None:
         backoff = 0.1
         while True:
             remaining = deadline_s - clock.now()

@@ -103,7 +103,9 @@ class RequestRecord:
 
     def csv_row(self) -> dict[str, Any]:
         """A flat row for ``requests.csv`` (ITL as count, mean and max; stages as columns)."""
-        d = {k: v for k, v in self.to_dict().items() if k not in ("itl_s", "stages_s", "gpu", "token_mismatch")}
+        d = {
+            k: v for k, v in self.to_dict().items() if k not in ("itl_s", "stages_s", "gpu", "token_mismatch")
+        }
         d["tpot_s"] = self.tpot_s
         d["n_itl"] = len(self.itl_s)
         d["itl_mean_s"] = sum(self.itl_s) / len(self.itl_s) if self.itl_s else None

@@ -53,7 +53,9 @@ def _clean(o: Any) -> Any:
     return o
 
 
-def write_run(out_dir: Path, summary: dict[str, Any], records: list[RequestRecord], plots: bool = True) -> list[Path]:
+def write_run(
+    out_dir: Path, summary: dict[str, Any], records: list[RequestRecord], plots: bool = True
+) -> list[Path]:
     """Write the run's files into ``out_dir`` (created); return their paths."""
     out_dir.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []
@@ -195,7 +197,13 @@ def write_plots(out_dir: Path, summary: dict[str, Any], records: list[RequestRec
             for p in paths:
                 vals = np.sort(np.asarray(series[p][metric]))
                 if vals.size:
-                    ax.step(vals, np.arange(1, vals.size + 1) / vals.size, where="post", label=p, color=PATH_COLORS[p])
+                    ax.step(
+                        vals,
+                        np.arange(1, vals.size + 1) / vals.size,
+                        where="post",
+                        label=p,
+                        color=PATH_COLORS[p],
+                    )
             ax.set_title(f"{metric} CDF")
             ax.set_xlabel("ms")
             ax.set_ylabel("fraction ≤ x")
@@ -211,8 +219,13 @@ def write_plots(out_dir: Path, summary: dict[str, Any], records: list[RequestRec
             for p in paths:
                 vals = series[p][metric]
                 if vals:
-                    ax.hist(vals, bins=min(50, max(5, int(math.sqrt(len(vals))))), alpha=0.6, label=p,
-                            color=PATH_COLORS[p])
+                    ax.hist(
+                        vals,
+                        bins=min(50, max(5, int(math.sqrt(len(vals))))),
+                        alpha=0.6,
+                        label=p,
+                        color=PATH_COLORS[p],
+                    )
             ax.set_title(f"{metric} histogram")
             ax.set_xlabel("ms")
             ax.set_ylabel("count")
@@ -226,7 +239,7 @@ def write_plots(out_dir: Path, summary: dict[str, Any], records: list[RequestRec
         ax1, ax2 = fig.subplots(2, 1, sharex=True)
         for p in paths:
             ok = [r for r in records if r.success and r.path == p and r.ttft_s is not None]
-            xs = [r.sent_s + r.step * 0 for r in ok]
+            xs = [r.sent_s for r in ok]
             ax1.scatter(xs, [r.ttft_s * 1e3 for r in ok], s=8, label=p, color=PATH_COLORS[p])  # type: ignore[operator]
             tx: list[float] = []
             ty: list[float] = []
@@ -261,7 +274,12 @@ def write_plots(out_dir: Path, summary: dict[str, Any], records: list[RequestRec
             left += v
         direct = (summary.get("paths") or {}).get("direct")
         if direct:
-            ax.barh(["direct"], [direct.get("mean_e2el_ms") or 0.0], color=PATH_COLORS["direct"], label="direct E2EL")
+            ax.barh(
+                ["direct"],
+                [direct.get("mean_e2el_ms") or 0.0],
+                color=PATH_COLORS["direct"],
+                label="direct E2EL",
+            )
         ax.set_xlabel("mean ms per request")
         ax.set_title(f"Where a request's time goes (pipeline mean E2EL {pipe.get('mean_e2el_ms', 0):.1f} ms)")
         ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.22), ncol=5, fontsize="small")
@@ -276,12 +294,28 @@ def write_plots(out_dir: Path, summary: dict[str, Any], records: list[RequestRec
         ax1, ax2 = fig.subplots(2, 1, sharex=True)
         for p in paths:
             m = [st["paths"].get(p) or {} for st in steps]
-            ax1.plot(loads, [x.get("output_throughput") for x in m], "o-", label=f"{p} output tok/s",
-                     color=PATH_COLORS[p])
-            ax2.plot(loads, [x.get("median_ttft_ms") for x in m], "o-", label=f"{p} median TTFT",
-                     color=PATH_COLORS[p])
-            ax2.plot(loads, [x.get("median_e2el_ms") for x in m], "s--", label=f"{p} median E2EL",
-                     color=PATH_COLORS[p], alpha=0.6)
+            ax1.plot(
+                loads,
+                [x.get("output_throughput") for x in m],
+                "o-",
+                label=f"{p} output tok/s",
+                color=PATH_COLORS[p],
+            )
+            ax2.plot(
+                loads,
+                [x.get("median_ttft_ms") for x in m],
+                "o-",
+                label=f"{p} median TTFT",
+                color=PATH_COLORS[p],
+            )
+            ax2.plot(
+                loads,
+                [x.get("median_e2el_ms") for x in m],
+                "s--",
+                label=f"{p} median E2EL",
+                color=PATH_COLORS[p],
+                alpha=0.6,
+            )
         knee = sweep.get("knee") or {}
         if knee.get("knee_load") is not None:
             for ax in (ax1, ax2):

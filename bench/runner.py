@@ -22,9 +22,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import math
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -261,7 +260,9 @@ async def _check_pipeline(settings: Settings) -> None:
             "is the stack running? (supervisorctl status, or use --path direct)"
         ) from None
     if resp.status_code != 200:
-        raise BenchError(f"ingestion at {settings.ingestion_url} is not ready ({resp.status_code}: {resp.text[:200]})")
+        raise BenchError(
+            f"ingestion at {settings.ingestion_url} is not ready ({resp.status_code}: {resp.text[:200]})"
+        )
 
 
 async def _check_engine(engine: EngineClient) -> tuple[str, str]:
@@ -342,12 +343,14 @@ async def run_benchmark(
         all_records: list[RequestRecord] = []
         knee: dict[str, Any] | None = None
         for i, load in enumerate(loads):
-            records, duration = await _phase(cfg, paths, load, f"step{i}", cfg.requests, "run", dataset, prog, i)
+            records, duration = await _phase(
+                cfg, paths, load, f"step{i}", cfg.requests, "run", dataset, prog, i
+            )
             all_records.extend(records)
-            steps.append(_step_summary(cfg, load, i, records, duration))
+            steps.append(step_summary(cfg, load, i, records, duration))
             prog.emit("step", f"step {i + 1}/{len(loads)} done ({load.describe()})")
             if cfg.sweep is not None and len(steps) >= 2:
-                knee = _knee(cfg, steps)
+                knee = sweep_knee(cfg, steps)
                 if knee["saturated"] and cfg.sweep.stop_at_knee:
                     break
         t_end_ns = now_ns()
@@ -358,7 +361,7 @@ async def run_benchmark(
             f"{version}".strip() if version else None
         )
         model_id = next((r.model for r in all_records if r.model), None) or model_id
-        summary = _summary(
+        summary = build_summary(
             cfg,
             steps,
             knee,
@@ -430,14 +433,20 @@ async def _phase(
             p.forget()
 
 
-def _step_summary(
+def step_summary(
     cfg: BenchConfig, load: Load, index: int, records: list[RequestRecord], duration: float
 ) -> dict[str, Any]:
+    """One step's figures: per path (same duration for both: they share the schedule) and the overhead."""
     per_path: dict[str, Any] = {}
     for pname in cfg.paths:
         recs = [r for r in records if r.path == pname]
         per_path[pname] = path_metrics(
-            recs, duration, cfg.percentiles, cfg.goodput or None, max_concurrency=load.concurrency, rate=load.rate
+            recs,
+            duration,
+            cfg.percentiles,
+            cfg.goodput or None,
+            max_concurrency=load.concurrency,
+            rate=load.rate,
         )
     step: dict[str, Any] = {
         "index": index,
@@ -457,7 +466,8 @@ def primary_path(cfg: BenchConfig) -> str:
     return "pipeline" if "pipeline" in cfg.paths else "direct"
 
 
-def _knee(cfg: BenchConfig, steps: list[dict[str, Any]]) -> dict[str, Any]:
+def sweep_knee(cfg: BenchConfig, steps: list[dict[str, Any]]) -> dict[str, Any]:
+    """The knee of the sweep steps so far (on the primary path's output throughput and median TTFT)."""
     assert cfg.sweep is not None
     p = primary_path(cfg)
     return find_knee(
@@ -469,7 +479,7 @@ def _knee(cfg: BenchConfig, steps: list[dict[str, Any]]) -> dict[str, Any]:
     )
 
 
-def _summary(
+def build_summary(
     cfg: BenchConfig,
     steps: list[dict[str, Any]],
     knee: dict[str, Any] | None,
@@ -482,6 +492,11 @@ def _summary(
     t_end_ns: int,
     settings: Settings,
 ) -> dict[str, Any]:
+    """The run's summary (summary.json): vLLM's keys for the primary path at top level.
+
+    For a sweep the top level carries the knee step's figures and ``sweep``
+    holds every step.
+    """
     chosen = steps[knee["knee_index"]] if knee and knee.get("knee_index") is not None else steps[-1]
     primary = primary_path(cfg)
     rate = chosen["request_rate"]
@@ -538,11 +553,3 @@ def run_sync(
 ) -> RunResult:
     """:func:`run_benchmark` from synchronous code."""
     return asyncio.run(run_benchmark(config, progress, settings=settings))
-
-
-def is_finite_rate(rate: float | str | None) -> bool:
-    """True for a numeric, finite request rate."""
-    return isinstance(rate, int | float) and not math.isinf(rate)
-
-
-_Unused = Awaitable  # keep the import for type readers of drive()'s callbacks

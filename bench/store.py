@@ -26,9 +26,9 @@ import json
 import logging
 from typing import Any
 
-from bench.records import RequestRecord
 from redis.exceptions import RedisError
 
+from bench.records import RequestRecord
 from services.contracts import Keys, RunState, now_ns
 from services.queue import REDIS_DOWN, redis_client
 from services.settings import Settings
@@ -99,7 +99,9 @@ class RunStore:
         """Update live progress fields of the run hash."""
         if self.r is None:
             return
-        await self._do("progress", self.r.hset(self.keys.run(run_id), mapping={k: str(v) for k, v in fields.items()}))
+        await self._do(
+            "progress", self.r.hset(self.keys.run(run_id), mapping={k: str(v) for k, v in fields.items()})
+        )
 
     async def add_records(self, run_id: str, records: list[RequestRecord]) -> None:
         """Append per-request records to the run's list."""
@@ -128,7 +130,12 @@ class RunStore:
         """Mark the run failed (or cancelled) with a reason."""
         if self.r is None:
             return
-        fields = {"state": RunState.FAILED.value, "t_end": str(now_ns()), "error": error[:2000], "phase": "done"}
+        fields = {
+            "state": RunState.FAILED.value,
+            "t_end": str(now_ns()),
+            "error": error[:2000],
+            "phase": "done",
+        }
         await self._do("fail", self.r.hset(self.keys.run(run_id), mapping=fields))
 
 
@@ -148,7 +155,9 @@ async def list_stored_runs(settings: Settings, limit: int = 50) -> list[dict[str
         await r.aclose()
 
 
-async def load_stored_run(settings: Settings, run_id: str) -> tuple[dict[str, Any], list[RequestRecord]] | None:
+async def load_stored_run(
+    settings: Settings, run_id: str
+) -> tuple[dict[str, Any], list[RequestRecord]] | None:
     """A run's hash (``summary`` and ``params`` decoded) and its records, or None if unknown."""
     keys = Keys(settings.redis_prefix)
     r = redis_client(settings)

@@ -89,7 +89,9 @@ def load_dataset(path: str | Path) -> list[DatasetPrompt]:
             if len(obj["prompt"]) > MAX_PROMPT_CHARS:
                 raise ValueError(f"dataset {p} line {lineno}: prompt over {MAX_PROMPT_CHARS} characters")
             out_tok = obj.get("output_tokens")
-            if out_tok is not None and (not isinstance(out_tok, int) or isinstance(out_tok, bool) or out_tok < 1):
+            if out_tok is not None and (
+                not isinstance(out_tok, int) or isinstance(out_tok, bool) or out_tok < 1
+            ):
                 raise ValueError(f"dataset {p} line {lineno}: 'output_tokens' must be a positive integer")
             out.append(DatasetPrompt(obj["prompt"], out_tok))
     if not out:

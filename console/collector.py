@@ -35,7 +35,7 @@ from console.model import (
 )
 from console.sources import LocalGpuReading, NodeInfo, SourceDown, Sources
 from console.supervisor import ProcessInfo
-from services.contracts import NODE_TTL_S, GpuSample, VllmMetric
+from services.contracts import GpuSample, VllmMetric
 from services.engine_client import Sample, metric_sum
 
 log = logging.getLogger("llmconsole.console")
@@ -295,7 +295,9 @@ def _node_view(info: NodeInfo, now_ns: int) -> NodeView:
         model=f.get("model", ""),
         gpu=f.get("gpu", ""),
         in_flight=in_flight,
-        alive=info.alive and (age is None or age < NODE_TTL_S * 2),
+        # The heartbeat hash expires after NODE_TTL_S: its presence is the liveness
+        # (comparing clocks across hosts would add skew to it).
+        alive=info.alive,
         age_s=age,
     )
 

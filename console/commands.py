@@ -64,4 +64,6 @@ class BindingCommands(Provider):
         for k in self._actions():
             score = matcher.match(k.description)
             if score > 0:
-                yield Hit(score, matcher.highlight(k.description), partial(self._run, k), help=f"key: {k.key}")
+                yield Hit(
+                    score, matcher.highlight(k.description), partial(self._run, k), help=f"key: {k.key}"
+                )

@@ -9,9 +9,16 @@ engine down.
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
-from console.sources import LocalGpuReading, NodeInfo, SourceDown, Sources, owners_from_parents
+from bench.config import BenchConfig, ProgressEvent
+from bench.metrics import path_metrics
+from bench.records import RequestRecord
+from bench.runner import BenchError, RunResult
+from console.sources import LocalGpuReading, NodeInfo, RunRow, SourceDown, Sources, owners_from_parents
 from console.supervisor import LogChunk, ProcessInfo
 from services.contracts import (
     STAGES,
@@ -411,3 +418,143 @@ def fake_sources(
         supervisor=FakeSupervisor(down=supervisor_down),
         procs=FakeProcTree(),
     )
+
+
+# ---------------------------------------------------------------------------
+# Benchmarks
+# ---------------------------------------------------------------------------
+
+
+def fake_records(n: int, path: str = "pipeline", *, scale: float = 1.0) -> list[RequestRecord]:
+    """``n`` deterministic successful requests (latencies grow a little with the index)."""
+    out = []
+    for i in range(n):
+        ttft = scale * (0.08 + 0.004 * (i % 10))
+        itl = [scale * 0.01] * 63
+        rec = RequestRecord(
+            index=i,
+            path=path,
+            success=True,
+            requested_input_tokens=512,
+            requested_output_tokens=64,
+            prompt_tokens=512,
+            completion_tokens=64,
+            cached_tokens=256,
+            intended_s=0.05 * i,
+            sent_s=0.05 * i,
+            ttft_s=ttft,
+            itl_s=itl,
+            latency_s=ttft + sum(itl) + (0.05 if path == "pipeline" else 0.0),
+            first_token_s=0.05 * i + ttft,
+        )
+        if path == "pipeline":
+            rec.stages_s = {
+                "ingest": 0.001,
+                "queue_wait": 0.02 + 0.001 * (i % 5),
+                "dispatch": 0.002,
+                "prompt_build": 0.005,
+                "engine_ttft": ttft,
+                "decode": sum(itl),
+                "return": 0.001,
+                "result_write": 0.001,
+            }
+            rec.client_s = 0.015
+            rec.engine_time_s = ttft + sum(itl)
+            rec.server_e2e_s = (rec.latency_s or 0.0) - 0.015
+        out.append(rec)
+    return out
+
+
+def fake_run(run_id: str, *, n: int = 40, label: str = "", scale: float = 1.0) -> RunResult:
+    """A finished fake run whose summary comes from bench's own metric functions."""
+    config = BenchConfig(
+        input_tokens=512,
+        output_tokens=64,
+        prefix_share=0.5,
+        requests=n,
+        concurrency=8,
+        label=label or None,
+        run_id=run_id,
+    )
+    records = fake_records(n, scale=scale)
+    metrics = path_metrics(records, 4.0 * scale, config.percentiles, None, max_concurrency=8, rate=None)
+    summary: dict[str, Any] = {
+        "run_id": run_id,
+        "label": label or None,
+        "date": "20261201-120000",
+        "state": "finished",
+        "engine": "sim (llmconsole simulator 0.1)",
+        "model_id": "sim-model",
+        "path": "pipeline",
+        "primary_path": "pipeline",
+        "num_prompts": n,
+        "request_rate": "inf",
+        "burstiness": 1.0,
+        "max_concurrency": 8,
+        "input_tokens": 512,
+        "output_tokens": 64,
+        "prefix_share": 0.5,
+        "percentiles": config.percentiles,
+        **metrics,
+        "duration": 4.0 * scale,
+        "paths": {"pipeline": metrics},
+        "prefix_cache": {"queries": 20480.0, "hits": 10240.0, "hit_rate": 0.5},
+        "gpu": None,
+        "warnings": [],
+        "config": config.model_dump(mode="json"),
+    }
+    return RunResult(run_id, config, summary, records, None)
+
+
+class FakeBench:
+    """Runs that finish at once with fixed results; two earlier runs to list and compare."""
+
+    settings = None
+
+    def __init__(self, *, fail: str | None = None) -> None:
+        self.fail = fail
+        self.results: dict[str, RunResult] = {
+            "run-fake-a": fake_run("run-fake-a", label="baseline"),
+            "run-fake-b": fake_run("run-fake-b", label="slower", scale=1.5),
+        }
+        self.configs: list[BenchConfig] = []
+
+    async def run(self, config: BenchConfig, progress: Callable[[ProgressEvent], None]) -> RunResult:
+        """Report progress per request, then return a fixed result."""
+        self.configs.append(config)
+        run_id = config.run_id or f"run-fake-{len(self.configs)}"
+        total = config.requests
+        for done in range(total + 1):
+            progress(ProgressEvent(run_id, "run", done, total, 0, done * 0.01))
+            await asyncio.sleep(0)
+        if self.fail:
+            raise BenchError(self.fail)
+        result = fake_run(run_id, n=min(total, 200), label=config.label or "")
+        self.results[run_id] = result
+        return result
+
+    async def runs(self, limit: int = 100) -> list[RunRow]:
+        """The known runs, newest id first."""
+        rows = []
+        for run_id, r in sorted(self.results.items(), reverse=True):
+            s = r.summary
+            rows.append(
+                RunRow(
+                    run_id=run_id,
+                    state="finished",
+                    date=str(s["date"]),
+                    label=s.get("label") or "",
+                    path=str(s["path"]),
+                    completed=s.get("completed"),
+                    failed=s.get("failed"),
+                    request_throughput=s.get("request_throughput"),
+                    output_throughput=s.get("output_throughput"),
+                )
+            )
+        return rows[:limit]
+
+    async def load(self, run_id: str) -> RunResult:
+        """A known run."""
+        if run_id not in self.results:
+            raise SourceDown(f"run {run_id} not found")
+        return self.results[run_id]

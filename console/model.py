@@ -172,6 +172,22 @@ def fmt_bytes(n: int | float | None) -> str:
     return f"{value:.1f} TiB"  # pragma: no cover - loop always returns
 
 
+def fmt_bytes_pair(used: int | None, total: int | None) -> str:
+    """'126.5/140.4 GiB': both in the unit of the total (the larger one)."""
+    if used is None or total is None:
+        return f"{fmt_bytes(used)}/{fmt_bytes(total)}"
+    value, unit = float(total), "B"
+    scale = 1.0
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if value < 1024 or unit == "TiB":
+            break
+        value /= 1024
+        scale *= 1024
+    if unit == "B":
+        return f"{used}/{total} B"
+    return f"{used / scale:.1f}/{total / scale:.1f} {unit}"
+
+
 def fmt_s(seconds: float | None) -> str:
     """A latency: '850ms', '1.25s', '2m05s'; None → '–'."""
     if seconds is None:
@@ -231,6 +247,8 @@ def bar(frac: float | None, width: int) -> str:
         return " " * max(width, 0)
     frac = min(max(frac, 0.0), 1.0)
     eighths = round(frac * width * 8)
+    if frac > 0 and eighths == 0:
+        eighths = 1  # something, however small, is not nothing
     full, part = divmod(eighths, 8)
     partial = " ▏▎▍▌▋▊▉"[part] if part else ""
     return ("█" * full + partial).ljust(width)

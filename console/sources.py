@@ -14,13 +14,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 import httpx
 from redis.exceptions import RedisError
 
+from bench.config import BenchConfig, ProgressEvent
+from bench.runner import RunResult
 from console.supervisor import LogChunk, ProcessInfo, SupervisorClient, SupervisorError
 from services.contracts import GpuSample, JobState, JobView, Keys, job_hash_to_view
 from services.engine_client import Sample, parse_prometheus
@@ -147,6 +151,41 @@ class ProcessTreeSource(Protocol):
 
     async def owners(self, roots: dict[int, str]) -> dict[int, str]:
         """Map every descendant pid of each root pid (and the root itself) to the root's label."""
+        ...
+
+
+@dataclass(frozen=True)
+class RunRow:
+    """One benchmark run in the runs list (from Redis and/or its results folder)."""
+
+    run_id: str
+    state: str
+    date: str
+    label: str
+    path: str
+    completed: int | None
+    failed: int | None
+    request_throughput: float | None
+    output_throughput: float | None
+    #: Live progress of a running run, e.g. "run 40/100".
+    progress: str = ""
+    out_dir: str = ""
+
+
+@runtime_checkable
+class BenchSource(Protocol):
+    """The benchmark library: run, list and load runs."""
+
+    async def run(self, config: BenchConfig, progress: Callable[[ProgressEvent], None]) -> RunResult:
+        """Run a benchmark to the end (``progress`` is called as it goes)."""
+        ...
+
+    async def runs(self, limit: int = 100) -> list[RunRow]:
+        """Known runs, newest first."""
+        ...
+
+    async def load(self, run_id: str) -> RunResult:
+        """A run's summary and records (raises SourceDown if it cannot be found)."""
         ...
 
 
@@ -483,6 +522,119 @@ class NvmlGpu:
     async def read(self) -> LocalGpuReading:
         """Sample every local GPU once (NVML calls run in a thread)."""
         return await asyncio.to_thread(self._read)
+
+
+# ---------------------------------------------------------------------------
+# Benchmarks (the bench library)
+# ---------------------------------------------------------------------------
+
+
+def _ns_date(value: str) -> str:
+    """Wall-clock ns → the summaries' date format (local time, like ``bench``'s own)."""
+    try:
+        return datetime.fromtimestamp(int(value) / 1e9).strftime("%Y%m%d-%H%M%S")
+    except (TypeError, ValueError, OverflowError, OSError):
+        return ""
+
+
+def _int_or_none(value: object) -> int | None:
+    try:
+        return int(value)  # type: ignore[call-overload]
+    except (TypeError, ValueError):
+        return None
+
+
+class LibraryBench:
+    """Runs benchmarks in-process with :func:`bench.runner.run_benchmark`; lists runs from Redis and disk."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+
+    async def run(self, config: BenchConfig, progress: Callable[[ProgressEvent], None]) -> RunResult:
+        """:func:`bench.runner.run_benchmark` with this stack's settings."""
+        from bench.runner import run_benchmark
+
+        return await run_benchmark(config, progress, settings=self.settings)
+
+    async def runs(self, limit: int = 100) -> list[RunRow]:
+        """Runs in Redis (with live progress) merged with run folders on disk."""
+        from bench.report import list_runs
+        from bench.store import list_stored_runs
+
+        rows: dict[str, RunRow] = {}
+        for info in await asyncio.to_thread(list_runs, self.settings.results_dir):
+            rows[info.run_id] = RunRow(
+                run_id=info.run_id,
+                state="finished",
+                date=info.date,
+                label=info.label or "",
+                path=info.path,
+                completed=info.completed,
+                failed=info.failed,
+                request_throughput=info.request_throughput,
+                output_throughput=info.output_throughput,
+                out_dir=str(info.out_dir),
+            )
+        try:
+            stored = await list_stored_runs(self.settings, limit)
+        except _REDIS_ERRORS:
+            stored = []  # the folders still list; Redis adds only live state
+        for h in stored:
+            run_id = h.get("run_id", "")
+            disk = rows.get(run_id)
+            state = h.get("state", "")
+            progress = ""
+            if state == "running":
+                progress = f"{h.get('phase', '')} {h.get('done', '0')}/{h.get('total', '?')}".strip()
+            elif state == "failed":
+                progress = str(h.get("error", ""))[:60]
+            rows[run_id] = RunRow(
+                run_id=run_id,
+                state=state or (disk.state if disk else ""),
+                date=disk.date if disk else _ns_date(h.get("t_start", "")),
+                label=h.get("label") or (disk.label if disk else ""),
+                path=h.get("path") or (disk.path if disk else ""),
+                completed=disk.completed if disk else _int_or_none(h.get("done")),
+                failed=disk.failed if disk else _int_or_none(h.get("failed")),
+                request_throughput=disk.request_throughput if disk else None,
+                output_throughput=disk.output_throughput if disk else None,
+                progress=progress,
+                out_dir=h.get("out_dir") or (disk.out_dir if disk else ""),
+            )
+        return sorted(rows.values(), key=lambda r: (r.date, r.run_id), reverse=True)[:limit]
+
+    async def load(self, run_id: str) -> RunResult:
+        """The run's folder if it is here, else its summary and records from Redis."""
+        from bench.report import load_run
+        from bench.store import load_stored_run
+
+        folder = Path(self.settings.results_dir) / run_id
+        stored: tuple[dict[str, Any], list[Any]] | None = None
+        if not (folder / "summary.json").is_file():
+            try:
+                stored = await load_stored_run(self.settings, run_id)
+            except _REDIS_ERRORS as e:
+                raise _redis_down(self.settings, e) from e
+            if stored is not None and stored[0].get("out_dir"):
+                folder = Path(stored[0]["out_dir"])
+        if (folder / "summary.json").is_file():
+            try:
+                return await asyncio.to_thread(load_run, folder)
+            except ValueError as e:
+                raise SourceDown(str(e)) from e
+        if stored is None:
+            raise SourceDown(
+                f"run {run_id} not found (no folder under {self.settings.results_dir}, not in Redis)"
+            )
+        h, records = stored
+        summary = h.get("summary")
+        if not isinstance(summary, dict):
+            raise SourceDown(f"run {run_id} has no summary yet (state {h.get('state', '?')})")
+        try:
+            config = BenchConfig.model_validate(h.get("params") or {})
+        except ValueError:
+            config = BenchConfig()
+        return RunResult(run_id, config, summary, records, None)
 
 
 # ---------------------------------------------------------------------------

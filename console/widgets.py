@@ -26,6 +26,7 @@ from console.model import (
     ServiceView,
     bar,
     fmt_bytes,
+    fmt_bytes_pair,
     fmt_num,
     fmt_pct,
     fmt_rate,
@@ -143,12 +144,15 @@ class EnginePanel(Panel):
             text.update(error_markup(e.error))
             return
         kv = e.kv_usage
-        kv_style = "$error" if kv is not None and kv > 0.9 else "$warning" if kv is not None and kv > 0.7 else ""
+        kv_style = (
+            "$error" if kv is not None and kv > 0.9 else "$warning" if kv is not None and kv > 0.7 else ""
+        )
         text.update(
             f"running [b]{fmt_num(e.running):>5}[/]  waiting [b]{fmt_num(e.waiting):>5}[/]\n"
             f"KV cache [{kv_style or 'b'}]{bar(kv, 12)}[/] [b]{fmt_pct(kv)}[/]\n"
             f"prefix cache hits [b]{fmt_pct(e.prefix_hit_rate)}[/]\n"
-            f"prompt [b]{fmt_rate(e.prompt_tps, '')}[/] tok/s  gen [b]{fmt_rate(e.generation_tps, '')}[/] tok/s"
+            f"prompt [b]{fmt_rate(e.prompt_tps, '')}[/] tok/s  gen [b]{fmt_rate(e.generation_tps, '')}[/] tok/s\n"
+            f"[dim]finished {fmt_num(e.requests_total)} · preempted {fmt_num(e.preemptions)}[/]"
         )
 
 
@@ -159,7 +163,7 @@ def _gpu_lines(g: GpuView, compact: bool) -> list[str]:
     frac = None
     if g.vram_used_bytes is not None and g.vram_total_bytes:
         frac = g.vram_used_bytes / g.vram_total_bytes
-    vram = f"{fmt_bytes(g.vram_used_bytes)}/{fmt_bytes(g.vram_total_bytes)}"
+    vram = fmt_bytes_pair(g.vram_used_bytes, g.vram_total_bytes)
     head = f"[b]{g.index}[/] {escape(g.name.removeprefix('NVIDIA '))} [b]{util}[/] {temp} {power}"
     if compact:
         return [f"{head} [b]{vram}[/]"]
@@ -285,6 +289,7 @@ def job_cells(j: JobView) -> tuple[Any, ...]:
     if ts.get("t_received") and ts.get("t_finished"):
         e2e = (ts["t_finished"] - ts["t_received"]) / 1e9  # type: ignore[operator]
     run = (spec.label or spec.run_id or "") if spec else ""
+    tps = r.completion_tokens / r.decode_s if r and r.decode_s > 0 else None
     return (
         j.job_id[-12:],
         Text(j.state.value, style=JOB_STYLES.get(j.state, "")),
@@ -295,6 +300,10 @@ def job_cells(j: JobView) -> tuple[Any, ...]:
         fmt_s(r.ttft_s if r else None),
         fmt_s(e2e),
         run[:16],
+        fmt_rate(tps, ""),
+        str(j.attempt),
+        (j.worker or DASH)[:20],
+        (r.node if r else DASH)[:20],
     )
 
 
@@ -308,6 +317,10 @@ JOB_COLUMNS = (
     ("ttft", "ttft"),
     ("e2e", "e2e"),
     ("run", "run"),
+    ("tok/s", "tps"),
+    ("try", "attempt"),
+    ("worker", "worker"),
+    ("node", "node"),
 )
 
 
@@ -366,5 +379,7 @@ class JobsPanel(Panel):
         table = self.query_one("#jobs-table", DataTable)
         if not self.jobs or table.row_count == 0:
             return None
-        key = table.coordinate_to_cell_key((min(max(table.cursor_row, 0), table.row_count - 1), 0)).row_key.value
+        key = table.coordinate_to_cell_key(
+            (min(max(table.cursor_row, 0), table.row_count - 1), 0)
+        ).row_key.value
         return next((j for j in self.jobs if j.job_id == key), None)

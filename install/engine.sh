@@ -13,7 +13,8 @@
 #
 # Knobs (all optional): ENGINE_VENV (default REPO/.venv-engine), ENGINE_PYTHON (interpreter for
 # the venv), ENGINE_REINSTALL=1 (ignore the marker), ENGINE_INSTALLER=pip|uv (default: uv, pip
-# when uv cannot be had), ENGINE_GPU_VLLM (pip spec of the GPU build), ENGINE_TORCH_CPU_INDEX.
+# when uv cannot be had), ENGINE_GPU_VLLM (pip spec of the GPU build), ENGINE_TORCH_CPU_INDEX,
+# ENGINE_LOG_DIR (default REPO/var/log: engine-install.log).
 # For tests: ENGINE_NVIDIA_DEV (default /dev/nvidia0).
 
 ENGINE_SH_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -196,7 +197,7 @@ _engine_run_logged() {
 install_engine_venv() {
   # install_engine_venv cpu|gpu [VENV]: build (or keep) the engine's own virtual environment.
   local kind="${1:-}" venv="${2:-${ENGINE_VENV:-$ENGINE_REPO_ROOT/.venv-engine}}"
-  local log_dir="$ENGINE_REPO_ROOT/var/log" log py pins need_gib started installer="pip" uv=""
+  local log_dir="${ENGINE_LOG_DIR:-$ENGINE_REPO_ROOT/var/log}" log py pins need_gib started installer="pip" uv=""
   case "$kind" in
     cpu | gpu) ;;
     sim) _engine_say "the simulator runs from the project venv: no engine venv needed"; return 0 ;;

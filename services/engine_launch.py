@@ -134,6 +134,8 @@ def build_engine_command(settings: Settings, gpu_count: int = 0) -> tuple[list[s
         "--max-num-seqs",
         str(settings.max_num_seqs),
         "--enable-prefix-caching",
+        # usage.prompt_tokens_details.cached_tokens: the per-request view of prefix-cache hits.
+        "--enable-prompt-tokens-details",
         # The console polls /metrics: an access-log line per poll would drown the log.
         "--disable-uvicorn-access-log",
     ]
@@ -165,11 +167,27 @@ _FAILURES: tuple[tuple[re.Pattern[str], str], ...] = tuple(
     (re.compile(p, re.IGNORECASE), msg)
     for p, msg in (
         (
-            r"CUDA out of memory|torch\.(cuda\.)?OutOfMemoryError|No available memory for the cache blocks"
-            r"|larger than the maximum number of tokens that can be stored in KV cache"
-            r"|insufficient memory for the KV cache|Free memory on device .* is less than desired",
-            "the GPU ran out of memory: lower MAX_MODEL_LEN or MAX_NUM_SEQS, raise GPU_MEMORY_UTILIZATION "
-            "(up to about 0.95), use more GPUs (TENSOR_PARALLEL_SIZE), or pick a smaller MODEL",
+            r"CUDA out of memory|torch\.(cuda\.)?OutOfMemoryError",
+            "the GPU ran out of memory: lower MAX_NUM_SEQS or MAX_MODEL_LEN, use more GPUs "
+            "(TENSOR_PARALLEL_SIZE), or pick a smaller MODEL",
+        ),
+        (
+            r"No available memory for the cache blocks",
+            "the GPU ran out of memory: the model's weights leave no room for the KV cache; raise "
+            "GPU_MEMORY_UTILIZATION (up to about 0.95), use more GPUs (TENSOR_PARALLEL_SIZE), or pick a smaller MODEL",
+        ),
+        (
+            r"KV cache is needed, which is larger than the available KV cache memory",
+            "not enough memory for the KV cache of one MAX_MODEL_LEN request: lower MAX_MODEL_LEN, or give the "
+            "engine more memory (GPU_MEMORY_UTILIZATION, more GPUs; CPU_KVCACHE_GIB on the CPU engine)",
+        ),
+        (
+            r"Free memory on device .* is less than (desired GPU memory utilization|the engine's budget)",
+            "other processes already use the GPU's memory: stop them, or lower GPU_MEMORY_UTILIZATION",
+        ),
+        (
+            r"Decrease --kv-cache-memory-bytes, VLLM_CPU_KVCACHE_SPACE",
+            "not enough free RAM for the CPU engine's KV cache: lower CPU_KVCACHE_GIB, or stop other programs",
         ),
         (
             r"Found no NVIDIA driver|libcuda\.so[.0-9]*: cannot open|No CUDA GPUs are available"

@@ -103,15 +103,13 @@ class ProxyWorker:
 
     async def _consume_loop(self) -> None:
         while not self.stopping.is_set():
-            # Take only as many as there are free slots: the rest stays in the
-            # stream for other consumers instead of waiting on this one.
+            # Wait for one free slot, then ask for as many entries as slots are free now.
+            # Slots are taken per entry, so the reclaim loop can still use free ones while
+            # this read blocks; what is not free stays in the stream for other consumers.
             await self.slots.acquire()
-            free = 1
-            while free < 64 and self.slots._value > 0:
-                await self.slots.acquire()
-                free += 1
+            want = min(1 + self.slots._value, 64)  # Semaphore has no public "free count"
             try:
-                entries = await self.q.read(self.consumer, count=free, block_ms=1000)
+                entries = await self.q.read(self.consumer, count=want, block_ms=1000)
             except REDIS_DOWN:
                 entries = []
                 await asyncio.sleep(0.5)
@@ -121,11 +119,13 @@ class ProxyWorker:
                 with contextlib.suppress(*REDIS_DOWN):
                     await self.q.ensure_group()
                 await asyncio.sleep(0.5)
-            for entry_id, job_id in entries:
-                free -= 1
-                self._launch(entry_id, job_id)
-            for _ in range(free):
+            if not entries:
                 self.slots.release()
+                continue
+            self._launch(*entries[0])
+            for entry_id, job_id in entries[1:]:
+                await self.slots.acquire()
+                self._launch(entry_id, job_id)
 
     async def _reclaim_loop(self) -> None:
         interval = max(self.s.lease_ms / 2000, 0.05)
@@ -270,8 +270,12 @@ class ProxyWorker:
             try:
                 resp = await self.http.post(f"{url}/v1/infer", json=body)
                 status = resp.status_code
+            except httpx.ConnectError as e:
+                # Nobody listens (worker restarting, or not started yet): like an overloaded
+                # engine this is backpressure, not the job's fault, so no attempt is used up.
+                status, resp, err = 503, None, f"inference worker {url} unreachable: {e!r}"
             except httpx.HTTPError as e:
-                status, resp, err = None, None, f"inference worker {url} unreachable: {e!r}"
+                status, resp, err = None, None, f"inference worker {url} failed mid-request: {e!r}"
             if status == 200 and resp is not None:
                 result = InferResult.model_validate_json(resp.content)
                 fields = {
@@ -302,7 +306,9 @@ class ProxyWorker:
             if status == 503 and loop.time() < deadline:
                 # Engine overloaded or still loading: backpressure, not a used-up attempt.
                 overload_waits += 1
-                await asyncio.sleep(self._backoff(min(overload_waits, 6)))
+                if overload_waits in (1, 10, 100) or overload_waits % 500 == 0:
+                    log.info("job %s waits: %s", d.job_id, err)
+                await asyncio.sleep(self._backoff(min(overload_waits, 4)))
                 continue
             tries = await self.q.bump(d, "tries")
             if tries < 0:

@@ -71,6 +71,7 @@ import math
 import random
 import re
 import secrets
+import sys
 import time
 import uuid
 from array import array
@@ -96,6 +97,8 @@ log = logging.getLogger("llmconsole.sim_engine")
 
 #: The served model id when ``Settings.model`` is empty.
 DEFAULT_MODEL = "llmconsole-sim"
+#: A literal prompt containing this string gets a 500 every time (fault injection for tests).
+FAIL_MARKER = "__llmconsole_fail_500__"
 #: ``owned_by`` in ``/v1/models``: how a client tells the simulator from a real vLLM.
 OWNER = "llmconsole-simulator"
 #: The vLLM release whose API shapes this simulator follows.
@@ -829,8 +832,12 @@ def error_response(message: str, status: int = 400, err_type: str = "BadRequestE
 def _pydantic_message(e: ValidationError | RequestValidationError) -> str:
     parts = []
     for err in e.errors():
+        if err.get("type") == "json_invalid":
+            pos = err.get("loc", ("body", "?"))[-1]
+            parts.append(f"invalid JSON body at character {pos}: {(err.get('ctx') or {}).get('error', '')}")
+            continue
         loc = ".".join(str(x) for x in err.get("loc", ()) if x != "body")
-        parts.append(f"{loc}: {err.get('msg')}" if loc else str(err.get("msg")))
+        parts.append(f"{loc or 'request body (a JSON object)'}: {err.get('msg')}")
     return "; ".join(parts)[:1000] or "invalid request"
 
 
@@ -1013,7 +1020,7 @@ class SimServer:
         finally:
             waiter.cancel()
             listener.cancel()
-            await event_wait_finished(seq, event) if False else None
+            self.engine.abort(seq)  # no-op when finished; frees the slot when the client left
         if seq.finish_reason == "abort":
             raise ApiError(ABORTED_MESSAGE, 503, "ServiceUnavailableError")
         text = "".join(self.tokenizer.piece(t) for t in seq.output)
@@ -1067,7 +1074,7 @@ class SimServer:
                 yield f"data: {json.dumps({**head, 'choices': [], 'usage': self.usage(seq)})}\n\n"
             yield "data: [DONE]\n\n"
         finally:
-            pass
+            self.engine.abort(seq)  # the client went away mid-stream: free the slot
 
     def models(self) -> dict[str, Any]:
         """``/v1/models``, saying it is a simulator."""
@@ -1188,6 +1195,11 @@ def create_app(
     @app.post("/v1/completions")
     async def completions(request: Request, req: CompletionRequest) -> Response:
         """OpenAI completions, streamed (SSE) or not."""
+        if isinstance(req.prompt, str) and FAIL_MARKER in req.prompt:
+            # Fault injection for reliability tests: a job that the engine always fails.
+            return error_response(
+                "simulated engine failure (fault-injection marker in the prompt)", 500, "InternalServerError"
+            )
         return await srv.completion(request, req)
 
     @app.get("/metrics")
@@ -1236,12 +1248,15 @@ def main(argv: list[str] | None = None) -> int:
     """Serve the simulator until stopped."""
     import uvicorn
 
-    args = build_parser().parse_args(argv)
-    s = get_settings()
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.max_model_len is not None and args.max_model_len < 2:
+        parser.error("--max-model-len must be at least 2")
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     try:
+        s = get_settings()
         if args.list_profiles:
             for name in list_profiles(s):
                 print(f"{name}: {load_profile(name, s).get('description', '')}")
@@ -1249,7 +1264,7 @@ def main(argv: list[str] | None = None) -> int:
         config = config_from_args(args, s)
     except (ProfileError, ValidationError) as e:
         msg = _pydantic_message(e) if isinstance(e, ValidationError) else str(e)
-        print(f"sim_engine: {msg}", flush=True)
+        print(f"sim_engine: {msg}", file=sys.stderr, flush=True)
         return 2
     profile = s.sim_profile if args.profile is None else args.profile
     app = create_app(

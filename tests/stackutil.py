@@ -274,7 +274,8 @@ class Stack:
 
     def logs(self) -> str:
         """All process logs, for failure messages."""
-        return "\n".join(f"--- {n}\n{p.log_text()[-3000:]}" for n, p in self.procs.items())
+        procs = {**self.procs, **{p.name: p for p in self.extra_proxies}}
+        return "\n".join(f"--- {n}\n{p.log_text()[-3000:]}" for n, p in procs.items())
 
     # --- client helpers ----------------------------------------------------
     def submit(self, client: httpx.Client, **body: Any) -> str:

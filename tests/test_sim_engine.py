@@ -593,12 +593,11 @@ async def test_batch_limit_queues_and_disconnect_frees_slots(serve: Callable[...
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:
             m = metrics_from(await client.get(f"{base}/metrics"))
-            if m[VllmMetric.WAITING] > 0:
+            if m[VllmMetric.WAITING] == 2 and m[VllmMetric.RUNNING] == 2:  # all four in, two queued
                 seen = m
                 break
             await asyncio.sleep(0.02)
-        assert seen, "never saw a waiting request"
-        assert seen[VllmMetric.RUNNING] == 2 and seen[VllmMetric.WAITING] == 2
+        assert seen, "never saw 2 running and 2 waiting"
         assert seen[VllmMetric.KV_CACHE_USAGE] > 0
         for t in tasks:  # the clients go away mid-stream
             t.cancel()

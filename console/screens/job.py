@@ -31,17 +31,19 @@ def stage_lines(job: JobView, width: int = BAR_WIDTH) -> list[str]:
     lines = []
     for st, d in zip(STAGES, durations, strict=True):
         if d is None:
-            lines.append(f"{st.name:<13} {DASH:>8}  {'':<{width}}        [dim]{escape(st.description)}[/]")
+            lines.append(f"{st.name:<13} {DASH:>8}")
             continue
         frac = d / longest if longest > 0 else 0.0
-        share = f"{d / total * 100:5.1f}%" if total > 0 else "     "
+        share = f"{d / total * 100:5.1f}%" if total > 0 else ""
         style = "$accent" if st.name in ("engine_ttft", "decode") else "$primary"
-        lines.append(
-            f"{st.name:<13} [b]{fmt_s(d):>8}[/]  [{style}]{bar(frac, width)}[/] {share}  "
-            f"[dim]{escape(st.description)}[/]"
-        )
+        lines.append(f"{st.name:<13} [b]{fmt_s(d):>8}[/]  [{style}]{bar(frac, width)}[/] {share}")
     lines.append(f"{'total':<13} [b]{fmt_s(total if known else None):>8}[/]")
     return lines
+
+
+def stage_legend() -> list[str]:
+    """What each stage measures (from the contracts' stage descriptions)."""
+    return [f"[dim]{st.name:<13} {escape(st.description)}[/]" for st in STAGES]
 
 
 def job_text(job: JobView) -> str:
@@ -83,7 +85,7 @@ def job_text(job: JobView) -> str:
         if g is not None:
             if g.available:
                 out.append(
-                    f"GPU: {g.gpu_count} × · util {fmt_num(g.util_mean_pct)}% · VRAM peak "
+                    f"GPUs {g.gpu_count} · util {fmt_num(g.util_mean_pct)}% · VRAM peak "
                     f"{fmt_bytes(g.vram_peak_bytes)}/{fmt_bytes(g.vram_total_bytes)} · power "
                     f"{fmt_num(g.power_mean_w)} W · energy {fmt_num(g.energy_j)} J"
                     + (f" ({g.energy_per_output_token_j:.3f} J/token)" if g.energy_per_output_token_j else "")
@@ -92,7 +94,8 @@ def job_text(job: JobView) -> str:
                 out.append(f"GPU: [dim]{escape(g.reason or 'not available')}[/]")
         out.append("")
     if job.error:
-        out += ["[b $error]Error[/]", escape(job.error)]
+        out += ["[b $error]Error[/]", escape(job.error), ""]
+    out += ["[b]What the stages measure[/]", *stage_legend()]
     return "\n".join(out)
 
 
@@ -110,7 +113,7 @@ class JobScreen(Screen[None]):
         yield Header(icon="◆")
         with VerticalScroll(id="job-scroll"):
             yield Static(job_text(self.job), id="job-text")
-        yield Footer()
+        yield Footer(compact=True)
 
     def on_mount(self) -> None:
         """Title the screen after the job."""

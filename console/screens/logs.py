@@ -31,7 +31,7 @@ class LogScreen(Screen[None]):
     def __init__(self, program: str) -> None:
         super().__init__()
         self.program = program
-        self.offset = 0
+        self.log_offset = 0
         self.error: str | None = None
 
     @property
@@ -43,11 +43,12 @@ class LogScreen(Screen[None]):
         """Header, the log, footer."""
         yield Header(icon="◆")
         yield Log(id="log", max_lines=5000, auto_scroll=True)
-        yield Footer()
+        yield Footer(compact=True)
 
     def on_mount(self) -> None:
         """Read the log's tail now, then follow it."""
         self.sub_title = f"log · {self.program}"
+        self.query_one(Log).border_title = f"{self.program} (stdout, via supervisord)"
         self.poll()
         self.set_interval(self.capp.refresh_s, self.poll)
 
@@ -68,7 +69,7 @@ class LogScreen(Screen[None]):
             return
         try:
             chunk = await self.capp.bg.run(
-                self.capp.sources.supervisor.tail(self.program, self.offset, TAIL_BYTES)
+                self.capp.sources.supervisor.tail(self.program, self.log_offset, TAIL_BYTES)
             )
         except SourceDown as e:
             if str(e) != self.error:
@@ -77,8 +78,8 @@ class LogScreen(Screen[None]):
             return
         self.error = None
         log = self.query_one(Log)
-        if chunk.overflow and self.offset:
+        if chunk.overflow and self.log_offset:
             log.write_line("… (skipped: the log grew faster than it was read)")
         if chunk.text:
             log.write(chunk.text)
-        self.offset = chunk.offset
+        self.log_offset = chunk.offset

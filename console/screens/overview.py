@@ -29,7 +29,7 @@ class OverviewScreen(Screen[None]):
     """Everything at a glance; select a service to control it, a job to open it."""
 
     BINDINGS = [  # noqa: RUF012 - Textual's own class-level convention
-        Binding("enter", "open", "Detail", priority=True),
+        Binding("enter", "open", "Open", priority=True),
         Binding("slash", "filter", "Filter", key_display="/"),
         Binding("escape", "clear_filter", "Clear filter", show=False),
         Binding("r", "restart", "Restart"),
@@ -57,7 +57,8 @@ class OverviewScreen(Screen[None]):
             yield ServicesPanel(id="services")
         yield JobsPanel(id="jobs")
         yield Input(placeholder="filter jobs and services (Enter keeps, Esc clears)", id="filter")
-        yield Footer()
+        # The palette (ctrl+p) is listed by `?`; at 80 columns the footer needs its room for the keys.
+        yield Footer(compact=True, show_command_palette=False)
 
     def on_mount(self) -> None:
         """Start with the jobs table focused and the filter hidden."""
@@ -79,6 +80,8 @@ class OverviewScreen(Screen[None]):
     def _apply_size(self, width: int, height: int) -> None:
         self.set_class(width >= WIDE_COLUMNS, "-wide")
         self.set_class(height >= TALL_ROWS, "-tall")
+        # 80x24 has no room for the services header row; taller terminals show it.
+        self.query_one("#services-table", DataTable).show_header = height >= TALL_ROWS
 
     def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
         """Hide service control in read-only mode."""

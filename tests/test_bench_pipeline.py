@@ -1,0 +1,87 @@
+"""A small benchmark through the whole pipeline (real processes), both paths, stored in Redis."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from bench import BenchConfig, run_benchmark
+from bench.cli import main
+from bench.store import list_stored_runs, load_stored_run
+from services.contracts import STAGE_NAMES, RunState
+from tests.stackutil import Stack
+
+pytestmark = pytest.mark.slow
+
+
+async def test_both_paths_through_the_stack(stack: Stack, tmp_path: Path) -> None:
+    s = stack.settings
+    cfg = BenchConfig(
+        input_tokens=64,
+        output_tokens=6,
+        requests=10,
+        concurrency=4,
+        warmup=2,
+        path="both",
+        label="pipeline test",
+        out=str(tmp_path / "run"),
+    )
+    res = await run_benchmark(cfg, settings=s)
+    sm = res.summary
+    assert set(sm["paths"]) == {"pipeline", "direct"}
+    pipe, direct = sm["paths"]["pipeline"], sm["paths"]["direct"]
+    assert pipe["completed"] == 10 and direct["completed"] == 10
+    assert sm["completed"] == 10 and sm["backend"] == "llmconsole-pipeline"  # pipeline at the top level
+    assert pipe["token_mismatches"] == 0 and direct["token_mismatches"] == 0
+    assert pipe["total_input_tokens"] == direct["total_input_tokens"] == 640
+    for name in (*STAGE_NAMES, "client"):
+        assert pipe["stages"][name]["count"] == 10, name
+    assert pipe["stages"]["queue_wait"]["mean_ms"] >= 0
+    assert 0 < pipe["mean_efficiency"] <= 1
+    assert sm["overhead"]["mean_e2el_ms"]["diff"] == pytest.approx(
+        pipe["mean_e2el_ms"] - direct["mean_e2el_ms"]
+    )
+    assert sm["prefix_cache"]["hit_rate"] > 0
+    assert sm["engine"].startswith("sim")
+    # every pipeline request is a succeeded job of this run, engine timings filled in
+    prec = [r for r in res.records if r.path == "pipeline"]
+    assert len(prec) == 10 and all(r.job_id and r.state == "succeeded" for r in prec)
+    assert all(r.engine_time_s and r.server_e2e_s and r.client_s is not None for r in prec)
+    assert len({r.job_id for r in prec}) == 10
+    assert (tmp_path / "run" / "stages.png").is_file()
+
+    stored = await load_stored_run(s, res.run_id)
+    assert stored is not None
+    h, recs = stored
+    assert h["state"] == RunState.FINISHED.value and h["summary"]["run_id"] == res.run_id
+    assert h["params"]["path"] == "both" and h["label"] == "pipeline test"
+    assert int(h["done"]) == int(h["total"]) == 20
+    assert len(recs) == 20 and {r.path for r in recs} == {"pipeline", "direct"}
+    assert res.run_id in [r["run_id"] for r in await list_stored_runs(s)]
+
+
+async def test_backpressure_429_is_honoured(make_stack, tmp_path: Path) -> None:
+    st: Stack = make_stack(max_active_jobs=2)
+    cfg = BenchConfig(input_tokens=16, output_tokens=4, requests=6, concurrency=6, path="pipeline", plots=False,
+                      out=str(tmp_path / "bp"))  # fmt: skip
+    res = await run_benchmark(cfg, settings=st.settings)
+    assert res.summary["completed"] == 6 and res.summary["failed"] == 0
+    assert res.summary["refused_429"] > 0  # refused, waited Retry-After, resubmitted
+
+
+def test_cli_run_prints_the_summary(stack: Stack, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                    capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
+    monkeypatch.setenv("LLMC_ENV_FILE", "/nonexistent/llmconsole.env")
+    for k, v in stack.values.items():
+        monkeypatch.setenv(k.upper(), str(v))
+    monkeypatch.setenv("COLUMNS", "160")
+    out = tmp_path / "cli"
+    code = main(["--input-tokens", "32", "--output-tokens", "4", "--requests", "4", "--concurrency", "2",
+                 "--out", str(out), "--no-plots", "-q"])  # fmt: skip
+    text = capsys.readouterr().out
+    assert code == 0, text
+    for needle in ("Successful requests", "Mean TTFT (ms)", "P99 E2EL (ms)", "Pipeline stages", "queue_wait",
+                   "Prefix cache hit rate", str(out)):  # fmt: skip
+        assert needle in text, needle
+    assert (out / "summary.json").is_file()

@@ -1,0 +1,170 @@
+"""The bench against a real simulator process: exact-token prompts, a small direct run, calibration."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from bench import BenchConfig, BenchError, ProgressEvent, load_run, run_benchmark
+from bench.calibrate import Plan, calibrate, write_profile
+from bench.paths import DirectPath
+from bench.workload import build_workload
+from services.contracts import now_ns
+from services.engine_client import EngineClient
+from services.prompts import split_tokens
+from services.settings import REPO_ROOT, Settings
+from services.sim_engine import load_profile
+from tests.stackutil import free_port, http_ok, settings_env, wait_until
+
+BLOCK = 16
+
+
+@pytest.fixture(scope="module")
+def sim(tmp_path_factory: pytest.TempPathFactory) -> Iterator[int]:
+    """A real ``python -m services.sim_engine`` on a free port (fast timings)."""
+    port = free_port()
+    log = tmp_path_factory.mktemp("sim") / "sim.log"
+    args = [sys.executable, "-m", "services.sim_engine", "--host", "127.0.0.1", "--port", str(port)]
+    args += [
+        "--ttft-base-ms",
+        "2",
+        "--prefill-ms-per-token",
+        "0.01",
+        "--itl-ms",
+        "1",
+        "--itl-jitter-ms",
+        "0.1",
+    ]
+    args += ["--block-size", str(BLOCK), "--log-level", "warning"]
+    with log.open("wb") as fh:
+        proc = subprocess.Popen(
+            args, cwd=REPO_ROOT, env=settings_env({}), stdout=fh, stderr=subprocess.STDOUT
+        )
+    try:
+        wait_until(lambda: http_ok(f"http://127.0.0.1:{port}/health"), 30, f"simulator ({log.read_text()})")
+        yield port
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def settings_for(port: int, tmp_path: Path) -> Settings:
+    return Settings(  # type: ignore[call-arg]
+        _env_file=None,
+        engine_port=port,
+        redis_port=free_port(),  # nothing there: storing is skipped, the run goes on
+        results_dir=str(tmp_path / "runs"),
+        var_dir=str(tmp_path / "var"),
+    )
+
+
+@pytest.mark.parametrize("prefix_share", [0.0, 0.5, 1.0])
+async def test_prompts_have_exact_token_counts_on_the_engine(sim: int, prefix_share: float) -> None:
+    engine = EngineClient(f"http://127.0.0.1:{sim}")
+    try:
+        cfg = BenchConfig(
+            input_tokens=300, output_tokens=3, prefix_share=prefix_share, range_ratio=0.9, seed=3
+        )
+        items = build_workload(cfg, 8, "step0")
+        assert len({it.input_tokens for it in items}) > 1
+        direct = DirectPath(engine, "run-exact")
+        await direct.prepare(items)
+        prompts = [direct._prompts[it.seed_for("direct")] for it in items]
+        for it, ids in zip(items, prompts, strict=True):
+            assert isinstance(ids, list) and len(ids) == it.input_tokens
+            res = await engine.stream_completion(ids, it.output_tokens, exact=True)
+            assert res.prompt_tokens == it.input_tokens
+            assert res.completion_tokens == it.output_tokens
+        # the run's prefix is shared: the shortest prompt's prefix starts every prompt
+        assert items[0].input_tokens is not None
+        shortest = min(items, key=lambda it: it.input_tokens or 0)
+        k = split_tokens(shortest.input_tokens or 0, prefix_share)
+        assert all(p[:k] == prompts[items.index(shortest)][:k] for p in prompts)  # type: ignore[index]
+        if prefix_share < 1.0:
+            assert len({tuple(p) for p in prompts}) == len(prompts)  # suffixes differ  # type: ignore[arg-type]
+    finally:
+        await engine.aclose()
+
+
+async def test_direct_run_end_to_end(sim: int, tmp_path: Path) -> None:
+    events: list[ProgressEvent] = []
+    cfg = BenchConfig(
+        input_tokens=64,
+        output_tokens=8,
+        requests=12,
+        concurrency=4,
+        warmup=3,
+        path="direct",
+        goodput={"ttft": 60_000},
+        label="sim direct",
+        out=str(tmp_path / "out"),
+    )
+    res = await run_benchmark(cfg, events.append, settings=settings_for(sim, tmp_path))
+    s = res.summary
+    assert s["completed"] == 12 and s["failed"] == 0  # warm-ups not counted
+    assert len(res.records) == 12
+    assert s["total_input_tokens"] == 12 * 64 and s["total_output_tokens"] == 12 * 8
+    assert s["token_mismatches"] == 0
+    assert s["request_goodput"] == pytest.approx(s["request_throughput"])
+    assert s["max_concurrency"] == 4 and s["max_concurrent_requests"] <= 4
+    assert s["mean_ttft_ms"] > 0 and s["mean_tpot_ms"] > 0 and s["p99_e2el_ms"] >= s["median_e2el_ms"]
+    assert s["prefix_cache"]["hit_rate"] > 0  # the shared half of every prompt hits
+    assert s["model_id"] == "llmconsole-sim"
+    assert all(len(r.itl_s) == 7 for r in res.records)
+    assert any("not stored in Redis" in w for w in res.warnings)
+    out = tmp_path / "out"
+    for name in ("summary.json", "requests.jsonl", "requests.csv", "latency_cdf.png", "timeline.png"):
+        assert (out / name).is_file(), name
+    assert load_run(out).summary["run_id"] == res.run_id
+    phases = [e.phase for e in events]
+    assert phases[-1] == "done" and "warmup" in phases
+    assert max(e.done for e in events if e.phase == "run") == 12
+
+
+async def test_rate_mode_and_dataset(sim: int, tmp_path: Path) -> None:
+    ds = tmp_path / "prompts.jsonl"
+    ds.write_text(
+        "\n".join(
+            json.dumps(x)
+            for x in [{"prompt": "one two three four", "output_tokens": 3}, {"prompt": "five six"}]
+        )
+        + "\n"
+    )
+    cfg = BenchConfig(dataset=str(ds), output_tokens=5, requests=6, rate=50.0, path="direct", plots=False,
+                      out=str(tmp_path / "ds"))  # fmt: skip
+    t0 = now_ns()
+    res = await run_benchmark(cfg, settings=settings_for(sim, tmp_path))
+    assert res.summary["completed"] == 6 and res.summary["request_rate"] == 50.0
+    assert [r.completion_tokens for r in res.records] == [3, 5, 3, 5, 3, 5]
+    assert all(r.prompt_tokens and r.prompt_tokens >= 2 for r in res.records)
+    intended = [r.intended_s for r in sorted(res.records, key=lambda r: r.index)]
+    assert intended == sorted(intended) and intended[-1] == pytest.approx(6 / 50.0)
+    assert all(r.start_ns >= t0 for r in res.records)
+    assert res.summary["token_mismatches"] == 0
+
+
+async def test_engine_down_is_a_bench_error(tmp_path: Path) -> None:
+    with pytest.raises(BenchError, match="engine is not reachable"):
+        await run_benchmark(
+            BenchConfig(path="direct", requests=1), settings=settings_for(free_port(), tmp_path)
+        )
+
+
+async def test_calibration_writes_a_loadable_profile(sim: int, tmp_path: Path) -> None:
+    s = settings_for(sim, tmp_path)
+    plan = Plan(lengths=[24, 100], repeats=1, concurrency=[1, 2], decode_tokens=4, decode_input_tokens=20)
+    fit = await calibrate(s, plan)
+    assert fit.config.block_size == BLOCK  # from the cached counts of the repeated prompts
+    assert [p.cached_tokens for p in fit.prefill] == [0, 16, 0, 96]  # whole blocks, at most prompt − 1
+    assert fit.config.ttft_base_ms >= 0 and fit.config.prefill_ms_per_token >= 0
+    assert fit.config.itl_ms >= 0 and fit.config.itl_batch_ms >= 0
+    path = write_profile(fit.config, "calib-test", s)
+    assert path == tmp_path / "var" / "sim_profiles" / "calib-test.json"
+    assert load_profile(str(path))["block_size"] == BLOCK
+    other = write_profile(fit.config, str(tmp_path / "x" / "p.json"), s)
+    assert json.loads(other.read_text())["itl_ms"] == fit.config.itl_ms
