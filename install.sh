@@ -84,12 +84,16 @@ info "redis-server: $(redis-server --version | awk '{print $3}')"
 
 # --- 2. the project's virtual environment --------------------------------------
 step "Python environment (.venv)"
+mkdir -p "$VAR" && chmod 700 "$VAR"
 [[ -x "$PY" ]] || python3 -m venv "$VENV"
 STAMP="$VENV/.llmconsole-installed"
 if [[ ! -f "$STAMP" || pyproject.toml -nt "$STAMP" ]]; then
   info "installing llmconsole and its dependencies (about a minute the first time)"
   "$PY" -m pip install -q --upgrade pip >/dev/null 2>&1 || true
-  "$PY" -m pip install -q -e ".[dev]" || die "pip could not install the project (see the messages above)"
+  if ! "$PY" -m pip install -q -e ".[dev]" > "$VAR/pip-install.log" 2>&1; then
+    tail -20 "$VAR/pip-install.log" >&2
+    die "pip could not install the project (full log: var/pip-install.log)"
+  fi
   touch "$STAMP"
 else
   info "up to date"

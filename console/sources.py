@@ -30,6 +30,7 @@ from services.contracts import GpuSample, JobState, JobView, Keys, job_hash_to_v
 from services.engine_client import Sample, parse_prometheus
 from services.queue import REDIS_DOWN, JobQueue, QueueStats, redis_client
 from services.settings import Settings
+from services.telemetry import make_backend, read_gpu_samples
 
 
 class SourceDown(Exception):
@@ -335,22 +336,14 @@ class RedisStack:
         return [NodeInfo(n, dict(h), bool(h)) for n, h in zip(names, beats, strict=True)]
 
     async def latest_gpu_samples(self, node: str) -> list[GpuSample]:
-        """XREVRANGE the node's sample stream; keep the newest sample per GPU index."""
+        """The node's newest tick of GPU samples (one entry holds every GPU of the node)."""
         try:
-            entries = await self.r.xrevrange(self.keys.gpu_samples(node), count=32)
+            ticks = await read_gpu_samples(self.r, self.keys, node, count=1)
         except _REDIS_ERRORS as e:
             raise _redis_down(self.settings, e) from e
-        latest: dict[int, GpuSample] = {}
-        for _entry_id, fields in entries:
-            raw = fields.get("sample")
-            if not raw:
-                continue
-            try:
-                s = GpuSample.model_validate_json(raw)
-            except ValueError:
-                continue
-            latest.setdefault(s.index, s)
-        return [latest[i] for i in sorted(latest)]
+        except ValueError:
+            return []  # an undecodable entry: show no GPU rather than crash the panel
+        return sorted(ticks[-1], key=lambda s: s.index) if ticks else []
 
 
 def _decode_job(job_id: str, h: dict[str, str]) -> JobView | None:
@@ -504,10 +497,8 @@ class NvmlGpu:
     def _get_backend(self) -> Any:
         if self._backend is None and self._reason is None:
             try:
-                from services import telemetry
-
-                self._backend = telemetry.make_backend()
-            except Exception as e:  # any import/init failure means "no GPU here"
+                self._backend = make_backend()
+            except Exception as e:  # NVML failing in an unforeseen way still means "no GPU here"
                 self._reason = f"GPU telemetry unavailable ({type(e).__name__}: {e})"
         return self._backend
 

@@ -308,8 +308,19 @@ def parse_prometheus(text: str) -> list[Sample]:
 
 
 def _split_labels(s: str) -> list[str]:
-    parts, buf, in_q = [], [], False
+    """Split ``a="x",b="y, z"`` at commas outside quotes (``\\"`` is an escaped quote)."""
+    parts: list[str] = []
+    buf: list[str] = []
+    in_q = escaped = False
     for ch in s:
+        if escaped:
+            buf.append(ch)
+            escaped = False
+            continue
+        if ch == "\\" and in_q:
+            buf.append(ch)
+            escaped = True
+            continue
         if ch == '"':
             in_q = not in_q
         if ch == "," and not in_q:

@@ -217,7 +217,9 @@ class BenchScreen(Screen[None]):
                     yield from self._input_row("requests")
                     with Horizontal(classes="form-row"):
                         yield Label("load", classes="form-label")
-                        yield Select(LOAD_KINDS, value="concurrency", allow_blank=False, compact=True, id="f-load")
+                        yield Select(
+                            LOAD_KINDS, value="concurrency", allow_blank=False, compact=True, id="f-load"
+                        )
                     yield from self._input_row("load_value")
                     with Horizontal(classes="form-row"):
                         yield Label("path", classes="form-label")
