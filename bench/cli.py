@@ -86,21 +86,28 @@ def run_parser(settings: Settings) -> argparse.ArgumentParser:
         "--input-tokens",
         "--input-len",
         type=_positive_int,
+        metavar="N",
         help=f"prompt tokens (default {settings.input_tokens}, INPUT_TOKENS)",
     )
     w.add_argument(
         "--output-tokens",
         "--output-len",
         type=_positive_int,
+        metavar="N",
         help=f"output tokens (default {settings.output_tokens}, OUTPUT_TOKENS)",
     )
     w.add_argument(
         "--prefix-share",
         type=_float,
+        metavar="F",
         help=f"shared-prefix share of the prompt, 0-1 (default {settings.prefix_share})",
     )
     w.add_argument(
-        "--range-ratio", type=_float, default=0.0, help="vary lengths uniformly by ±ratio (default 0)"
+        "--range-ratio",
+        type=_float,
+        default=0.0,
+        metavar="R",
+        help="vary lengths uniformly by ±ratio (default 0)",
     )
     w.add_argument(
         "--dataset", metavar="JSONL", help='prompts file: {"prompt": ..., "output_tokens": N} per line'
@@ -110,33 +117,54 @@ def run_parser(settings: Settings) -> argparse.ArgumentParser:
         "--num-prompts",
         type=_positive_int,
         default=100,
+        metavar="N",
         help="measured requests per path (default 100)",
     )
-    w.add_argument("--warmup", type=_nonneg_int, default=0, help="warm-up requests, not counted (default 0)")
     w.add_argument(
-        "--seed", type=_nonneg_int, default=0, help="seed of lengths, prompts and arrivals (default 0)"
+        "--warmup", type=_nonneg_int, default=0, metavar="N", help="warm-up requests, not counted (default 0)"
+    )
+    w.add_argument(
+        "--seed",
+        type=_nonneg_int,
+        default=0,
+        metavar="N",
+        help="seed of lengths, prompts and arrivals (default 0)",
     )
     ld = p.add_argument_group("load")
     ld.add_argument(
         "--concurrency",
         "--max-concurrency",
         type=_positive_int,
+        metavar="N",
         help="requests in flight at most (default 16 without --rate)",
     )
     ld.add_argument(
-        "--rate", "--request-rate", type=_float, help="requests/s with Poisson/gamma arrivals (default: inf)"
+        "--rate",
+        "--request-rate",
+        type=_float,
+        metavar="R",
+        help="requests/s with Poisson/gamma arrivals (default: inf)",
     )
     ld.add_argument(
-        "--burstiness", type=_float, default=1.0, help="gamma shape: 1 Poisson, <1 burstier, >1 steadier"
+        "--burstiness",
+        type=_float,
+        default=1.0,
+        metavar="B",
+        help="gamma shape: 1 Poisson, <1 burstier, >1 steadier",
     )
     ld.add_argument("--sweep", metavar="PARAM:V1,V2,..", help="e.g. concurrency:1,2,4,8,16 or rate:1,2,4,8")
     ld.add_argument(
-        "--sweep-min-gain", type=_float, default=0.25, help="saturated below this marginal throughput gain"
+        "--sweep-min-gain",
+        type=_float,
+        default=0.25,
+        metavar="G",
+        help="saturated below this marginal throughput gain",
     )
     ld.add_argument(
         "--sweep-latency-factor",
         type=_float,
         default=10.0,
+        metavar="X",
         help="saturated when median TTFT exceeds this many times the first step's (default 10)",
     )
     ld.add_argument("--sweep-all", action="store_true", help="run every sweep step, even past the knee")
@@ -145,13 +173,23 @@ def run_parser(settings: Settings) -> argparse.ArgumentParser:
         "--path", choices=["pipeline", "direct", "both"], default="pipeline", help="default pipeline"
     )
     m.add_argument("--goodput", nargs="+", metavar="NAME:MS", help="SLOs, e.g. ttft:500 tpot:50 e2el:5000")
-    m.add_argument("--percentiles", "--metric-percentiles", default="50,90,99", help="default 50,90,99")
     m.add_argument(
-        "--timeout", type=_float, default=1800.0, help="per-request limit in seconds (default 1800)"
+        "--percentiles",
+        "--metric-percentiles",
+        default="50,90,99",
+        metavar="P1,P2,..",
+        help="default 50,90,99",
+    )
+    m.add_argument(
+        "--timeout",
+        type=_float,
+        default=1800.0,
+        metavar="S",
+        help="per-request limit in seconds (default 1800)",
     )
     o = p.add_argument_group("output")
-    o.add_argument("--label", help="a name for the run")
-    o.add_argument("--run-id", help="run id (default: generated)")
+    o.add_argument("--label", metavar="TEXT", help="a name for the run")
+    o.add_argument("--run-id", metavar="ID", help="run id (default: generated)")
     o.add_argument("--out", metavar="DIR", help=f"results folder (default {settings.results_dir}/<run_id>)")
     o.add_argument("--no-store", action="store_true", help="do not store the run in Redis")
     o.add_argument("--no-plots", action="store_true", help="skip the PNG plots")

@@ -31,6 +31,8 @@ class CompareRow:
         """'better', 'worse' or '' for B against A (5 % dead band)."""
         if self.ratio is None or self.better is None:
             return ""
+        if max(abs(self.a or 0.0), abs(self.b or 0.0)) < 0.1:  # sub-0.1 figures (ms, counts): noise
+            return ""
         if self.better == "lower":
             return "better" if self.ratio < 0.95 else "worse" if self.ratio > 1.05 else ""
         return "better" if self.ratio > 1.05 else "worse" if self.ratio < 0.95 else ""
@@ -67,7 +69,9 @@ _EXTRA: list[tuple[str, str, Better]] = [
 
 
 def _num(v: Any) -> float | None:
-    return float(v) if isinstance(v, int | float) and not isinstance(v, bool) else None
+    if isinstance(v, bool) or not isinstance(v, int | float):
+        return None
+    return v  # ints stay ints (request counts print as counts)
 
 
 def compare_summaries(a: dict[str, Any], b: dict[str, Any]) -> list[CompareRow]:

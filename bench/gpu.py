@@ -8,7 +8,6 @@ integrated over the samples), summed, and divided by the run's output tokens.
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 import numpy as np
@@ -18,31 +17,18 @@ from redis.exceptions import RedisError
 from services.contracts import GpuSample, Keys
 from services.queue import REDIS_DOWN, redis_client
 from services.settings import Settings
+from services.telemetry import SAMPLES_FIELD, decode_samples
 
 
-def parse_sample(fields: dict[str, str]) -> GpuSample | None:
-    """A :class:`GpuSample` from a stream entry: one JSON field, or one field per attribute."""
-    for v in fields.values():
-        if isinstance(v, str) and v.startswith("{"):
-            try:
-                return GpuSample.model_validate_json(v)
-            except ValidationError:
-                continue
-    data: dict[str, Any] = {}
-    for k, v in fields.items():
-        if v in ("", "None", "null"):
-            continue
-        if k == "processes":
-            try:
-                data[k] = json.loads(v)
-            except ValueError:
-                continue
-        else:
-            data[k] = v
+def parse_entry(fields: dict[str, str]) -> list[GpuSample]:
+    """The samples of one stream entry (one tick: every GPU of the node), as the worker publishes them."""
+    raw = fields.get(SAMPLES_FIELD)
+    if raw is None:
+        return []
     try:
-        return GpuSample.model_validate(data)
-    except ValidationError:
-        return None
+        return decode_samples(raw)
+    except (ValueError, ValidationError):
+        return []
 
 
 def summarize_samples(
@@ -113,9 +99,7 @@ async def run_window(
         lo, hi = t_start_ns // 1_000_000 - 2000, t_end_ns // 1_000_000 + 2000
         for node in nodes:
             for _id, fields in await r.xrange(keys.gpu_samples(node), min=f"{lo}-0", max=f"{hi}-0"):
-                smp = parse_sample(fields)
-                if smp is not None:
-                    pairs.append((node, smp))
+                pairs.extend((node, smp) for smp in parse_entry(fields))
         return summarize_samples(pairs, output_tokens, t_start_ns, t_end_ns)
     except (*REDIS_DOWN, RedisError):
         return None

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import secrets
 import time
 from dataclasses import dataclass, field
 
@@ -163,6 +164,8 @@ class PipelinePath:
         self.run_id = run_id
         self.label = label
         self.poll_wait_s = min(poll_wait_s, MAX_WAIT_S)
+        # In every Idempotency-Key: a rerun with the same run id must not get the old jobs back.
+        self._nonce = secrets.token_hex(4)
         key = settings.api_key.get_secret_value()
         self._own = client is None
         self.client = client or httpx.AsyncClient(
@@ -210,7 +213,7 @@ class PipelinePath:
         rec.requested_output_tokens = item.output_tokens
         body = self.job_request(item).model_dump(mode="json", exclude_none=True)
         # The same key on every retry: a POST whose answer was lost is not queued twice.
-        headers = {"Idempotency-Key": f"{self.run_id}.{item.seed_for(self.name):x}"}
+        headers = {"Idempotency-Key": f"{self.run_id}.{self._nonce}.{item.seed_for(self.name):x}"}
         job_id = await self._submit(body, headers, rec, clock, deadline_s)
         if job_id is None:
             rec.latency_s = clock.now() - rec.sent_s

@@ -101,6 +101,14 @@ def summary_renderables(summary: dict[str, Any]) -> list[RenderableType]:
         row("Mean client queue time (ms)", "mean_client_queue_time_ms")
         row("Mean E2EL incl. client queue (ms)", "mean_e2el_including_client_queue_ms")
     out.append(t)
+    if both:
+        out.append(
+            Text(
+                "TTFT, TPOT and ITL: pipeline = engine-side (timed by the inference worker), direct = timed by this "
+                "client; E2EL is client-timed on both paths: its difference is the pipeline's overhead.",
+                style="dim",
+            )
+        )
 
     x = Table(title="Client, pipeline and engine", title_justify="left")
     x.add_column("figure")

@@ -277,7 +277,7 @@ def write_plots(out_dir: Path, summary: dict[str, Any], records: list[RequestRec
             ax.barh(
                 ["direct"],
                 [direct.get("mean_e2el_ms") or 0.0],
-                color=PATH_COLORS["direct"],
+                color="#444444",
                 label="direct E2EL",
             )
         ax.set_xlabel("mean ms per request")

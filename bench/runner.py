@@ -265,12 +265,16 @@ async def _check_pipeline(settings: Settings) -> None:
         )
 
 
-async def _check_engine(engine: EngineClient) -> tuple[str, str]:
-    try:
-        model = await engine.model()
-    except EngineError as e:
-        raise BenchError(f"the engine is not reachable for the direct path: {e}") from None
-    return model, await engine.version()
+async def _describe_engine(engine: EngineClient) -> tuple[str, str]:
+    """The served model and an engine name worded as the inference worker words it."""
+    models = await engine.models()
+    first = models[0] if models else {}
+    if not first:
+        raise EngineError("engine serves no model")
+    version = await engine.version()
+    if first.get("owned_by") == "llmconsole-simulator" or first.get("simulator"):
+        return str(first["id"]), f"sim (llmconsole simulator {version})"
+    return str(first["id"]), f"vllm {version}".strip()
 
 
 async def run_benchmark(
@@ -305,7 +309,12 @@ async def run_benchmark(
             run_id,
             cfg.label,
             poll_wait_s=cfg.poll_wait_s,
-            max_connections=max(64, 2 * max(ld.concurrency or 0 for ld in loads) + 16),
+            # each job in flight holds a connection for its long poll; open loops get a wide pool
+            max_connections=(
+                1024
+                if any(ld.concurrency is None for ld in loads)
+                else 2 * max(ld.concurrency or 0 for ld in loads) + 16
+            ),
         )
         if "pipeline" in pnames
         else None
@@ -315,13 +324,14 @@ async def run_benchmark(
     mirror: asyncio.Task[None] | None = None
     warnings: list[str] = []
     try:
-        model_id, version = "", ""
-        if "direct" in pnames:
-            model_id, version = await _check_engine(engine)
-        else:
-            with contextlib.suppress(EngineError):
-                model_id = await engine.model()
-                version = await engine.version()
+        model_id, engine_name = "", ""
+        try:
+            model_id, engine_name = await _describe_engine(engine)
+        except EngineError as e:
+            if "direct" in pnames:
+                raise BenchError(f"the engine is not reachable for the direct path: {e}") from None
+            # pipeline only: the engine may sit on another host; only /metrics figures are lost
+            warnings.append(f"engine /metrics not readable at {s.engine_url}: {e}")
         if pipeline is not None:
             await _check_pipeline(s)
         paths: dict[str, _Path] = {}
@@ -357,9 +367,7 @@ async def run_benchmark(
         after = await _scrape(engine)
         gpu = await gpu_window.run_window(s, t_start_ns, t_end_ns, sum(r.output_len for r in all_records))
 
-        engine_name = next((r.engine for r in all_records if r.engine), None) or (
-            f"{version}".strip() if version else None
-        )
+        engine_name = next((r.engine for r in all_records if r.engine), None) or engine_name or None
         model_id = next((r.model for r in all_records if r.model), None) or model_id
         summary = build_summary(
             cfg,

@@ -224,14 +224,15 @@ class Collector:
     async def _gpus(self, local_r: Any, nodes_r: Any, services: ServicesView) -> GpusView:
         local_node = self.sources.local_gpu.node
         now_ns = int(self.wall() * 1e9)
-        reasons: list[str] = []
+        # reason → where it holds ("this host", node names), so one cause is said once.
+        reasons: dict[str, list[str]] = {}
         local: LocalGpuReading | None = None
         if isinstance(local_r, str):
-            reasons.append(local_r)
+            reasons.setdefault(local_r, []).append("this host")
         else:
             local = local_r
             if local.reason:
-                reasons.append(local.reason)
+                reasons.setdefault(local.reason, []).append("this host")
         # Local samples first (freshest, and their pids are ours to attribute).
         tagged: list[tuple[str, GpuSample, bool]] = []
         if local is not None:
@@ -248,7 +249,8 @@ class Collector:
                 tagged += [(info.node, s, info.node == local_node) for s in samples]
                 gpu_field = info.fields.get("gpu", "")
                 if info.alive and not samples and gpu_field.startswith("no"):
-                    reasons.append(f"{info.node}: {gpu_field.removeprefix('no:').strip() or 'no GPU'}")
+                    why = gpu_field.removeprefix("no:").strip() or "no GPU"
+                    reasons.setdefault(why, []).append(info.node)
         owners: dict[int, str] = {}
         local_pids = {pid for _n, s, is_local in tagged if is_local for pid in s.processes}
         if local_pids and services.services:
@@ -276,7 +278,8 @@ class Collector:
         )
         reason = None
         if not gpus:
-            reason = "; ".join(dict.fromkeys(reasons)) or "no GPU samples from any node"
+            reason = "; ".join(f"{why} ({', '.join(where)})" for why, where in reasons.items())
+            reason = reason or "no GPU samples from any node"
         return GpusView(gpus=gpus, nodes=tuple(nodes), no_gpu_reason=reason, error=error)
 
 

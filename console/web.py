@@ -34,6 +34,8 @@ TEMPLATES = Path(__file__).with_name("webpage")
 #: How long an app process gets to quit by itself, then after SIGTERM.
 QUIT_GRACE_S = 2.0
 TERM_GRACE_S = 2.0
+#: WebSocket ping interval; a browser that stops answering is gone.
+HEARTBEAT_S = 5.0
 
 
 class ConsoleAppService(AppService):
@@ -96,7 +98,8 @@ class ConsoleServer(Server):
 
     async def handle_websocket(self, request: web.Request) -> web.WebSocketResponse:
         """One browser connection drives one app process, which ends when the connection does."""
-        websocket = web.WebSocketResponse(heartbeat=15)
+        # A short heartbeat notices a browser that vanished without closing (crash, lost network).
+        websocket = web.WebSocketResponse(heartbeat=HEARTBEAT_S)
         width = to_int(request.query.get("width", "80"), 80)
         height = to_int(request.query.get("height", "24"), 24)
         service: ConsoleAppService | None = None

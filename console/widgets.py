@@ -74,7 +74,7 @@ def sync_rows(table: DataTable[Any], rows: Sequence[tuple[str, Sequence[Any]]]) 
             old = table.get_row(key)
             for col, (before, after) in enumerate(zip(old, cells, strict=False)):
                 if before != after:
-                    table.update_cell(key, columns[col], after)
+                    table.update_cell(key, columns[col], after, update_width=True)
         return
     selected: str | None = None
     if table.row_count and 0 <= table.cursor_row < table.row_count:
@@ -166,7 +166,10 @@ def _gpu_lines(g: GpuView, compact: bool) -> list[str]:
     vram = fmt_bytes_pair(g.vram_used_bytes, g.vram_total_bytes)
     head = f"[b]{g.index}[/] {escape(g.name.removeprefix('NVIDIA '))} [b]{util}[/] {temp} {power}"
     if compact:
-        return [f"{head} [b]{vram}[/]"]
+        short = DASH
+        if g.vram_used_bytes is not None and g.vram_total_bytes:
+            short = f"{g.vram_used_bytes / 2**30:.0f}/{g.vram_total_bytes / 2**30:.0f}G"
+        return [f"{head} [b]{short}[/]"]
     lines = [head, f"VRAM [$accent]{bar(frac, 10)}[/] [b]{vram}[/]"]
     for p in g.processes[:3]:
         who = f"[b]{escape(p.program)}[/] pid {p.pid}" if p.program else f"pid {p.pid}"
@@ -182,7 +185,9 @@ class GpuPanel(Panel):
 
     def compose(self) -> ComposeResult:
         """A scrollable text block (many GPUs do not fit 80×24)."""
-        with VerticalScroll(id="gpu-scroll"):
+        scroll = VerticalScroll(id="gpu-scroll")
+        scroll.can_focus = False  # Tab moves between the two tables only
+        with scroll:
             yield Static(id="gpu-text")
 
     def show(self, g: GpusView) -> None:

@@ -167,7 +167,7 @@ _engine_explain_pip_log() {
     echo "the disk filled up during the install: free some space (or set ENGINE_VENV to a larger disk) and run it again"
   elif grep -qiE 'No matching distribution|Could not find a version|not found in the package registry|no version of|was not found in the (package registry|provided package locations)' "$log"; then
     echo "a pinned package could not be found in the package index: check that PyPI (and PyTorch's CPU wheel index for torch) can be reached from here, or that pip's find-links hold the wheels"
-  elif grep -qiE 'Connection|timed out|Temporary failure in name resolution|Network is unreachable|certificate' "$log"; then
+  elif grep -qiE 'Connection|timed out|Temporary failure in name resolution|Network is unreachable|certificate|Failed to fetch|error sending request|dns error|Name or service not known|Could not resolve host' "$log"; then
     echo "the package index could not be reached (network, proxy or certificate problem): check connectivity to PyPI and try again"
   elif grep -qiE 'requires a different Python|Requires-Python|is not a supported wheel|no matching wheels? for' "$log"; then
     echo "a wheel does not fit this Python or platform: vLLM 0.32 needs Linux x86_64/aarch64 and Python 3.11-3.14 (set ENGINE_PYTHON)"
@@ -294,10 +294,10 @@ _engine_install_cpu() {
     # uv reads no pip config: name the source, and let the PyTorch index win for torch alone.
     [ "${src[0]}" = --extra-index-url ] && src=(--index-url "$ENGINE_TORCH_CPU_INDEX")
     _engine_run_logged "$log" "installing torch" "$uv" pip install --python "$venv/bin/python" --no-deps \
-      "${src[@]}" "$torch_spec" || return 1
+      "${src[@]}" "$torch_spec" || { _engine_torch_hint "$torch_version"; return 1; }
   else
     _engine_run_logged "$log" "installing torch" "$venv/bin/python" -m pip install --no-deps \
-      "${src[@]}" "$torch_spec" || return 1
+      "${src[@]}" "$torch_spec" || { _engine_torch_hint "$torch_version"; return 1; }
   fi
   rest="$venv/requirements-engine-cpu.no-torch.txt"
   grep -vE '^torch==' "$ENGINE_CPU_REQUIREMENTS" >"$rest"
@@ -309,6 +309,10 @@ _engine_install_cpu() {
     _engine_run_logged "$log" "installing the pinned packages" "$venv/bin/python" -m pip install --no-deps \
       -r "$rest" || return 1
   fi
+}
+
+_engine_torch_hint() {
+  _engine_err "torch's CPU build ($1) is not on PyPI: it comes from $ENGINE_TORCH_CPU_INDEX (set ENGINE_TORCH_CPU_INDEX to a mirror), or from a folder holding torch-$1-cp3XX-*.whl named in pip's find-links (PIP_FIND_LINKS=/that/folder)"
 }
 
 _engine_install_gpu() {

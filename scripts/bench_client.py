@@ -80,27 +80,31 @@ async def main_async(ns: argparse.Namespace) -> int:
     s = Settings(_env_file=None, engine_port=port, redis_port=_free_port(), results_dir=str(tmp))  # type: ignore[call-arg]
     try:
         print(f"open loop: {ns.input_tokens} in / {ns.output_tokens} out tokens, {ns.seconds:g} s per rate")
-        print(
-            f"{'target/s':>9} {'achieved/s':>10} {'lag p50 ms':>10} {'lag p99 ms':>10} {'lag max ms':>10} {'failed':>6}"
-        )
-        best = 0.0
+        head = ["target/s", "achieved/s", "lag p50 ms", "lag p90 ms", "lag p99 ms", "failed"]
+        print(" ".join(f"{h:>10}" for h in head))
+        best, misses = 0.0, 0
         for rate in ns.rates:
             n = max(50, int(rate * ns.seconds))
             cfg = BenchConfig(input_tokens=ns.input_tokens, output_tokens=ns.output_tokens, requests=n, rate=float(rate),
                               path="direct", store=False, plots=False, prefix_share=0.0)  # fmt: skip
             r = (await run_benchmark(cfg, settings=s)).summary
+            # p90, not p99: on a shared machine one stall of another process spoils a p99
             ok = (
-                r["p99_schedule_lag_ms"] <= ns.lag_ms
-                and r["request_throughput"] >= 0.9 * rate
+                r["p90_schedule_lag_ms"] <= ns.lag_ms
+                and r["request_throughput"] >= 0.95 * rate
                 and not r["failed"]
             )
-            print(f"{rate:>9} {r['request_throughput']:>10.1f} {r['p50_schedule_lag_ms']:>10.2f} "
-                  f"{r['p99_schedule_lag_ms']:>10.2f} {r['max_schedule_lag_ms']:>10.2f} {r['failed']:>6}"
-                  f"{'' if ok else '   <- client falls behind'}")  # fmt: skip
-            if not ok:
-                break
-            best = rate
-        print(f"=> keeps its schedule up to about {best:g} requests/s (p99 lag ≤ {ns.lag_ms:g} ms)\n")
+            cells = [rate, r["request_throughput"], r["p50_schedule_lag_ms"], r["p90_schedule_lag_ms"],
+                     r["p99_schedule_lag_ms"], r["failed"]]  # fmt: skip
+            print(" ".join(f"{c:>10.2f}" if isinstance(c, float) else f"{c:>10}" for c in cells)
+                  + ("" if ok else "   <- client falls behind"))  # fmt: skip
+            if ok:
+                best, misses = max(best, float(rate)), 0
+            else:
+                misses += 1
+                if misses == 2:
+                    break
+        print(f"=> keeps its schedule up to about {best:g} requests/s (p90 lag <= {ns.lag_ms:g} ms)\n")
 
         print(f"closed loop: {ns.input_tokens} in / {ns.stream_tokens} out tokens")
         print(
@@ -129,7 +133,7 @@ def main() -> int:
     p.add_argument("--output-tokens", type=int, default=8)
     p.add_argument("--stream-tokens", type=int, default=128, help="output tokens per closed-loop request")
     p.add_argument(
-        "--lag-ms", type=float, default=20.0, help="p99 schedule lag that counts as falling behind"
+        "--lag-ms", type=float, default=20.0, help="p90 schedule lag that counts as falling behind"
     )
     return asyncio.run(main_async(p.parse_args()))
 

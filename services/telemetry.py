@@ -516,6 +516,18 @@ def decode_samples(raw: str | bytes) -> list[GpuSample]:
     return [GpuSample.model_validate(d) for d in json.loads(raw)]
 
 
+def _raise_if_cancel_swallowed() -> None:
+    """Re-raise a cancellation that a Redis call swallowed.
+
+    redis-py's asyncio client can return normally from a command during which its task was
+    cancelled (seen with 8.1; cf. redis/redis-py#2028), and a loop would then never stop. The
+    task still counts the pending cancel request, so it is honoured here.
+    """
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
+
+
 async def publish_samples(
     redis: Any, keys: Keys, node_id: str, backend: GpuBackend, interval: float, *, count: int | None = None
 ) -> None:
@@ -535,6 +547,7 @@ async def publish_samples(
             await redis.xadd(
                 stream, {SAMPLES_FIELD: encode_samples(samples)}, maxlen=GPU_SAMPLES_MAXLEN, approximate=True
             )
+            _raise_if_cancel_swallowed()
             sent += 1
         if count is None or sent < count:
             await asyncio.sleep(interval)

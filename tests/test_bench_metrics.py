@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from bench.gpu import parse_sample, summarize_samples
+from bench.gpu import parse_entry, run_window, summarize_samples
 from bench.metrics import (
     find_knee,
     overhead,
@@ -19,8 +19,12 @@ from bench.metrics import (
     vllm_metrics,
 )
 from bench.records import BREAKDOWN_NAMES, RequestRecord
-from services.contracts import STAGE_NAMES, GpuSample, VllmMetric
+from services.contracts import STAGE_NAMES, GpuSample, Keys, VllmMetric, new_id, now_ns
 from services.engine_client import parse_prometheus
+from services.queue import redis_client
+from services.settings import Settings
+from services.telemetry import SAMPLES_FIELD, FakeGpuBackend, encode_samples, publish_samples
+from tests.stackutil import RedisServer
 
 
 def rec(
@@ -275,22 +279,52 @@ def test_gpu_window_energy_from_counters_and_window() -> None:
     assert summarize_samples([], 1, 0, 1) is None
 
 
-def test_gpu_sample_parsing_both_stream_layouts() -> None:
-    smp = GpuSample(index=1, name="H200", t=5, util_pct=10.0, processes={7: 100})
-    assert parse_sample({"sample": smp.model_dump_json()}) == smp
-    flat = {
-        "index": "1",
-        "name": "H200",
-        "t": "5",
-        "util_pct": "10.0",
-        "power_w": "",
-        "processes": '{"7": 100}',
-    }
-    assert parse_sample(flat) == smp
-    assert parse_sample({"junk": "x"}) is None
+def test_gpu_stream_entries_as_the_worker_publishes_them() -> None:
+    smps = [GpuSample(index=i, name="H200", t=5, util_pct=10.0 * i, processes={7: 100}) for i in range(2)]
+    assert parse_entry({SAMPLES_FIELD: encode_samples(smps)}) == smps
+    assert parse_entry({SAMPLES_FIELD: "not json"}) == []
+    assert parse_entry({"other": "x"}) == []
 
 
 def test_no_nan_from_a_zero_duration() -> None:
     m = vllm_metrics([rec(0.1, [0.1])], 0.0, PCTS)
     assert math.isnan(m["request_throughput"])  # written as null in summary.json
     assert np.isfinite(m["mean_ttft_ms"])
+
+
+async def test_gpu_run_window_reads_the_nodes_samples_from_redis(redis_server: RedisServer) -> None:
+    s = Settings(  # type: ignore[call-arg]
+        _env_file=None,
+        redis_port=redis_server.port,
+        redis_password=redis_server.password,
+        redis_prefix=f"tb{new_id()[-8:]}:",
+    )
+    keys = Keys(s.redis_prefix)
+    t0 = now_ns()
+    frames = [
+        [
+            GpuSample(
+                index=0,
+                name="H200",
+                t=t0 + k * 100_000_000,
+                energy_mj=1000 * k,
+                util_pct=50.0,
+                vram_used_bytes=k,
+            )
+        ]
+        for k in range(5)
+    ]
+    r = redis_client(s)
+    try:
+        await r.sadd(keys.nodes, "n1")
+        await publish_samples(r, keys, "n1", FakeGpuBackend(frames=frames), 0.0, count=5)
+    finally:
+        await r.aclose()
+    out = await run_window(s, t0, t0 + 300_000_000, output_tokens=6)  # the last sample is past the window
+    assert out is not None
+    assert out["gpus"][0]["node"] == "n1" and out["gpus"][0]["samples"] == 4
+    assert out["energy_j"] == pytest.approx(3.0)
+    assert out["energy_per_output_token_j"] == pytest.approx(0.5)
+    assert out["vram_peak_bytes"] == 3
+    nothing = s.model_copy(update={"redis_prefix": "tbnone:"})
+    assert await run_window(nothing, t0, t0 + 1, 1) is None

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from bench import BenchConfig, BenchError, ProgressEvent, load_run, run_benchmark
+from bench import BenchConfig, BenchError, ProgressEvent, SweepSpec, load_run, run_benchmark
 from bench.calibrate import Plan, calibrate, write_profile
 from bench.paths import DirectPath
 from bench.workload import build_workload
@@ -168,3 +168,22 @@ async def test_calibration_writes_a_loadable_profile(sim: int, tmp_path: Path) -
     assert load_profile(str(path))["block_size"] == BLOCK
     other = write_profile(fit.config, str(tmp_path / "x" / "p.json"), s)
     assert json.loads(other.read_text())["itl_ms"] == fit.config.itl_ms
+
+
+async def test_sweep_runs_every_step_and_reports_a_knee(sim: int, tmp_path: Path) -> None:
+    cfg = BenchConfig(
+        input_tokens=32,
+        output_tokens=4,
+        requests=6,
+        path="direct",
+        sweep=SweepSpec(param="concurrency", values=[1, 2, 3], stop_at_knee=False),
+        out=str(tmp_path / "sweep"),
+    )
+    res = await run_benchmark(cfg, settings=settings_for(sim, tmp_path))
+    sw = res.summary["sweep"]
+    assert [st["max_concurrency"] for st in sw["steps"]] == [1, 2, 3]
+    assert all(st["paths"]["direct"]["completed"] == 6 for st in sw["steps"])
+    assert sw["knee"]["knee_index"] in (0, 1, 2) and len(sw["knee"]["gains"]) == 3
+    assert res.summary["max_concurrency"] == sw["steps"][sw["knee"]["knee_index"]]["max_concurrency"]
+    assert len(res.records) == 18 and {r.step for r in res.records} == {0, 1, 2}
+    assert (tmp_path / "sweep" / "sweep.png").is_file()

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import io
+
 import pytest
+from rich.console import Console
 from textual.widgets import Button, DataTable, Input, Select, Static, TabbedContent
 
 from console.app import ConsoleApp
@@ -17,6 +20,16 @@ VALID = {
     "load_value": "3",
     "label": "smoke",
 }
+
+
+def plain(widget: Static) -> str:
+    """What a Static shows, as text (Rich tables included)."""
+    content = widget.content
+    if isinstance(content, str):
+        return str(widget.render())
+    console = Console(width=140, file=io.StringIO(), record=True)
+    console.print(content)
+    return console.export_text()
 
 
 def test_form_builds_the_config() -> None:
@@ -96,7 +109,7 @@ async def test_form_validates_as_you_type_and_a_run_shows_its_results() -> None:
         assert isinstance(app.screen, RunScreen)
         (cfg,) = bench.configs
         assert (cfg.input_tokens, cfg.output_tokens, cfg.requests, cfg.concurrency, cfg.path) == (64, 16, 12, 3, "direct")
-        summary = str(app.screen.query_one("#run-summary-text", Static).render())
+        summary = plain(app.screen.query_one("#run-summary-text", Static))
         assert "Successful requests" in summary and "12" in summary
         await pilot.press("escape")
         await pilot.pause()
@@ -144,7 +157,7 @@ async def test_runs_list_reopens_and_compares_runs() -> None:
         await pilot.pause()
         assert isinstance(app.screen, CompareScreen)
         assert (app.screen.a.run_id, app.screen.b.run_id) == ("run-fake-b", "run-fake-a")
-        table_text = str(app.screen.query_one("#compare-text", Static).render())
+        table_text = plain(app.screen.query_one("#compare-text", Static))
         assert "Request throughput" in table_text and "better" in table_text
 
 

@@ -2,8 +2,8 @@
 
 The GPU path is checked as far as a machine without a GPU can: the command line and environment
 it produces from settings, the install's detection logic (``nvidia-smi`` is a stub script on a
-fake PATH), and the plain sentences for failures. The ``cpu_engine`` test at the end starts vLLM's
-CPU build with the real model through the launcher (minutes; needs ``./install.sh --engine cpu``).
+fake PATH), and the plain sentences for failures. The real CPU engine itself is checked end
+to end under supervisord in ``tests/test_cpu_engine.py``.
 """
 
 from __future__ import annotations
@@ -14,10 +14,8 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-import httpx
 import pytest
 
 from services.engine_launch import (
@@ -474,84 +472,52 @@ def test_requirements_pin_every_package_and_exclude_cuda_builds() -> None:
 # ---------------------------------------------------------------------------
 
 
-@pytest.mark.cpu_engine
-@pytest.mark.timeout(600)
-def test_real_cpu_engine_exact_counts_and_prefix_cache(tmp_path: Path) -> None:
-    s = load_settings(engine_kind="cpu")
-    model_dir = Path(s.model_path) if s.model_path else default_cpu_model_dir(s)
-    if not (Path(s.engine_venv) / "bin" / "python").exists() or not (model_dir / "config.json").exists():
-        pytest.skip("the CPU engine is not installed (./install.sh --engine cpu)")
-    port = free_port()
-    env = settings_env(
-        {"engine_kind": "cpu", "engine_port": port, "engine_venv": s.engine_venv, "model_path": model_dir}
+def _wait_ready(url: str, timeout_s: int, log: Path) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [BASH, "-c", f"source {ENGINE_SH}; wait_engine_ready {url} {timeout_s} {log}"],
+        env={**os.environ, "ENGINE_PROJECT_PYTHON": sys.executable, "LLMC_ENV_FILE": "/nonexistent"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
-    log_path = tmp_path / "engine.log"
-    with log_path.open("wb") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "services.engine_launch"],
-            cwd=REPO_ROOT,
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    base = f"http://127.0.0.1:{port}"
+
+
+def test_wait_engine_ready_stops_early_on_a_known_failure(tmp_path: Path) -> None:
+    log = tmp_path / "engine.log"
+    log.write_text(SAMPLES["oom"][0] + "\n")  # an earlier start's failure is not this start's
+    port = free_port()
+    p = _wait_ready(f"http://127.0.0.1:{port}", 120, log)
+    wait_until(lambda: "waiting for the engine" in (p.stdout.readline() if p.stdout else ""), 60, "progress")
+    with log.open("a") as f:
+        f.write(SAMPLES["port"][0] + "\n")
+    _out, err = p.communicate(timeout=90)
+    assert p.returncode == 1
+    assert "port is already taken" in err and "memory" not in err
+
+
+def test_wait_engine_ready_returns_when_health_answers(tmp_path: Path) -> None:
+    (tmp_path / "www").mkdir()
+    (tmp_path / "www" / "health").write_text("ok")
+    port = free_port()
+    srv = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "http.server",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--directory",
+            str(tmp_path / "www"),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
-        deadline = time.monotonic() + 480
-        while not http_ok(f"{base}/health"):
-            assert proc.poll() is None, (
-                explain_engine_failure(log_path.read_text()) or log_path.read_text()[-3000:]
-            )
-            assert time.monotonic() < deadline, "engine did not start"
-            time.sleep(2)
-        with httpx.Client(base_url=base, timeout=120) as c:
-            name = DEFAULT_CPU_MODEL_NAME
-            tok = c.post("/tokenize", json={"model": name, "prompt": "The capital of France is"}).json()
-            assert tok["tokens"][0] == 2 and tok["count"] == 6  # <bos> is counted
-            body = {
-                "model": name,
-                "prompt": "The capital of France is",
-                "max_tokens": 20,
-                "min_tokens": 20,
-                "ignore_eos": True,
-                "stream": True,
-                "stream_options": {"include_usage": True},
-            }
-            chunks, usage = 0, None
-            with c.stream("POST", "/v1/completions", json=body) as r:
-                for line in r.iter_lines():
-                    if line.startswith("data: {"):
-                        d = json.loads(line[6:])
-                        chunks += bool(d.get("choices"))
-                        usage = d.get("usage") or usage
-            assert usage is not None and usage["completion_tokens"] == 20 and usage["prompt_tokens"] == 6
-            ids = c.post("/tokenize", json={"model": name, "prompt": "The quick brown fox. " * 80}).json()[
-                "tokens"
-            ][:300]
-
-            def hits() -> float:
-                text = c.get("/metrics").text
-                return sum(
-                    float(ln.rsplit(" ", 1)[1])
-                    for ln in text.splitlines()
-                    if ln.startswith("vllm:prefix_cache_hits_total{")
-                )
-
-            before = hits()
-            cached = []
-            for _ in range(2):
-                u = c.post("/v1/completions", json={"model": name, "prompt": ids, "max_tokens": 2}).json()[
-                    "usage"
-                ]
-                assert u["prompt_tokens"] == 300
-                cached.append((u.get("prompt_tokens_details") or {}).get("cached_tokens") or 0)
-            assert cached[1] > 0
-            assert hits() > before
+        p = _wait_ready(f"http://127.0.0.1:{port}", 120, tmp_path / "absent.log")
+        out, err = p.communicate(timeout=120)
+        assert p.returncode == 0, err
+        assert "engine ready at" in out
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)  # vLLM stops its own workers on SIGTERM
-            try:
-                proc.wait(60)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(10)
+        srv.terminate()
+        srv.wait(10)

@@ -394,8 +394,22 @@ async def test_publish_runs_until_cancelled(redis_server: RedisServer, keys: Key
             await asyncio.sleep(0.01)
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
-            await task
+            await asyncio.wait_for(task, 10)
         ticks = await read_gpu_samples(r, keys, "n", count=2)  # decoded strings work too
         assert len(ticks) == 2
     finally:
         await r.aclose()
+
+
+@pytest.mark.parametrize("delay_s", [0, 0.0001, 0.0003, 0.001, 0.003])
+async def test_publish_stops_when_cancelled_mid_command(
+    rconn: aioredis.Redis, keys: Keys, delay_s: float
+) -> None:
+    # A cancel that lands inside redis-py's XADD can be swallowed by the client; the loop must
+    # still stop (the task would otherwise publish forever).
+    for _ in range(5):
+        task = asyncio.create_task(publish_samples(rconn, keys, "n", FakeGpuBackend(), 0))
+        await asyncio.sleep(delay_s)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await asyncio.wait_for(task, 10)

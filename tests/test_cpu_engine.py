@@ -1,0 +1,155 @@
+"""End to end on vLLM's CPU build with the real model (Gemma 3 270M), under the real supervisord.
+
+Exact token counts, prefix-cache hits, a restart of the inference worker mid-run, and no
+orphaned engine process after supervisord stops. Needs the engine installed
+(``./install.sh --engine cpu``, or ``--setup-only`` as CI does); starting vLLM on 2 cores takes
+one to two minutes, so everything here shares one stack.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from services.contracts import TIMESTAMPS, VllmMetric
+from services.engine_client import metric_sum, parse_prometheus
+from services.engine_launch import DEFAULT_CPU_MODEL_NAME, default_cpu_model_dir
+from services.settings import load_settings
+from tests.supervisedstack import SupervisedStack
+
+pytestmark = [pytest.mark.cpu_engine, pytest.mark.timeout(900)]
+
+
+def _installed() -> tuple[Path, Path] | None:
+    s = load_settings()
+    venv = Path(s.engine_venv)
+    model = Path(s.model_path) if s.model_path else default_cpu_model_dir(s)
+    if (venv / "bin" / "python").exists() and (model / "config.json").exists():
+        return venv, model
+    if s.engine_kind == "cpu":
+        # This machine was set up for the CPU engine (CI is): missing it is a failure, not a skip.
+        pytest.fail(f"the CPU engine is not installed ({venv}, {model}): run ./install.sh --engine cpu")
+    pytest.skip("the CPU engine is not installed here (./install.sh --engine cpu installs it)")
+    return None
+
+
+def _tree(pid: int) -> set[int]:
+    """``pid`` and all its descendants (from /proc)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry.name))
+    out, todo = set(), [pid]
+    while todo:
+        p = todo.pop()
+        out.add(p)
+        todo.extend(children.get(p, []))
+    return out
+
+
+@pytest.fixture(scope="module")
+def cpu(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SupervisedStack]:
+    installed = _installed()
+    assert installed is not None
+    venv, model = installed
+    st = SupervisedStack(
+        tmp_path_factory.mktemp("cpu"),
+        engine_kind="cpu",
+        engine_venv=str(venv),
+        model_path=str(model),
+        max_model_len=2048,
+        lease_ms=30_000,
+    )
+    try:
+        st.start(timeout=600)
+    except Exception:
+        log = st.log("engine")
+        st.stop()
+        raise AssertionError(f"CPU stack did not start\n{log}") from None
+    yield st
+    st.stop()
+
+
+def _run(c: httpx.Client, st: SupervisedStack, n: int, run_id: str, during: object = None) -> list[dict]:
+    url = f"{st.settings.ingestion_url}/v1/jobs"
+    ids = []
+    for i in range(n):
+        r = c.post(url, json={"input_tokens": 300, "output_tokens": 12, "run_id": run_id, "seed": i},
+                   headers=st.headers)
+        assert r.status_code == 202, r.text
+        ids.append(r.json()["job_id"])
+    if callable(during):
+        during()
+    jobs = []
+    for jid in ids:
+        deadline = time.monotonic() + 300
+        while True:
+            r = c.get(f"{url}/{jid}", params={"wait": 30}, headers=st.headers, timeout=60)
+            if r.status_code == 200 and r.json()["state"] in ("succeeded", "failed", "dead"):
+                jobs.append(r.json())
+                break
+            assert time.monotonic() < deadline, f"job {jid} not final\n{st.log('proxy_worker')}"
+    return jobs
+
+
+def _prefix_hits(st: SupervisedStack) -> float:
+    text = httpx.get(f"{st.settings.engine_url}/metrics", timeout=10).text
+    return metric_sum(parse_prometheus(text), VllmMetric.PREFIX_HITS) or 0.0
+
+
+def test_exact_tokens_and_prefix_cache_on_real_engine(cpu: SupervisedStack) -> None:
+    hits_before = _prefix_hits(cpu)
+    with httpx.Client(timeout=60) as c:
+        jobs = _run(c, cpu, 4, "cpu-exact")
+    for j in jobs:
+        assert j["state"] == "succeeded", j
+        res = j["result"]
+        assert res["prompt_tokens"] == 300 and res["completion_tokens"] == 12, res
+        assert res["token_mismatch"] == []
+        assert res["engine"].startswith("vllm-cpu") and res["model"] == DEFAULT_CPU_MODEL_NAME
+        values = [j["timestamps"][k] for k in TIMESTAMPS]
+        assert None not in values and values == sorted(values)
+    # 150 shared prefix tokens: the later jobs hit whole 128-token blocks of it.
+    assert max(j["result"]["cached_tokens"] or 0 for j in jobs[1:]) >= 128
+    assert _prefix_hits(cpu) > hits_before
+
+
+def test_restart_inference_worker_during_run_loses_nothing(cpu: SupervisedStack) -> None:
+    done = threading.Event()
+
+    def restart() -> None:
+        time.sleep(1.0)
+        res = cpu.ctl("restart", "inference_worker")
+        assert "started" in res.stdout, res.stdout + res.stderr
+        done.set()
+
+    with httpx.Client(timeout=60) as c:
+        t = threading.Thread(target=restart)
+        jobs = _run(c, cpu, 6, "cpu-restart", during=t.start)
+        t.join(120)
+    assert done.is_set()
+    assert [j["state"] for j in jobs] == ["succeeded"] * 6
+    assert all(j["result"]["completion_tokens"] == 12 for j in jobs)
+
+
+def test_stop_leaves_no_engine_process(cpu: SupervisedStack) -> None:
+    engine_pid = cpu.pids()["engine"]
+    tree = _tree(engine_pid)
+    assert len(tree) >= 2, "vLLM runs its engine core as a child process"
+    cpu.stop()
+    deadline = time.monotonic() + 90
+    alive = tree
+    while alive and time.monotonic() < deadline:
+        alive = {p for p in tree if os.path.exists(f"/proc/{p}")}
+        time.sleep(0.5)
+    assert not alive, f"orphaned engine processes: {alive}"
