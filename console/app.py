@@ -57,7 +57,7 @@ class ConsoleApp(App[None]):
         demo: bool = False,
         clock: Callable[[], float] = time.monotonic,
         wall: Callable[[], float] = time.time,
-        job_limit: int = 200,
+        job_limit: int = 100,
     ) -> None:
         if refresh_s < MIN_REFRESH_S:
             raise ValueError(f"refresh interval must be at least {MIN_REFRESH_S} s (got {refresh_s:g})")

@@ -83,7 +83,7 @@ class Collector:
         self,
         sources: Sources,
         *,
-        job_limit: int = 200,
+        job_limit: int = 100,
         history: int = 120,
         clock: Callable[[], float] = time.monotonic,
         wall: Callable[[], float] = time.time,

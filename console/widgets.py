@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from rich.cells import cell_len
 from rich.text import Text
 from textual.app import ComposeResult
 from textual.containers import Vertical, VerticalScroll
@@ -61,29 +62,55 @@ def error_markup(message: str) -> str:
 
 
 def sync_rows(table: DataTable[Any], rows: Sequence[tuple[str, Sequence[Any]]]) -> None:
-    """Make ``table`` show ``rows`` (key, cells) with as little redrawing as possible.
+    """Make ``table`` show ``rows`` (key, cells) in that order, touching as little as possible.
 
-    The same keys in the same order only update changed cells; otherwise the
-    table is rebuilt and the cursor stays on the row it was on (by key).
+    Rows that stay keep their rendered cells (only changed cells are updated), new rows are
+    added, gone rows removed, then the table is re-ordered. A full rebuild every refresh
+    would re-measure every row and costs most of the console's CPU on a busy stack. The
+    first cell of each row must be a unique string (it is what the re-ordering sorts on).
+    The cursor stays on its row (by key); at the top it stays at the top, following new rows.
     """
-    keys = [k for k, _ in rows]
-    current = [rk.value for rk in table.rows]
-    if keys == current:
-        columns = list(table.columns)
-        for key, cells in rows:
-            old = table.get_row(key)
-            for col, (before, after) in enumerate(zip(old, cells, strict=False)):
-                if before != after:
-                    table.update_cell(key, columns[col], after, update_width=True)
+    wanted: dict[str, Sequence[Any]] = {}
+    for key, cells in rows:
+        wanted.setdefault(key, cells)
+    keys = list(wanted)
+    shown = [r.key.value for r in table.ordered_rows]
+    if shown == keys:
+        _update_cells(table, wanted)
         return
     selected: str | None = None
-    if table.row_count and 0 <= table.cursor_row < table.row_count:
-        selected = table.coordinate_to_cell_key(table.cursor_coordinate).row_key.value
-    table.clear()
-    for key, cells in rows:
-        table.add_row(*cells, key=key)
-    if selected in keys:
+    if table.row_count and 0 < table.cursor_row < table.row_count:
+        selected = shown[table.cursor_row]
+    gone = [k for k in shown if k not in wanted]
+    if len(gone) > len(shown) // 2:
+        table.clear()
+        shown = []
+    else:
+        for key in gone:
+            table.remove_row(key)
+    present = set(shown) - set(gone)
+    _update_cells(table, {k: c for k, c in wanted.items() if k in present})
+    for key, cells in wanted.items():
+        if key not in present:
+            table.add_row(*cells, key=key)
+    if [r.key.value for r in table.ordered_rows] != keys:
+        position = {str(cells[0]): i for i, cells in enumerate(wanted.values())}
+        table.sort(key=lambda values: position.get(str(values[0]), len(position)))
+    if selected in wanted:
         table.move_cursor(row=keys.index(selected), animate=False)
+
+
+def _update_cells(table: DataTable[Any], rows: dict[str, Sequence[Any]]) -> None:
+    columns = list(table.columns.items())
+    for key, cells in rows.items():
+        old = table.get_row(key)
+        for col, (before, after) in enumerate(zip(old, cells, strict=False)):
+            if before != after:
+                column_key, column = columns[col]
+                # Widen the column if the new value needs it; never ask the table to
+                # re-measure a whole column for a narrower value (that scan is expensive).
+                width = after.cell_len if isinstance(after, Text) else cell_len(str(after))
+                table.update_cell(key, column_key, after, update_width=width > column.content_width)
 
 
 class Panel(Vertical):
@@ -226,10 +253,10 @@ class GpuPanel(Panel):
         text.update("\n".join(lines))
 
 
-def service_cells(s: ServiceView) -> tuple[Text, Text, str, str]:
+def service_cells(s: ServiceView) -> tuple[str, Text, str, str]:
     """The cells of one service row: name, state, pid, uptime."""
     return (
-        Text(s.full_name),
+        s.full_name,
         Text(s.state, style=SERVICE_STYLES.get(s.state, "")),
         str(s.pid) if s.pid else DASH,
         fmt_uptime(s.uptime_s),
@@ -283,7 +310,7 @@ class ServicesPanel(Panel):
         return next((s for s in self.services if s.full_name == key), None)
 
 
-def job_cells(j: JobView) -> tuple[Any, ...]:
+def job_cells(j: JobView) -> tuple[Text, ...]:
     """The cells of one job row."""
     r = j.result
     spec = j.spec
@@ -295,9 +322,9 @@ def job_cells(j: JobView) -> tuple[Any, ...]:
         e2e = (ts["t_finished"] - ts["t_received"]) / 1e9  # type: ignore[operator]
     run = (spec.label or spec.run_id or "") if spec else ""
     tps = r.completion_tokens / r.decode_s if r and r.decode_s > 0 else None
-    return (
-        j.job_id[-12:],
-        Text(j.state.value, style=JOB_STYLES.get(j.state, "")),
+    plain = (
+        j.job_id[-12:],  # the id's random tail: unique in practice, and what the table sorts on
+        j.state.value,
         DASH if tok_in is None else f"{tok_in:,}",
         DASH if tok_out is None else f"{tok_out:,}",
         fmt_s(j.stages_s.get("queue_wait")),
@@ -310,6 +337,10 @@ def job_cells(j: JobView) -> tuple[Any, ...]:
         (j.worker or DASH)[:20],
         (r.node if r else DASH)[:20],
     )
+    # Text cells, not str: the table would parse every str as markup on every render.
+    cells = [Text(v) for v in plain]
+    cells[1].stylize(JOB_STYLES.get(j.state, ""))
+    return tuple(cells)
 
 
 JOB_COLUMNS = (

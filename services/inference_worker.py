@@ -28,7 +28,7 @@ from services import telemetry
 from services.contracts import NODE_TTL_S, InferRequest, InferResult, Keys, now_ns
 from services.engine_client import EngineClient, EngineError
 from services.prompts import PromptBuilder, prefix_seed_for_run, split_tokens
-from services.queue import REDIS_DOWN, redis_client
+from services.queue import REDIS_DOWN, raise_if_cancelling, redis_client
 from services.settings import Settings, get_settings
 
 log = logging.getLogger("llmconsole.inference_worker")
@@ -101,6 +101,7 @@ async def _heartbeat(state: WorkerState) -> None:
                     p.hset(state.keys.node(state.node), mapping={k: str(v) for k, v in info.items()})
                     p.expire(state.keys.node(state.node), NODE_TTL_S)
                     await p.execute()
+                raise_if_cancelling()
             except REDIS_DOWN:
                 pass  # Redis is back soon; the TTL marks us gone meanwhile
             except EngineError as e:

@@ -33,7 +33,7 @@ from typing import Any
 import httpx
 
 from services.contracts import InferRequest, InferResult, JobSpec, JobState, Keys, now_ns
-from services.queue import REDIS_DOWN, Delivery, JobQueue, redis_client
+from services.queue import REDIS_DOWN, Delivery, JobQueue, raise_if_cancelling, redis_client
 from services.settings import Settings, get_settings
 
 log = logging.getLogger("llmconsole.proxy_worker")
@@ -110,6 +110,7 @@ class ProxyWorker:
             want = min(1 + self.slots._value, 64)  # Semaphore has no public "free count"
             try:
                 entries = await self.q.read(self.consumer, count=want, block_ms=1000)
+                raise_if_cancelling()
             except REDIS_DOWN:
                 entries = []
                 await asyncio.sleep(0.5)
@@ -149,12 +150,14 @@ class ProxyWorker:
             await asyncio.sleep(self.s.stream_trim_interval_s)
             with contextlib.suppress(*REDIS_DOWN):
                 await self.q.trim()
+            raise_if_cancelling()
 
     async def _heartbeat_loop(self) -> None:
         key = self.keys.consumer_heartbeat(self.consumer)
         while not self.stopping.is_set():
             with contextlib.suppress(*REDIS_DOWN):
                 await self.r.set(key, json.dumps({"in_flight": len(self.running), "t": now_ns()}), ex=15)
+            raise_if_cancelling()
             await asyncio.sleep(5)
 
     async def _drain(self) -> None:
@@ -230,7 +233,9 @@ class ProxyWorker:
         while True:
             await asyncio.sleep(interval)
             try:
-                if not await self.q.renew(d, self.consumer):
+                renewed = await self.q.renew(d, self.consumer)
+                raise_if_cancelling()
+                if not renewed:
                     log.info("lost lease on %s (attempt %d)", d.job_id, d.attempt)
                     task.cancel()
                     return

@@ -13,6 +13,7 @@ atomically:
 
 from __future__ import annotations
 
+import asyncio
 import json
 from dataclasses import dataclass
 from typing import Any
@@ -37,6 +38,17 @@ from services.settings import Settings
 
 #: Errors that mean "Redis is not reachable right now".
 REDIS_DOWN = (RedisConnectionError, RedisTimeoutError, ConnectionError, OSError)
+
+
+def raise_if_cancelling() -> None:
+    """Re-raise a cancellation that redis-py swallowed.
+
+    redis-py can complete a command even though its task was cancelled meanwhile
+    (redis/redis-py#2028); loops call this after each command so they still stop.
+    """
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
 
 
 def redis_client(settings: Settings, *, blocking: bool = False) -> aioredis.Redis:

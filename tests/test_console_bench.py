@@ -145,7 +145,7 @@ async def test_runs_list_reopens_and_compares_runs() -> None:
         await pilot.pause()
         assert screen.query_one(TabbedContent).active == "runs"
         table = screen.query_one("#runs-table", DataTable)
-        assert [str(table.get_row_at(i)[1]) for i in range(table.row_count)] == ["run-fake-b", "run-fake-a"]
+        assert [str(table.get_row_at(i)[0]) for i in range(table.row_count)] == ["run-fake-b", "run-fake-a"]
         await pilot.press("enter")
         await screen.workers.wait_for_complete()
         await pilot.pause()

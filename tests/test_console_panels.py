@@ -302,5 +302,37 @@ async def test_command_palette_runs_a_binding() -> None:
 
 
 def test_refresh_below_the_minimum_is_refused() -> None:
-    with pytest.raises(ValueError, match="at least 0.25"):
+    with pytest.raises(ValueError, match=r"at least 0\.25"):
         ConsoleApp(fake_sources(), refresh_s=0.1)
+
+
+async def test_sync_rows_keeps_order_and_the_selected_row() -> None:
+    from textual.app import App, ComposeResult
+
+    from console.widgets import sync_rows
+
+    class One(App[None]):
+        def compose(self) -> ComposeResult:
+            t: DataTable[str] = DataTable()
+            t.add_columns("id", "v")
+            yield t
+
+    app = One()
+    async with app.run_test() as pilot:
+        table = app.query_one(DataTable)
+
+        def show(*ids: str, v: str = "x") -> list[list[str]]:
+            sync_rows(table, [(i, (i, f"{v}{i}")) for i in ids])
+            return [[str(c) for c in table.get_row_at(n)] for n in range(table.row_count)]
+
+        assert show("c", "b", "a") == [["c", "xc"], ["b", "xb"], ["a", "xa"]]
+        table.move_cursor(row=1)  # on "b"
+        # Newer rows arrive on top, the oldest falls off, one value changes.
+        assert show("e", "d", "c", "b", v="y")[:2] == [["e", "ye"], ["d", "yd"]]
+        assert [str(table.get_row_at(n)[0]) for n in range(table.row_count)] == ["e", "d", "c", "b"]
+        assert table.get_row_at(table.cursor_row)[0] == "b"  # the selection stayed with its row
+        table.move_cursor(row=0)
+        show("f", "e", "d")
+        assert table.cursor_row == 0  # at the top it follows the newest
+        assert show() == []
+        await pilot.pause()

@@ -139,8 +139,8 @@ def describe_progress(ev: ProgressEvent) -> str:
 def run_cells(r: RunRow, marked: bool) -> tuple[str, ...]:
     """Cells of one row of the runs list."""
     return (
+        r.run_id,
         "✓" if marked else " ",
-        r.run_id[-16:],
         r.date or DASH,
         r.state,
         (r.label or "")[:20],
