@@ -315,9 +315,9 @@ def calibrate_main(
         p.error("--repeats ≥ 1, --decode-tokens ≥ 3 and --decode-input-tokens ≥ 2 are needed")
     if not ns.out.endswith(".json"):
         # Checked before measuring (minutes on a CPU engine), with the simulator's own rule.
-        from services.sim_engine import _PROFILE_NAME_RE
+        from services.sim_engine import valid_profile_name
 
-        if not _PROFILE_NAME_RE.match(ns.out):
+        if not valid_profile_name(ns.out):
             p.error(
                 f"--out {ns.out!r}: a profile name is letters, digits, '.', '_', '-' (or give a .json path)"
             )

@@ -241,7 +241,7 @@ class ProgressEvent:
     """What a running benchmark reports to its caller (CLI bar, console screen).
 
     ``phase`` is ``prepare`` (building prompts), ``warmup``, ``run`` (one per
-    finished request) , ``step`` (a sweep step finished) or ``done``.
+    finished request), ``step`` (a sweep step finished) or ``done``.
     """
 
     run_id: str

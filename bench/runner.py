@@ -300,6 +300,10 @@ async def run_benchmark(
             dataset = load_dataset(cfg.dataset)
         except ValueError as e:
             raise BenchError(str(e)) from None
+    try:  # fail before the run, not after it, when the folder cannot be written
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise BenchError(f"cannot create the results folder {out_dir}: {e}") from None
     loads = step_loads(cfg)
     pnames = cfg.paths
     engine = EngineClient(s.engine_url, s.engine_api_key.get_secret_value(), timeout_s=cfg.timeout_s)
@@ -323,6 +327,7 @@ async def run_benchmark(
     prog = _Progress(run_id, progress, store, len(loads))
     mirror: asyncio.Task[None] | None = None
     warnings: list[str] = []
+    started = finished = False
     try:
         model_id, engine_name = "", ""
         try:
@@ -341,7 +346,7 @@ async def run_benchmark(
             paths["direct"] = DirectPath(engine, run_id)
 
         params = cfg.model_dump(mode="json")
-        await store.start(run_id, params, str(out_dir), cfg.requests * len(pnames) * len(loads))
+        started = await store.start(run_id, params, str(out_dir), cfg.requests * len(pnames) * len(loads))
         mirror = asyncio.create_task(prog.mirror())
 
         if cfg.warmup:
@@ -387,16 +392,22 @@ async def run_benchmark(
         result = RunResult(run_id, cfg, summary, all_records, out_dir, RunState.FINISHED, warnings)
         from bench.report import write_run  # matplotlib is imported only here
 
-        await asyncio.to_thread(write_run, out_dir, summary, all_records, cfg.plots)
+        try:
+            await asyncio.to_thread(write_run, out_dir, summary, all_records, cfg.plots)
+        except OSError as e:
+            raise BenchError(f"cannot write the results to {out_dir}: {e}") from None
         await store.add_records(run_id, all_records)
         await store.finish(run_id, summary)
         prog.emit("done", f"results in {out_dir}")
+        finished = True
         return result
     except asyncio.CancelledError:
-        await asyncio.shield(store.fail(run_id, "cancelled"))
+        if started:
+            await asyncio.shield(store.fail(run_id, "cancelled"))
         raise
     except BaseException as e:
-        await store.fail(run_id, f"{e.__class__.__name__}: {e}")
+        if started:
+            await store.fail(run_id, f"{e.__class__.__name__}: {e}")
         raise
     finally:
         if mirror is not None:
@@ -407,6 +418,9 @@ async def run_benchmark(
             await pipeline.aclose()
         await engine.aclose()
         await store.aclose()
+        if not finished:
+            with contextlib.suppress(OSError):
+                out_dir.rmdir()  # only if still empty: leave no hollow run folders behind
 
 
 async def _phase(

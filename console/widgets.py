@@ -34,6 +34,7 @@ from console.model import (
     fmt_s,
     fmt_uptime,
 )
+from console.rowtable import RowTable
 from services.contracts import JobState, JobView
 
 #: Styles of supervisord states and job states.
@@ -178,7 +179,7 @@ class EnginePanel(Panel):
             f"running [b]{fmt_num(e.running):>5}[/]  waiting [b]{fmt_num(e.waiting):>5}[/]\n"
             f"KV cache [{kv_style or 'b'}]{bar(kv, 12)}[/] [b]{fmt_pct(kv)}[/]\n"
             f"prefix cache hits [b]{fmt_pct(e.prefix_hit_rate)}[/]\n"
-            f"prompt [b]{fmt_rate(e.prompt_tps, '')}[/] tok/s  gen [b]{fmt_rate(e.generation_tps, '')}[/] tok/s\n"
+            f"tok/s prompt [b]{fmt_rate(e.prompt_tps, '')}[/]  gen [b]{fmt_rate(e.generation_tps, '')}[/]\n"
             f"[dim]finished {fmt_num(e.requests_total)} · preempted {fmt_num(e.preemptions)}[/]"
         )
 
@@ -339,7 +340,7 @@ def job_cells(j: JobView) -> tuple[Text, ...]:
     )
     # Text cells, not str: the table would parse every str as markup on every render.
     cells = [Text(v) for v in plain]
-    cells[1].stylize(JOB_STYLES.get(j.state, ""))
+    cells[1] = Text(plain[1], style=JOB_STYLES.get(j.state, ""))
     return tuple(cells)
 
 
@@ -381,15 +382,12 @@ class JobsPanel(Panel):
 
     def compose(self) -> ComposeResult:
         """The table, and the line shown when Redis is down."""
-        table: DataTable[Any] = DataTable(id="jobs-table", cursor_type="row")
-        for label, key in JOB_COLUMNS:
-            table.add_column(label, key=key)
-        yield table
+        yield RowTable([label for label, _key in JOB_COLUMNS], id="jobs-table")
         yield Static(id="jobs-error")
 
     def show(self, v: JobsView, filter_text: str = "") -> None:
         """Draw ``v`` (rows matching ``filter_text`` only)."""
-        table = self.query_one("#jobs-table", DataTable)
+        table = self.query_one("#jobs-table", RowTable)
         err = self.query_one("#jobs-error", Static)
         if v.error:
             err.update(error_markup(v.error))
@@ -402,7 +400,7 @@ class JobsPanel(Panel):
         table.display = True
         shown = tuple(j for j in v.jobs if job_matches(j, filter_text))
         self.jobs = shown
-        sync_rows(table, [(j.job_id, job_cells(j)) for j in shown])
+        table.set_rows([(j.job_id, job_cells(j)) for j in shown])
         parts = [f"{len(shown)}/{len(v.jobs)}" if filter_text else f"{len(v.jobs)} recent"]
         if v.events_per_s is not None:
             parts.append(f"{fmt_rate(v.events_per_s, '')} events/s")
@@ -412,10 +410,5 @@ class JobsPanel(Panel):
 
     def selected(self) -> JobView | None:
         """The job under the cursor."""
-        table = self.query_one("#jobs-table", DataTable)
-        if not self.jobs or table.row_count == 0:
-            return None
-        key = table.coordinate_to_cell_key(
-            (min(max(table.cursor_row, 0), table.row_count - 1), 0)
-        ).row_key.value
+        key = self.query_one("#jobs-table", RowTable).cursor_key
         return next((j for j in self.jobs if j.job_id == key), None)

@@ -86,7 +86,7 @@ async def main_async(ns: argparse.Namespace) -> int:
         for rate in ns.rates:
             n = max(50, int(rate * ns.seconds))
             cfg = BenchConfig(input_tokens=ns.input_tokens, output_tokens=ns.output_tokens, requests=n, rate=float(rate),
-                              path="direct", store=False, plots=False, prefix_share=0.0)  # fmt: skip
+                              path="direct", store=False, plots=False, prefix_share=0.0, timeout_s=60)  # fmt: skip
             r = (await run_benchmark(cfg, settings=s)).summary
             # p90, not p99: on a shared machine one stall of another process spoils a p99
             ok = (
@@ -112,7 +112,7 @@ async def main_async(ns: argparse.Namespace) -> int:
         )
         for c in ns.concurrency:
             cfg = BenchConfig(input_tokens=ns.input_tokens, output_tokens=ns.stream_tokens, requests=max(2 * c, 50),
-                              concurrency=c, path="direct", store=False, plots=False, prefix_share=0.0)  # fmt: skip
+                              concurrency=c, path="direct", store=False, plots=False, prefix_share=0.0, timeout_s=60)  # fmt: skip
             r = (await run_benchmark(cfg, settings=s)).summary
             print(f"{c:>8} {r['request_throughput']:>8.1f} {r['output_throughput']:>9.0f} "
                   f"{r['p50_schedule_lag_ms']:>10.2f} {r['p99_schedule_lag_ms']:>10.2f} {r['median_itl_ms']:>10.2f} "

@@ -261,7 +261,7 @@ class ProxyWorker:
         spec = JobSpec.model_validate_json(h["spec"])
         if d.attempt > self.s.max_attempts:
             reason = f"delivered {d.attempt} times without a result (workers died on it)"
-            await self._finish(d, JobState.DEAD, {"error": reason, "t_finished": now_ns()}, reason)
+            await self._finish(d, JobState.DEAD, {"error": reason}, reason)
             return
         tries = int(h.get("tries") or 0)
         overload_waits = 0
@@ -292,7 +292,6 @@ class ProxyWorker:
                     "t_engine_end": result.t_engine_end,
                     "t_result_received": now_ns(),
                 }
-                fields["t_finished"] = now_ns()
                 await self._finish(d, JobState.SUCCEEDED, fields)
                 return
             if resp is not None:
@@ -305,7 +304,7 @@ class ProxyWorker:
                 await self._finish(
                     d,
                     JobState.FAILED,
-                    {"error": f"{status}: {err}", "t_dispatched": t_dispatched, "t_finished": now_ns()},
+                    {"error": f"{status}: {err}", "t_dispatched": t_dispatched},
                 )
                 return
             if status == 503 and loop.time() < deadline:
@@ -325,7 +324,7 @@ class ProxyWorker:
                 await self._finish(
                     d,
                     JobState.DEAD,
-                    {"error": reason, "t_dispatched": t_dispatched, "t_finished": now_ns()},
+                    {"error": reason, "t_dispatched": t_dispatched},
                     reason,
                 )
                 return

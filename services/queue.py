@@ -75,7 +75,7 @@ def redis_client(settings: Settings, *, blocking: bool = False) -> aioredis.Redi
 
 _SUBMIT = """
 -- KEYS: job, stream, active, stats, recent, idem ('' = none)
--- ARGV: job_id, spec, t_received, t_enqueued, max_active, idem_ttl, channel, run_id, label, recent_max
+-- ARGV: job_id, spec, t_received, (unused), max_active, idem_ttl, channel, run_id, label, recent_max
 if KEYS[6] ~= '' then
   local existing = redis.call('GET', KEYS[6])
   if existing then return {'dup', existing} end
@@ -85,8 +85,11 @@ if active >= tonumber(ARGV[5]) then
   redis.call('HINCRBY', KEYS[4], 'refused', 1)
   return {'busy', tostring(active)}
 end
+-- t_enqueued is the moment of this write, on Redis's clock (where the event happens).
+local now = redis.call('TIME')
 redis.call('HSET', KEYS[1], 'job_id', ARGV[1], 'state', 'queued', 'attempt', 0, 'tries', 0,
-  'spec', ARGV[2], 't_received', ARGV[3], 't_enqueued', ARGV[4], 'run_id', ARGV[8], 'label', ARGV[9])
+  'spec', ARGV[2], 't_received', ARGV[3], 't_enqueued', now[1] .. string.format('%06d', now[2]) .. '000',
+  'run_id', ARGV[8], 'label', ARGV[9])
 local entry = redis.call('XADD', KEYS[2], '*', 'job_id', ARGV[1])
 redis.call('HSET', KEYS[1], 'entry', entry)
 redis.call('INCR', KEYS[3])
@@ -134,7 +137,9 @@ _FINISH = """
 if redis.call('HGET', KEYS[1], 'attempt') ~= ARGV[1] then return 0 end
 if redis.call('HGET', KEYS[1], 'state') ~= 'running' then return 0 end
 for i = 8, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
-redis.call('HSET', KEYS[1], 'state', ARGV[2])
+-- t_finished is the moment of this write, on Redis's clock (where the event happens).
+local now = redis.call('TIME')
+redis.call('HSET', KEYS[1], 'state', ARGV[2], 't_finished', now[1] .. string.format('%06d', now[2]) .. '000')
 local entry = redis.call('HGET', KEYS[1], 'entry')
 if entry then redis.call('XACK', KEYS[2], ARGV[3], entry) end
 if tonumber(redis.call('DECR', KEYS[3])) < 0 then redis.call('SET', KEYS[3], 0) end

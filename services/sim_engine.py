@@ -108,6 +108,11 @@ PROFILE_DIR = Path(__file__).resolve().parent / "sim_profiles"
 _PROFILE_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
+def valid_profile_name(name: str) -> bool:
+    """True if ``name`` can name a profile file (letters, digits, ``_.-``; at most 64)."""
+    return bool(_PROFILE_NAME_RE.match(name))
+
+
 # ---------------------------------------------------------------------------
 # Configuration and profiles
 # ---------------------------------------------------------------------------

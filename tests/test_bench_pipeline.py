@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 import pytest
 
-from bench import BenchConfig, run_benchmark
+from bench import BenchConfig, ProgressEvent, run_benchmark
 from bench.cli import main
 from bench.store import list_stored_runs, load_stored_run
 from services.contracts import STAGE_NAMES, RunState
@@ -78,10 +79,35 @@ def test_cli_run_prints_the_summary(stack: Stack, tmp_path: Path, monkeypatch: p
     monkeypatch.setenv("COLUMNS", "160")
     out = tmp_path / "cli"
     code = main(["--input-tokens", "32", "--output-tokens", "4", "--requests", "4", "--concurrency", "2",
-                 "--out", str(out), "--no-plots", "-q"])  # fmt: skip
-    text = capsys.readouterr().out
-    assert code == 0, text
+                 "--out", str(out), "--no-plots"])  # fmt: skip
+    cap = capsys.readouterr()
+    text = cap.out
+    assert code == 0, text + cap.err
+    assert "4/4" in cap.err  # the progress bar, on stderr
     for needle in ("Successful requests", "Mean TTFT (ms)", "P99 E2EL (ms)", "Pipeline stages", "queue_wait",
                    "Prefix cache hit rate", str(out)):  # fmt: skip
         assert needle in text, needle
     assert (out / "summary.json").is_file()
+
+
+async def test_a_cancelled_run_is_marked_failed_in_redis(stack: Stack, tmp_path: Path) -> None:
+    seen: list[ProgressEvent] = []
+    started = asyncio.Event()
+
+    def progress(ev: ProgressEvent) -> None:
+        seen.append(ev)
+        if ev.phase == "run" and ev.done >= 2:
+            started.set()
+
+    cfg = BenchConfig(input_tokens=16, output_tokens=50, requests=500, concurrency=2, path="pipeline",
+                      out=str(tmp_path / "cancel"), run_id="run-cancel-test")  # fmt: skip
+    task = asyncio.create_task(run_benchmark(cfg, progress, settings=stack.settings))
+    await asyncio.wait_for(started.wait(), 60)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    stored = await load_stored_run(stack.settings, "run-cancel-test")
+    assert stored is not None
+    h, _ = stored
+    assert h["state"] == RunState.FAILED.value and h["error"] == "cancelled"
+    assert not (tmp_path / "cancel" / "summary.json").exists()

@@ -187,3 +187,11 @@ async def test_sweep_runs_every_step_and_reports_a_knee(sim: int, tmp_path: Path
     assert res.summary["max_concurrency"] == sw["steps"][sw["knee"]["knee_index"]]["max_concurrency"]
     assert len(res.records) == 18 and {r.step for r in res.records} == {0, 1, 2}
     assert (tmp_path / "sweep" / "sweep.png").is_file()
+
+
+async def test_unwritable_results_folder_is_a_bench_error_before_the_run(sim: int, tmp_path: Path) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    cfg = BenchConfig(path="direct", requests=1, out=str(blocker / "run"))
+    with pytest.raises(BenchError, match="cannot create the results folder"):
+        await run_benchmark(cfg, settings=settings_for(sim, tmp_path))

@@ -108,7 +108,13 @@ async def test_form_validates_as_you_type_and_a_run_shows_its_results() -> None:
             await pilot.pause(0.01)
         assert isinstance(app.screen, RunScreen)
         (cfg,) = bench.configs
-        assert (cfg.input_tokens, cfg.output_tokens, cfg.requests, cfg.concurrency, cfg.path) == (64, 16, 12, 3, "direct")
+        assert (cfg.input_tokens, cfg.output_tokens, cfg.requests, cfg.concurrency, cfg.path) == (
+            64,
+            16,
+            12,
+            3,
+            "direct",
+        )
         summary = plain(app.screen.query_one("#run-summary-text", Static))
         assert "Successful requests" in summary and "12" in summary
         await pilot.press("escape")

@@ -10,6 +10,7 @@ from textual.widgets import DataTable, Input, Static
 from console.app import ConsoleApp
 from console.commands import key_actions
 from console.fakes import FakeBench, FakeClock, FakeSupervisor, fake_sources, fixed_wall
+from console.rowtable import RowTable
 from console.screens.dialogs import ConfirmScreen, HelpScreen
 from console.screens.job import JobScreen
 from console.screens.logs import LogScreen
@@ -42,8 +43,8 @@ def text(app: ConsoleApp, selector: str) -> str:
 
 
 def rows(app: ConsoleApp, selector: str) -> list[list[str]]:
-    """Every row of a DataTable as plain strings."""
-    table = app.screen.query_one(selector, DataTable)
+    """Every row of a table (DataTable or RowTable) as plain strings."""
+    table: Any = app.screen.query_one(selector)
     return [[str(c) for c in table.get_row_at(i)] for i in range(table.row_count)]
 
 
@@ -69,7 +70,13 @@ async def test_overview_shows_every_panel() -> None:
         # VRAM held by the engine's child process is attributed to the engine program.
         assert "engine pid 4150" in gpus
         services = rows(app, "#services-table")
-        assert [r[0] for r in services] == ["engine", "inference_worker", "ingestion", "proxy_worker", "redis"]
+        assert [r[0] for r in services] == [
+            "engine",
+            "inference_worker",
+            "ingestion",
+            "proxy_worker",
+            "redis",
+        ]
         assert all(r[1] == "RUNNING" for r in services)
         assert services[0][2] == "4102" and services[0][3] == "3h07m"
         jobs = rows(app, "#jobs-table")
@@ -136,7 +143,7 @@ async def test_enter_opens_the_job_stage_breakdown_and_escape_returns() -> None:
     async with app.run_test(size=(80, 24)) as pilot:
         await settle(app)
         await pilot.pause()
-        table = app.screen.query_one("#jobs-table", DataTable)
+        table = app.screen.query_one("#jobs-table", RowTable)
         table.focus()
         table.move_cursor(row=3)  # job0037demo, succeeded
         await pilot.press("enter")
@@ -225,7 +232,18 @@ async def test_full_console_offers_the_actions() -> None:
         await settle(app)
         await pilot.pause()
         actions = {k.action for k in key_actions(app.screen)}
-        assert {"restart", "stop", "start", "logs", "filter", "open", "help", "pause", "bench", "quit"} <= actions
+        assert {
+            "restart",
+            "stop",
+            "start",
+            "logs",
+            "filter",
+            "open",
+            "help",
+            "pause",
+            "bench",
+            "quit",
+        } <= actions
 
 
 async def test_filter_narrows_jobs_and_escape_clears() -> None:

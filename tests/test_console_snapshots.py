@@ -10,10 +10,11 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from textual.pilot import Pilot
-from textual.widgets import DataTable, Input
+from textual.widgets import Input
 
 from console.app import ConsoleApp
 from console.fakes import FakeBench, FakeClock, fake_sources, fixed_wall
+from console.rowtable import RowTable
 
 SnapCompare = Callable[..., bool]
 
@@ -27,7 +28,9 @@ def make_app(**sources: Any) -> ConsoleApp:
     )
 
 
-def prepared(then: Callable[[Pilot[Any]], Awaitable[None]] | None = None) -> Callable[[Pilot[Any]], Awaitable[None]]:
+def prepared(
+    then: Callable[[Pilot[Any]], Awaitable[None]] | None = None,
+) -> Callable[[Pilot[Any]], Awaitable[None]]:
     """run_before: finish the on-mount collection, collect a fixed number of times, then ``then``."""
 
     async def run_before(pilot: Pilot[Any]) -> None:
@@ -54,11 +57,13 @@ def test_overview_wide_and_tall(snap_compare: SnapCompare) -> None:
 
 
 def test_overview_no_gpu_supervisor_down(snap_compare: SnapCompare) -> None:
-    assert snap_compare(make_app(gpu=False, supervisor_down=True), terminal_size=(80, 24), run_before=prepared())
+    assert snap_compare(
+        make_app(gpu=False, supervisor_down=True), terminal_size=(80, 24), run_before=prepared()
+    )
 
 
 async def _open_job(pilot: Pilot[Any]) -> None:
-    table = pilot.app.screen.query_one("#jobs-table", DataTable)
+    table = pilot.app.screen.query_one("#jobs-table", RowTable)
     table.focus()
     table.move_cursor(row=3)
     await pilot.press("enter")

@@ -12,6 +12,7 @@ from textual.screen import Screen
 from textual.widgets import DataTable, Footer, Header, Input
 
 from console.model import Snapshot
+from console.rowtable import RowTable
 from console.widgets import EnginePanel, GpuPanel, JobsPanel, QueuePanel, ServicesPanel
 
 if TYPE_CHECKING:
@@ -63,7 +64,7 @@ class OverviewScreen(Screen[None]):
     def on_mount(self) -> None:
         """Start with the jobs table focused and the filter hidden."""
         self.query_one("#filter", Input).display = False
-        self.query_one("#jobs-table", DataTable).focus()
+        self.query_one("#jobs-table", RowTable).focus()
         self._apply_size(self.size.width, self.size.height)
         if self.capp.snapshot is not None:
             self.show_snapshot(self.capp.snapshot)
@@ -122,7 +123,7 @@ class OverviewScreen(Screen[None]):
         box.display = False
         self.filter_text = ""
         self._redraw()
-        self.query_one("#jobs-table", DataTable).focus()
+        self.query_one("#jobs-table", RowTable).focus()
 
     # -- detail --------------------------------------------------------------
     def action_open(self) -> None:
@@ -130,7 +131,7 @@ class OverviewScreen(Screen[None]):
         focused = self.focused
         if isinstance(focused, Input):
             focused.display = bool(focused.value)
-            self.query_one("#jobs-table", DataTable).focus()
+            self.query_one("#jobs-table", RowTable).focus()
             return
         if focused is not None and focused.id == "services-table":
             self.action_logs()
@@ -139,8 +140,8 @@ class OverviewScreen(Screen[None]):
         if job is not None:
             self.capp.open_job(job)
 
-    @on(DataTable.RowSelected, "#jobs-table")
-    def _job_clicked(self, event: DataTable.RowSelected) -> None:
+    @on(RowTable.RowSelected, "#jobs-table")
+    def _job_clicked(self, event: RowTable.RowSelected) -> None:
         job = self.query_one(JobsPanel).selected()
         if job is not None:
             self.capp.open_job(job)
