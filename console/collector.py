@@ -42,6 +42,8 @@ log = logging.getLogger("llmconsole.console")
 
 T = TypeVar("T")
 
+#: Rates (jobs/s, tokens/s, prefix hits) are taken over about this many seconds.
+RATE_WINDOW_S = 5.0
 #: No single source may hold a refresh longer than this.
 SOURCE_TIMEOUT_S = 5.0
 
@@ -50,6 +52,32 @@ SOURCE_TIMEOUT_S = 5.0
 class _Counters:
     t: float
     values: dict[str, float | None]
+
+
+class _Window:
+    """Recent counter readings; rates are taken against the oldest one within ``seconds``.
+
+    A window of a few seconds keeps jobs/s and tokens/s readable when work finishes in
+    bursts, while still following a change of load within seconds.
+    """
+
+    def __init__(self, seconds: float = 5.0) -> None:
+        self.seconds = seconds
+        self._readings: deque[_Counters] = deque()
+
+    def base(self, t: float) -> _Counters | None:
+        """The oldest reading at most ``seconds`` before ``t`` (the latest one if all are older)."""
+        while len(self._readings) > 1 and t - self._readings[0].t > self.seconds:
+            self._readings.popleft()
+        return self._readings[0] if self._readings else None
+
+    def push(self, reading: _Counters) -> None:
+        """Keep a reading."""
+        self._readings.append(reading)
+
+    def clear(self) -> None:
+        """Forget everything (the source restarted or went away)."""
+        self._readings.clear()
 
 
 def _delta_rate(prev: _Counters | None, t: float, key: str, value: float | None) -> float | None:
@@ -94,9 +122,9 @@ class Collector:
         self.wall = wall
         self.depth_history: deque[float] = deque(maxlen=history)
         self._seq = 0
-        self._prev_queue: _Counters | None = None
-        self._prev_engine: _Counters | None = None
-        self._prev_events: _Counters | None = None
+        self._queue_rates = _Window(RATE_WINDOW_S)
+        self._engine_rates = _Window(RATE_WINDOW_S)
+        self._event_rates = _Window(RATE_WINDOW_S)
 
     async def collect(self) -> Snapshot:
         """One refresh: every source concurrently, then the derived figures."""
@@ -117,8 +145,8 @@ class Collector:
         self._seq += 1
         events_per_s = None
         if isinstance(events_r, int):
-            events_per_s = _delta_rate(self._prev_events, t, "events", float(events_r))
-            self._prev_events = _Counters(t, {"events": float(events_r)})
+            events_per_s = _delta_rate(self._event_rates.base(t), t, "events", float(events_r))
+            self._event_rates.push(_Counters(t, {"events": float(events_r)}))
         jobs = (
             JobsView(error=jobs_r)
             if isinstance(jobs_r, str)
@@ -142,9 +170,10 @@ class Collector:
         c = r.counters
         done = float(c.get("succeeded", 0) + c.get("failed", 0) + c.get("dead", 0))
         submitted = float(c.get("submitted", 0))
-        done_per_s = _delta_rate(self._prev_queue, t, "done", done)
-        sub_per_s = _delta_rate(self._prev_queue, t, "submitted", submitted)
-        self._prev_queue = _Counters(t, {"done": done, "submitted": submitted})
+        base = self._queue_rates.base(t)
+        done_per_s = _delta_rate(base, t, "done", done)
+        sub_per_s = _delta_rate(base, t, "submitted", submitted)
+        self._queue_rates.push(_Counters(t, {"done": done, "submitted": submitted}))
         self.depth_history.append(float(r.waiting))
         return QueueView(
             waiting=r.waiting,
@@ -166,7 +195,7 @@ class Collector:
     def _engine(self, r: Any, t: float) -> EngineView:
         url = self.sources.engine.url
         if isinstance(r, str):
-            self._prev_engine = None
+            self._engine_rates.clear()
             return EngineView(url=url, error=r)
         samples: list[Sample] = r
         values = {
@@ -175,7 +204,7 @@ class Collector:
             "hits": metric_sum(samples, VllmMetric.PREFIX_HITS),
             "queries": metric_sum(samples, VllmMetric.PREFIX_QUERIES),
         }
-        prev = self._prev_engine
+        prev = self._engine_rates.base(t)
         hit_rate: float | None = None
         if prev is not None and values["hits"] is not None and values["queries"] is not None:
             dq = values["queries"] - (prev.values.get("queries") or 0.0)
@@ -196,7 +225,7 @@ class Collector:
             requests_total=metric_sum(samples, VllmMetric.REQUEST_SUCCESS),
             preemptions=metric_sum(samples, VllmMetric.PREEMPTIONS),
         )
-        self._prev_engine = _Counters(t, values)
+        self._engine_rates.push(_Counters(t, values))
         return view
 
     # -- services ------------------------------------------------------------

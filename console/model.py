@@ -7,6 +7,7 @@ failed carries the reason instead of data.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from services.contracts import JobView
@@ -26,9 +27,9 @@ class QueueView:
     dead: int = 0
     refused: int = 0
     redelivered: int = 0
-    #: Jobs finished (any final state) per second since the previous refresh.
+    #: Jobs finished (any final state) per second over the last few seconds.
     done_per_s: float | None = None
-    #: Jobs submitted per second since the previous refresh.
+    #: Jobs submitted per second over the last few seconds.
     submitted_per_s: float | None = None
     #: Recent values of ``waiting`` (oldest first) for the sparkline.
     depth_history: tuple[float, ...] = ()
@@ -44,7 +45,7 @@ class EngineView:
     waiting: float | None = None
     #: KV cache usage as a fraction 0..1.
     kv_usage: float | None = None
-    #: Prefix cache hits / queries over the last refresh (lifetime before two scrapes exist).
+    #: Prefix cache hits / queries over the last few seconds (lifetime when nothing new happened).
     prefix_hit_rate: float | None = None
     prompt_tps: float | None = None
     generation_tps: float | None = None
@@ -252,3 +253,36 @@ def bar(frac: float | None, width: int) -> str:
     full, part = divmod(eighths, 8)
     partial = " ▏▎▍▌▋▊▉"[part] if part else ""
     return ("█" * full + partial).ljust(width)
+
+
+SPARK_BARS = " ▁▂▃▄▅▆▇█"
+
+
+def spark_rows(values: Sequence[float], width: int, height: int) -> list[str]:
+    """A sparkline of ``values`` (oldest first) in ``height`` text rows, scaled from zero to the peak.
+
+    The newest values fill the right edge; with more values than columns, each column
+    shows the largest value it covers. Zero is the baseline (a flat queue of 100 is a full
+    bar, not an empty one), and any non-zero value shows at least the lowest bar.
+    """
+    if width <= 0 or height <= 0:
+        return []
+    vals = list(values)[-width * 8 :]
+    if len(vals) > width:
+        step = len(vals) / width
+        vals = [max(vals[int(i * step) : max(int((i + 1) * step), int(i * step) + 1)]) for i in range(width)]
+    peak = max(vals, default=0.0)
+    levels = height * 8
+    cols = []
+    for v in vals:
+        n = 0 if peak <= 0 or v <= 0 else max(1, round(v / peak * levels))
+        cols.append(n)
+    pad = width - len(cols)
+    rows = []
+    for r in range(height - 1, -1, -1):  # top row first
+        line = []
+        for n in cols:
+            part = min(max(n - r * 8, 0), 8)
+            line.append(SPARK_BARS[part])
+        rows.append(" " * pad + "".join(line))
+    return rows

@@ -222,7 +222,9 @@ class RowTable(ScrollView, can_focus=True):
                 piece.truncate(w, pad=True)
                 line.append_text(piece)
                 line.append(" " * PAD)
-            segments = [Segment(s.text, style + s.style if s.style else style) for s in line.render(self.app.console)]
+            segments = [
+                Segment(s.text, style + s.style if s.style else style) for s in line.render(self.app.console)
+            ]
             strip = Strip(segments).crop_extend(0, width, style)
             self._lines[cache_key] = strip
         return strip

@@ -14,7 +14,8 @@ from rich.text import Text
 from textual.app import ComposeResult
 from textual.containers import Vertical, VerticalScroll
 from textual.markup import escape
-from textual.widgets import DataTable, Sparkline, Static
+from textual.widget import Widget
+from textual.widgets import DataTable, Static
 
 from console.model import (
     DASH,
@@ -33,6 +34,7 @@ from console.model import (
     fmt_rate,
     fmt_s,
     fmt_uptime,
+    spark_rows,
 )
 from console.rowtable import RowTable
 from services.contracts import JobState, JobView
@@ -124,6 +126,41 @@ class Panel(Vertical):
         self.border_title = title
 
 
+class DepthSpark(Widget):
+    """Queue depth over the last refreshes, from zero to the peak, as wide and tall as it is laid out."""
+
+    DEFAULT_CSS = "DepthSpark { height: 2; }"
+
+    def __init__(self, **kw: Any) -> None:
+        super().__init__(**kw)
+        self.values: tuple[float, ...] = ()
+
+    def show(self, values: tuple[float, ...]) -> None:
+        """New history: redraw."""
+        if values != self.values:
+            self.values = values
+            self.refresh()
+
+    def render(self) -> Text:
+        """The bars (coloured by the stylesheet)."""
+        rows = spark_rows(self.values, self.size.width, max(self.size.height, 1))
+        if not rows:
+            return Text()
+        text = Text(no_wrap=True, end="")
+        for row in rows[:-1]:
+            text.append(row + "\n")
+        # A dim baseline where the queue was empty, so an idle queue still draws a line.
+        seen = min(len(self.values), len(rows[-1]))
+        head, tail = rows[-1][: len(rows[-1]) - seen], rows[-1][len(rows[-1]) - seen :]
+        text.append(head)
+        for ch in tail:
+            if ch == " ":
+                text.append("▁", style="dim")
+            else:
+                text.append(ch)
+        return text
+
+
 class QueuePanel(Panel):
     """Depth, in flight, done, failed/dead, throughput, and a sparkline of depth."""
 
@@ -133,13 +170,12 @@ class QueuePanel(Panel):
     def compose(self) -> ComposeResult:
         """Figures on top, the depth sparkline under them."""
         yield Static(id="queue-text")
-        yield Sparkline([], id="queue-spark", summary_function=max)
+        yield DepthSpark(id="queue-spark")
 
     def show(self, q: QueueView) -> None:
         """Draw ``q``."""
         text = self.query_one("#queue-text", Static)
-        spark = self.query_one("#queue-spark", Sparkline)
-        spark.data = list(q.depth_history)
+        self.query_one("#queue-spark", DepthSpark).show(q.depth_history)
         if q.error:
             text.update(error_markup(q.error))
             self.border_subtitle = ""

@@ -194,7 +194,8 @@ def check_tmux(env: dict[str, str]) -> None:
         def overview_ready() -> str | None:
             s = t.screen()
             has_all = all(w in s for w in ("Queue", "Services", "Jobs", "RUNNING", "succeeded"))
-            return s if has_all and "done/s" in s else None
+            # Rates need two refreshes: wait for them too.
+            return s if has_all and re.search(r"done/s\s+[\d.,]+", s) else None
 
         screen = wait_for(overview_ready, 90) or t.screen()
         (REPO / "var" / "console-tmux.txt").write_text(screen)
@@ -213,12 +214,14 @@ def check_tmux(env: dict[str, str]) -> None:
         )
         check("Engine" in screen and "tok/s" in screen, "tmux: engine panel with token rates")
         check("No GPU" in screen or "VRAM" in screen, "tmux: GPU panel says what it has")
-        t.keys("Enter")
+        t.keys("End", "Enter")  # the oldest job on screen: a finished one
         stages = (
-            wait_for(lambda: (s := t.screen()) and "Stages" in s and "queue_wait" in s and s, 20)
-            or t.screen()
+            wait_for(lambda: (s := t.screen()) and "Stages" in s and "Result" in s and s, 20) or t.screen()
         )
-        check("queue_wait" in stages and "decode" in stages, "tmux: Enter opens the job's stage breakdown")
+        check(
+            re.search(r"decode\s+\d[\d.]*m?s\s+\S", stages) is not None and "TTFT" in stages,
+            "tmux: Enter opens a finished job's stage breakdown",
+        )
         (REPO / "var" / "console-tmux-job.txt").write_text(stages)
         t.keys("Escape")
     finally:

@@ -61,6 +61,8 @@ class ProxyWorker:
         )
         self.slots = asyncio.Semaphore(settings.proxy_concurrency)
         self.running: dict[str, tuple[Delivery, asyncio.Task[None]]] = {}
+        #: Every launched job task, from launch (before its attempt starts) to its end.
+        self.tasks: set[asyncio.Task[None]] = set()
         self.stopping = asyncio.Event()
         self._rr = 0
 
@@ -129,9 +131,14 @@ class ProxyWorker:
                 self._launch(entry_id, job_id)
 
     async def _reclaim_loop(self) -> None:
-        interval = max(self.s.lease_ms / 2000, 0.05)
+        # Handed-back entries (idle set past the lease) are taken at the next pass, so passes
+        # run at least every 5 s, the first one at start.
+        interval = min(max(self.s.lease_ms / 2000, 0.05), 5.0)
+        first = True
         while not self.stopping.is_set():
-            await asyncio.sleep(interval)
+            if not first:
+                await asyncio.sleep(interval)
+            first = False
             try:
                 if self.slots._value <= 0:
                     continue
@@ -162,13 +169,13 @@ class ProxyWorker:
 
     async def _drain(self) -> None:
         """Let running jobs finish within the grace period, then hand the rest back."""
-        if self.running:
+        if self.tasks:
             log.info(
                 "stopping: %d job(s) in flight, waiting up to %.0f s",
-                len(self.running),
+                len(self.tasks),
                 self.s.shutdown_grace_s,
             )
-            tasks = [t for _, t in self.running.values()]
+            tasks = set(self.tasks)
             _done, pending = await asyncio.wait(tasks, timeout=self.s.shutdown_grace_s)
             for t in pending:
                 t.cancel()
@@ -197,6 +204,8 @@ class ProxyWorker:
     # --- one job ----------------------------------------------------------
     def _launch(self, entry_id: str, job_id: str) -> None:
         task = asyncio.create_task(self._process(entry_id, job_id))
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
         task.add_done_callback(lambda _t: self.slots.release())
 
     async def _process(self, entry_id: str, job_id: str) -> None:

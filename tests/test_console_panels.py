@@ -354,3 +354,53 @@ async def test_sync_rows_keeps_order_and_the_selected_row() -> None:
         assert table.cursor_row == 0  # at the top it follows the newest
         assert show() == []
         await pilot.pause()
+
+
+async def test_row_table_keeps_order_cursor_and_redraws_only_what_changed() -> None:
+    from rich.text import Text
+    from textual.app import App, ComposeResult
+
+    class One(App[None]):
+        def compose(self) -> ComposeResult:
+            yield RowTable(["id", "v"])
+
+    app = One()
+    async with app.run_test(size=(40, 10)) as pilot:
+        table = app.query_one(RowTable)
+
+        def show(*ids: str, v: str = "x") -> list[list[str]]:
+            table.set_rows([(i, (Text(i), Text(f"{v}{i}"))) for i in ids])
+            return [[c.plain for c in table.get_row_at(n)] for n in range(table.row_count)]
+
+        assert show("c", "b", "a") == [["c", "xc"], ["b", "xb"], ["a", "xa"]]
+        await pilot.pause()
+        assert table.render_line(0).text.split() == ["id", "v"]
+        assert table.render_line(1).text.split() == ["c", "xc"]
+        table.move_cursor(row=1)  # on "b"
+        assert show("e", "d", "c", "b", v="y") == [["e", "ye"], ["d", "yd"], ["c", "yc"], ["b", "yb"]]
+        assert table.cursor_key == "b"  # the selection stayed with its row
+        table.move_cursor(row=0)
+        show("f", "e", "d")
+        assert table.cursor_key == "f"  # at the top it follows the newest
+        # A row that only moved is not rendered again: its line comes from the cache.
+        await pilot.pause()
+        table.render_line(2)
+        cached = len(table._lines)
+        show("g", "f", "e", "d")
+        table.render_line(3)  # "e", one row lower now
+        assert len(table._lines) == cached
+        assert show() == []
+        assert table.cursor_key is None
+
+
+def test_depth_sparkline_is_scaled_from_zero() -> None:
+    from console.model import spark_rows
+
+    top, bottom = spark_rows([0, 8, 16], 3, 2)
+    assert (top, bottom) == ("  █", " ██")
+    # A steady queue is a full bar (zero is the baseline), an empty one is blank.
+    assert spark_rows([100, 100], 2, 1) == ["██"]
+    assert spark_rows([0, 0], 2, 1) == ["  "]
+    # Newest at the right; more values than columns keep each column's peak.
+    assert spark_rows([1, 2], 4, 1) == ["  ▄█"]
+    assert spark_rows([8, 0, 0, 0], 2, 1) == ["█ "]

@@ -14,7 +14,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
-from textual import on, work
+from textual import events, on, work
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical, VerticalScroll
@@ -289,6 +289,10 @@ class BenchScreen(Screen[None]):
             "load_value": "16",
             "label": "",
         }
+
+    def on_resize(self, event: events.Resize) -> None:
+        """Space the form out when the terminal has the rows for it."""
+        self.set_class(event.size.height >= 34, "-tall")
 
     def on_screen_resume(self) -> None:
         """Coming back: refresh the runs list."""

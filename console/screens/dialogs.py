@@ -12,9 +12,9 @@ from textual.widgets import Button, Static
 from console.commands import KeyAction
 
 PANELS_HELP = """\
-[b]Queue[/]     waiting (not yet delivered), in flight, done, failed/dead, done/s and in/s; sparkline = depth
+[b]Queue[/]     waiting (not yet delivered), in flight, done, failed/dead, done/s and in/s (over the last 5 s); sparkline = depth from zero
 [b]Engine[/]    the engine's /metrics: running/waiting requests, KV cache use, prefix cache hit rate
-          (hits/queries since the last refresh), prompt and generation tokens per second
+          (hits/queries over the last 5 s), prompt and generation tokens per second
 [b]GPUs[/]      per GPU: utilisation, temperature, power, VRAM, and which service holds the memory
 [b]Services[/]  supervisord programs: state, pid, uptime (select one for r/s/S/l)
 [b]Jobs[/]      recent jobs: tokens in/out, queue wait, engine (GPU) time, TTFT, end-to-end; Enter opens one
