@@ -59,6 +59,13 @@ JOB_STYLES = {
 }
 
 
+def set_text(widget: Static, markup: str) -> None:
+    """Update a Static only when its text changes (an update re-lays out the screen)."""
+    if getattr(widget, "_llmc_markup", None) != markup:
+        widget._llmc_markup = markup  # type: ignore[attr-defined]
+        widget.update(markup)
+
+
 def error_markup(message: str) -> str:
     """A panel's 'source down' line."""
     return f"[$error]✖[/] {escape(message)}"
@@ -124,6 +131,13 @@ class Panel(Vertical):
     def __init__(self, title: str, **kw: Any) -> None:
         super().__init__(**kw)
         self.border_title = title
+        self._subtitle = ""
+
+    def subtitle(self, markup: str) -> None:
+        """Set the border subtitle only when it changes (setting it redraws the panel)."""
+        if markup != self._subtitle:
+            self._subtitle = markup
+            self.border_subtitle = markup
 
 
 class DepthSpark(Widget):
@@ -177,17 +191,18 @@ class QueuePanel(Panel):
         text = self.query_one("#queue-text", Static)
         self.query_one("#queue-spark", DepthSpark).show(q.depth_history)
         if q.error:
-            text.update(error_markup(q.error))
-            self.border_subtitle = ""
+            set_text(text, error_markup(q.error))
+            self.subtitle("")
             return
-        text.update(
+        set_text(
+            text,
             f"waiting [b]{q.waiting:>7,}[/]  in flight [b]{q.in_flight:>5,}[/]\n"
             f"done    [b $success]{q.succeeded:>7,}[/]  failed/dead "
             f"[b {'$error' if q.failed or q.dead else ''}]{q.failed:,}/{q.dead:,}[/]\n"
-            f"done/s  [b]{fmt_rate(q.done_per_s, ''):>7}[/]  in/s [b]{fmt_rate(q.submitted_per_s, '')}[/]"
+            f"done/s  [b]{fmt_rate(q.done_per_s, ''):>7}[/]  in/s [b]{fmt_rate(q.submitted_per_s, '')}[/]",
         )
         peak = max(q.depth_history, default=0)
-        self.border_subtitle = f"depth peak {peak:,.0f} · {q.consumers} consumers"
+        self.subtitle(f"depth peak {peak:,.0f} · {q.consumers} consumers")
 
 
 class EnginePanel(Panel):
@@ -203,21 +218,26 @@ class EnginePanel(Panel):
     def show(self, e: EngineView, model: str = "") -> None:
         """Draw ``e`` (``model`` from the node heartbeat, if known)."""
         text = self.query_one("#engine-text", Static)
-        self.border_subtitle = escape(model)
+        self.subtitle(escape(model))
         if e.error:
-            text.update(error_markup(e.error))
+            set_text(text, error_markup(e.error))
             return
         kv = e.kv_usage
         kv_style = (
             "$error" if kv is not None and kv > 0.9 else "$warning" if kv is not None and kv > 0.7 else ""
         )
-        text.update(
+        set_text(
+            text,
             f"running [b]{fmt_num(e.running):>5}[/]  waiting [b]{fmt_num(e.waiting):>5}[/]\n"
             f"KV cache [{kv_style or 'b'}]{bar(kv, 12)}[/] [b]{fmt_pct(kv)}[/]\n"
             f"prefix cache hits [b]{fmt_pct(e.prefix_hit_rate)}[/]\n"
             f"tok/s prompt [b]{fmt_rate(e.prompt_tps, '')}[/]  gen [b]{fmt_rate(e.generation_tps, '')}[/]\n"
-            f"[dim]finished {fmt_num(e.requests_total)} · preempted {fmt_num(e.preemptions)}[/]"
+            f"[dim]finished {fmt_num(e.requests_total)} · preempted {fmt_num(e.preemptions)}[/]",
         )
+
+
+#: GPU samples older than this are marked as old (nodes publish about every second).
+STALE_GPU_S = 10.0
 
 
 def _gpu_lines(g: GpuView, compact: bool) -> list[str]:
@@ -229,6 +249,9 @@ def _gpu_lines(g: GpuView, compact: bool) -> list[str]:
         frac = g.vram_used_bytes / g.vram_total_bytes
     vram = fmt_bytes_pair(g.vram_used_bytes, g.vram_total_bytes)
     head = f"[b]{g.index}[/] {escape(g.name.removeprefix('NVIDIA '))} [b]{util}[/] {temp} {power}"
+    if g.age_s is not None and g.age_s > STALE_GPU_S:
+        # A node that stopped publishing: its last figures, marked as old.
+        head += f" [$warning]{fmt_uptime(int(g.age_s))} old[/]"
     if compact:
         short = DASH
         if g.vram_used_bytes is not None and g.vram_total_bytes:
@@ -258,7 +281,7 @@ class GpuPanel(Panel):
         """Draw ``g``."""
         text = self.query_one("#gpu-text", Static)
         nodes_alive = sum(1 for n in g.nodes if n.alive)
-        self.border_subtitle = f"{nodes_alive}/{len(g.nodes)} nodes" if g.nodes else ""
+        self.subtitle(f"{nodes_alive}/{len(g.nodes)} nodes" if g.nodes else "")
         if not g.gpus:
             lines = [f"[$warning]No GPU[/]: {escape(g.no_gpu_reason or 'no samples')}"]
             if g.error:
@@ -266,7 +289,7 @@ class GpuPanel(Panel):
             for n in g.nodes[:3]:
                 state = "[$success]up[/]" if n.alive else "[$error]gone[/]"
                 lines.append(f"node [b]{escape(n.node)}[/] {state} {escape(n.engine)}")
-            text.update("\n".join(lines))
+            set_text(text, "\n".join(lines))
             return
         compact = len(g.gpus) > 1
         by_node = len({x.node for x in g.gpus}) > 1
@@ -287,7 +310,7 @@ class GpuPanel(Panel):
                 lines.append(" ".join(f"[b]{escape(k)}[/] {fmt_bytes(v)}" for k, v in per.items()))
         if g.error:
             lines.append(error_markup(g.error))
-        text.update("\n".join(lines))
+        set_text(text, "\n".join(lines))
 
 
 def service_cells(s: ServiceView) -> tuple[str, Text, str, str]:
@@ -322,11 +345,11 @@ class ServicesPanel(Panel):
         table = self.query_one("#services-table", DataTable)
         err = self.query_one("#services-error", Static)
         if v.error:
-            err.update(error_markup(v.error))
+            set_text(err, error_markup(v.error))
             err.display = True
             table.display = False
             self.services = ()
-            self.border_subtitle = ""
+            self.subtitle("")
             return
         err.display = False
         table.display = True
@@ -335,7 +358,7 @@ class ServicesPanel(Panel):
         self.services = shown
         sync_rows(table, [(s.full_name, service_cells(s)) for s in shown])
         running = sum(1 for s in v.services if s.state == "RUNNING")
-        self.border_subtitle = f"{running}/{len(v.services)} running"
+        self.subtitle(f"{running}/{len(v.services)} running")
 
     def selected(self) -> ServiceView | None:
         """The service under the cursor."""
@@ -415,6 +438,20 @@ class JobsPanel(Panel):
     def __init__(self, **kw: Any) -> None:
         super().__init__("Jobs", **kw)
         self.jobs: tuple[JobView, ...] = ()
+        self._cell_cache: dict[str, tuple[JobView, tuple[Text, ...]]] = {}
+
+    def _cells(self, job: JobView) -> tuple[Text, ...]:
+        # Final jobs come back as the same objects every refresh (the source caches them):
+        # their cells are built once.
+        hit = self._cell_cache.get(job.job_id)
+        if hit is not None and hit[0] is job:
+            return hit[1]
+        cells = job_cells(job)
+        self._cell_cache[job.job_id] = (job, cells)
+        if len(self._cell_cache) > 4 * max(len(self.jobs), 100):
+            keep = {j.job_id for j in self.jobs}
+            self._cell_cache = {k: v for k, v in self._cell_cache.items() if k in keep}
+        return cells
 
     def compose(self) -> ComposeResult:
         """The table, and the line shown when Redis is down."""
@@ -426,23 +463,23 @@ class JobsPanel(Panel):
         table = self.query_one("#jobs-table", RowTable)
         err = self.query_one("#jobs-error", Static)
         if v.error:
-            err.update(error_markup(v.error))
+            set_text(err, error_markup(v.error))
             err.display = True
             table.display = False
             self.jobs = ()
-            self.border_subtitle = ""
+            self.subtitle("")
             return
         err.display = False
         table.display = True
         shown = tuple(j for j in v.jobs if job_matches(j, filter_text))
         self.jobs = shown
-        table.set_rows([(j.job_id, job_cells(j)) for j in shown])
+        table.set_rows([(j.job_id, self._cells(j)) for j in shown])
         parts = [f"{len(shown)}/{len(v.jobs)}" if filter_text else f"{len(v.jobs)} recent"]
         if v.events_per_s is not None:
             parts.append(f"{fmt_rate(v.events_per_s, '')} events/s")
         if filter_text:
             parts.append(f"filter “{escape(filter_text)}”")
-        self.border_subtitle = " · ".join(parts)
+        self.subtitle(" · ".join(parts))
 
     def selected(self) -> JobView | None:
         """The job under the cursor."""

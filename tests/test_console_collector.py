@@ -71,3 +71,20 @@ async def test_sources_down_raise_plain_sentences() -> None:
     assert snap.queue.error == "Redis down at 127.0.0.1:6379 (ConnectionError)"
     assert snap.jobs.error == snap.queue.error
     assert snap.services.error is not None and snap.services.error.startswith("supervisord is not running")
+
+
+async def test_local_gpus_come_from_the_telemetry_backend() -> None:
+    from console.sources import NvmlGpu
+    from services.settings import load_settings
+    from services.telemetry import FakeGpu, FakeGpuBackend
+
+    settings = load_settings(node_id="here")
+    backend = FakeGpuBackend([FakeGpu(name="NVIDIA H200", processes={4150: 2**30})], clock=lambda: 10**18)
+    reading = await NvmlGpu(settings, backend=backend).read()
+    assert reading.reason is None
+    assert [(s.name, s.processes) for s in reading.samples] == [("NVIDIA H200", {4150: 2**30})]
+    none = await NvmlGpu(settings, backend=FakeGpuBackend(reason="no NVIDIA driver")).read()
+    assert none.samples == () and none.reason == "no NVIDIA driver"
+    # On this machine, whatever NVML says, the answer is a reading, never an exception.
+    here = await NvmlGpu(settings).read()
+    assert here.samples or here.reason
