@@ -4,7 +4,7 @@ Files in ``<results_dir>/<run_id>/`` (or ``--out``):
 
 ``summary.json``
     The summary; its top-level keys match ``vllm bench serve``'s result JSON
-    where the quantity is the same (see docs/bench.md).
+    where the quantity is the same (see README.md, "Benchmarks").
 ``requests.jsonl`` / ``requests.csv``
     One line per measured request (warm-ups excluded).
 ``latency_cdf.png``, ``latency_hist.png``, ``timeline.png``, ``stages.png``, ``sweep.png``

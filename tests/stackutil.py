@@ -68,12 +68,22 @@ class RedisServer:
     def start(self) -> None:
         """Start (or restart on the same port and data)."""
         exe = shutil.which("redis-server") or "/usr/bin/redis-server"
-        args = [exe, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.workdir), "--save", ""]
+        args = [
+            exe,
+            "--port",
+            str(self.port),
+            "--bind",
+            "127.0.0.1",
+            "--dir",
+            str(self.workdir),
+            "--save",
+            "",
+        ]
         args += ["--appendonly", "yes" if self.appendonly else "no", "--appendfsync", "everysec"]
         args += ["--maxmemory-policy", "noeviction"]
         if self.password:
             args += ["--requirepass", self.password]
-        log = open(self.workdir / "redis.log", "ab")  # noqa: SIM115 - closed with the process
+        log = open(self.workdir / "redis.log", "ab")
         self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)
         log.close()
         wait_until(self.ping, 10, f"redis on {self.port}")
@@ -105,7 +115,9 @@ class RedisServer:
 class Proc:
     """One service process (``python -m MODULE``) with its log in the work dir."""
 
-    def __init__(self, name: str, module: str, env: dict[str, str], workdir: Path, args: list[str] | None = None):
+    def __init__(
+        self, name: str, module: str, env: dict[str, str], workdir: Path, args: list[str] | None = None
+    ):
         self.name = name
         self.module = module
         self.env = env
@@ -116,7 +128,7 @@ class Proc:
 
     def start(self) -> None:
         """Start the process (its stdout and stderr go to its log)."""
-        log = open(self.log_path, "ab")  # noqa: SIM115 - closed with the process
+        log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
             [PYTHON, "-m", self.module, *self.args],
             env=self.env,
@@ -262,7 +274,9 @@ class Stack:
 
     def add_proxy(self) -> Proc:
         """Start another proxy worker consumer."""
-        p = Proc(f"proxy_worker{len(self.extra_proxies) + 2}", "services.proxy_worker", self.env, self.workdir)
+        p = Proc(
+            f"proxy_worker{len(self.extra_proxies) + 2}", "services.proxy_worker", self.env, self.workdir
+        )
         p.start()
         self.extra_proxies.append(p)
         return p

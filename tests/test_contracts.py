@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 from pydantic import ValidationError
 
@@ -22,7 +24,7 @@ from services.contracts import (
 def test_stages_chain_from_received_to_finished() -> None:
     # Stages follow each other without gaps or overlaps, and cover the whole path.
     assert STAGES[0].start == TIMESTAMPS[0] and STAGES[-1].end == TIMESTAMPS[-1]
-    for a, b in zip(STAGES, STAGES[1:], strict=False):
+    for a, b in itertools.pairwise(STAGES):
         assert a.end == b.start
     for st in STAGES:
         assert TIMESTAMPS.index(st.start) < TIMESTAMPS.index(st.end)
@@ -68,14 +70,31 @@ def test_job_request_rejects(body: dict) -> None:
 
 
 def test_job_request_accepts_seed_shape() -> None:
-    r = JobRequest.model_validate({"input_tokens": 1000, "output_tokens": 500, "prefix_share": 0.5, "run_id": "r1"})
+    r = JobRequest.model_validate(
+        {"input_tokens": 1000, "output_tokens": 500, "prefix_share": 0.5, "run_id": "r1"}
+    )
     assert r.input_tokens == 1000 and r.prompt is None
 
 
 def test_keys_share_one_prefix() -> None:
     k = Keys("abc:")
-    names = [k.stream, k.dead, k.job("x"), k.active, k.stats, k.recent, k.idempotency("i"), k.events, k.run("r"),
-             k.run_jobs("r"), k.runs, k.nodes, k.node("n"), k.gpu_samples("n"), k.consumer_heartbeat("c")]
+    names = [
+        k.stream,
+        k.dead,
+        k.job("x"),
+        k.active,
+        k.stats,
+        k.recent,
+        k.idempotency("i"),
+        k.events,
+        k.run("r"),
+        k.run_jobs("r"),
+        k.runs,
+        k.nodes,
+        k.node("n"),
+        k.gpu_samples("n"),
+        k.consumer_heartbeat("c"),
+    ]
     assert all(n.startswith("abc:") for n in names)
     assert len(set(names)) == len(names)
 
@@ -89,7 +108,15 @@ def test_valid_id() -> None:
 
 def test_job_hash_round_trip() -> None:
     spec = JobSpec(job_id="j1", input_tokens=10, output_tokens=5, prefix_share=0.5, seed=3)
-    view = job_hash_to_view({"job_id": "j1", "state": "running", "attempt": "2", "spec": spec.model_dump_json(),
-                             "t_received": "100", "t_enqueued": "300"})
+    view = job_hash_to_view(
+        {
+            "job_id": "j1",
+            "state": "running",
+            "attempt": "2",
+            "spec": spec.model_dump_json(),
+            "t_received": "100",
+            "t_enqueued": "300",
+        }
+    )
     assert view.state is JobState.RUNNING and view.attempt == 2 and view.spec == spec
     assert view.stages_s["ingest"] == pytest.approx(200e-9)

@@ -84,8 +84,11 @@ def _run(c: httpx.Client, st: SupervisedStack, n: int, run_id: str, during: obje
     url = f"{st.settings.ingestion_url}/v1/jobs"
     ids = []
     for i in range(n):
-        r = c.post(url, json={"input_tokens": 300, "output_tokens": 12, "run_id": run_id, "seed": i},
-                   headers=st.headers)
+        r = c.post(
+            url,
+            json={"input_tokens": 300, "output_tokens": 12, "run_id": run_id, "seed": i},
+            headers=st.headers,
+        )
         assert r.status_code == 202, r.text
         ids.append(r.json()["job_id"])
     if callable(during):

@@ -24,7 +24,9 @@ def test_parse_and_sum() -> None:
     assert metric_sum(samples, "vllm:num_requests_running") == 3.0
     assert metric_sum(samples, "vllm:prefix_cache_hits_total") == 15.0
     assert metric_sum(samples, "missing") is None
-    quoted = [s for s in samples if s.name == "vllm:prefix_cache_hits_total" and s.labels["engine"] == "0"][0]
+    quoted = next(
+        s for s in samples if s.name == "vllm:prefix_cache_hits_total" and s.labels["engine"] == "0"
+    )
     assert quoted.labels["model_name"].replace("\\", "") == 'a "quoted", name'
     assert quoted.labels["engine"] == "0"
 

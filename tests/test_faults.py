@@ -28,8 +28,10 @@ def _redis(st: Stack) -> redis.Redis:
 
 
 def _submit_many(st: Stack, c: httpx.Client, n: int, **body: object) -> list[str]:
-    return [st.submit(c, input_tokens=64, output_tokens=body.pop("output_tokens", 40), seed=i, **body)
-            for i in range(n)]
+    return [
+        st.submit(c, input_tokens=64, output_tokens=body.pop("output_tokens", 40), seed=i, **body)
+        for i in range(n)
+    ]
 
 
 def test_kill_proxy_worker_mid_run_loses_nothing(make_stack: Callable[..., Stack]) -> None:
@@ -68,8 +70,11 @@ def test_sigstop_worker_late_result_refused(make_stack: Callable[..., Stack]) ->
         assert job["state"] == "succeeded" and job["attempt"] == 2
         assert job["worker"] != worker_a
         # A wakes up with its (now stale) attempt 1 and must be refused.
-        wait_until(lambda: "reclaimed elsewhere" in a.log_text() or "lost lease" in a.log_text(), 20,
-                   f"A notices it lost the job:\n{a.log_text()[-2000:]}")
+        wait_until(
+            lambda: "reclaimed elsewhere" in a.log_text() or "lost lease" in a.log_text(),
+            20,
+            f"A notices it lost the job:\n{a.log_text()[-2000:]}",
+        )
         time.sleep(0.5)
         after = st.wait_job(c, jid)
     assert after["attempt"] == 2 and after["worker"] == job["worker"]
@@ -140,8 +145,11 @@ def test_redis_restart_every_accepted_job_finishes(make_stack: Callable[..., Sta
                     i += 1
                     t0 = time.monotonic()
                     try:
-                        resp = c.post(f"{st.settings.ingestion_url}/v1/jobs",
-                                      json={"input_tokens": 32, "output_tokens": 10, "seed": i}, headers=st.headers)
+                        resp = c.post(
+                            f"{st.settings.ingestion_url}/v1/jobs",
+                            json={"input_tokens": 32, "output_tokens": 10, "seed": i},
+                            headers=st.headers,
+                        )
                     except httpx.HTTPError:
                         continue
                     if resp.status_code == 202:
@@ -178,8 +186,11 @@ def test_burst_past_bound_gets_429_and_loses_nothing(make_stack: Callable[..., S
     accepted: list[str] = []
     with httpx.Client(timeout=30) as c:
         for i in range(30):
-            resp = c.post(f"{st.settings.ingestion_url}/v1/jobs", json={"input_tokens": 16, "output_tokens": 20,
-                                                                       "seed": i}, headers=st.headers)
+            resp = c.post(
+                f"{st.settings.ingestion_url}/v1/jobs",
+                json={"input_tokens": 16, "output_tokens": 20, "seed": i},
+                headers=st.headers,
+            )
             codes.append(resp.status_code)
             if resp.status_code == 429:
                 assert int(resp.headers["Retry-After"]) >= 1

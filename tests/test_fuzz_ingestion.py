@@ -27,8 +27,12 @@ def test_no_server_error_on_any_input(stack: Stack, with_key: bool) -> None:
     for op in _operations(stack):
 
         @given(case=op.as_strategy())
-        @settings(max_examples=40 if with_key else 10, deadline=None, suppress_health_check=list(HealthCheck),
-                  database=None)
+        @settings(
+            max_examples=40 if with_key else 10,
+            deadline=None,
+            suppress_health_check=list(HealthCheck),
+            database=None,
+        )
         def check(case: schemathesis.Case) -> None:
             resp = case.call(headers=headers, timeout=30)
             assert resp.status_code < 500, (case.method, case.path, case.body, resp.status_code, resp.text)
@@ -40,8 +44,17 @@ def test_no_server_error_on_any_input(stack: Stack, with_key: bool) -> None:
 
 def test_raw_garbage_bodies(stack: Stack) -> None:
     url = f"{stack.settings.ingestion_url}/v1/jobs"
-    bodies = [b"", b"null", b"[]", b"\xff\xfe\x00", b'{"input_tokens": 1e999}', b'{"input_tokens": NaN}',
-              b'{"seed": 99999999999999999999999}', b'{"label": "\\ud800"}', b"{" * 5000]
+    bodies = [
+        b"",
+        b"null",
+        b"[]",
+        b"\xff\xfe\x00",
+        b'{"input_tokens": 1e999}',
+        b'{"input_tokens": NaN}',
+        b'{"seed": 99999999999999999999999}',
+        b'{"label": "\\ud800"}',
+        b"{" * 5000,
+    ]
     with httpx.Client(timeout=10) as c:
         for body in bodies:
             r = c.post(url, content=body, headers={**stack.headers, "Content-Type": "application/json"})

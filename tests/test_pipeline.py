@@ -55,7 +55,9 @@ def test_literal_prompt(stack: Stack, client: httpx.Client) -> None:
 
 def test_wait_returns_when_final(stack: Stack, client: httpx.Client) -> None:
     jid = stack.submit(client, input_tokens=50, output_tokens=5)
-    r = client.get(f"{stack.settings.ingestion_url}/v1/jobs/{jid}", params={"wait": 20}, headers=stack.headers)
+    r = client.get(
+        f"{stack.settings.ingestion_url}/v1/jobs/{jid}", params={"wait": 20}, headers=stack.headers
+    )
     assert r.status_code == 200 and r.json()["state"] == "succeeded"
 
 
@@ -103,7 +105,12 @@ def test_api_key_required(stack: Stack, client: httpx.Client) -> None:
     assert client.post(url, json={}).status_code == 401
     r = client.post(url, json={}, headers={"Authorization": "Bearer wrong"})
     assert r.status_code == 401 and "API key" in r.json()["detail"]
-    assert client.post(url, json={"output_tokens": 3}, headers={"X-API-Key": stack.values["api_key"]}).status_code == 202
+    assert (
+        client.post(
+            url, json={"output_tokens": 3}, headers={"X-API-Key": stack.values["api_key"]}
+        ).status_code
+        == 202
+    )
 
 
 def test_job_ids_validated(stack: Stack, client: httpx.Client) -> None:

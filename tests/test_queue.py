@@ -45,7 +45,7 @@ async def test_submit_claim_finish(q: JobQueue) -> None:
 async def test_reclaimed_job_refuses_late_result(q: JobQueue) -> None:
     spec = _spec()
     await q.submit(spec, now_ns(), max_active=10)
-    (entry, job_id), = await q.read("frozen", count=1, block_ms=100)
+    ((entry, job_id),) = await q.read("frozen", count=1, block_ms=100)
     d1 = await q.start(entry, job_id, "frozen")
     assert d1 is not None
     # The frozen consumer stops renewing; another takes the job over after the lease.
@@ -67,7 +67,7 @@ async def test_reclaimed_job_refuses_late_result(q: JobQueue) -> None:
 async def test_redelivery_of_finished_job_is_acked_not_rerun(q: JobQueue) -> None:
     spec = _spec()
     await q.submit(spec, now_ns(), max_active=10)
-    (entry, job_id), = await q.read("c", count=1, block_ms=100)
+    ((entry, job_id),) = await q.read("c", count=1, block_ms=100)
     d = await q.start(entry, job_id, "c")
     assert d is not None
     await q.r.hset(q.keys.job(job_id), "state", "succeeded")  # finished, but the ack was lost
@@ -117,7 +117,7 @@ async def test_trim_keeps_pending_and_undelivered(q: JobQueue) -> None:
 async def test_dead_goes_to_dead_letter(q: JobQueue) -> None:
     spec = _spec()
     await q.submit(spec, now_ns(), max_active=10)
-    (entry, job_id), = await q.read("c", count=1, block_ms=100)
+    ((entry, job_id),) = await q.read("c", count=1, block_ms=100)
     d = await q.start(entry, job_id, "c")
     assert d is not None
     assert await q.finish(d, JobState.DEAD, {"error": "boom"}, ttl_s=60, reason="boom")

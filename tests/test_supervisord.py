@@ -23,7 +23,9 @@ def sup(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SupervisedStack]:
     try:
         st.start()
     except Exception:
-        logs = "\n".join(f"--- {p}\n{st.log(p)}" for p in ("engine", "inference_worker", "proxy_worker", "ingestion"))
+        logs = "\n".join(
+            f"--- {p}\n{st.log(p)}" for p in ("engine", "inference_worker", "proxy_worker", "ingestion")
+        )
         st.stop()
         raise AssertionError(f"stack did not start\n{logs}") from None
     yield st
@@ -34,7 +36,11 @@ def _submit(c: httpx.Client, sup: SupervisedStack, n: int, run_id: str) -> list[
     url = f"{sup.settings.ingestion_url}/v1/jobs"
     ids = []
     for i in range(n):
-        r = c.post(url, json={"input_tokens": 200, "output_tokens": 30, "run_id": run_id, "seed": i}, headers=sup.headers)
+        r = c.post(
+            url,
+            json={"input_tokens": 200, "output_tokens": 30, "run_id": run_id, "seed": i},
+            headers=sup.headers,
+        )
         assert r.status_code == 202, r.text
         ids.append(r.json()["job_id"])
     return ids
