@@ -79,7 +79,7 @@ def run_parser(settings: Settings) -> argparse.ArgumentParser:
         prog="llmconsole bench",
         description="Benchmark the pipeline and/or the engine with vLLM's metric definitions.",
         epilog="Subcommands: compare DIR_A DIR_B · list · show DIR · calibrate --out NAME "
-        "(each has --help). Metric definitions: README.md, "Benchmarks".",
+        "(each has --help). Metric definitions: the Benchmarks section of README.md.",
     )
     w = p.add_argument_group("workload")
     w.add_argument(
