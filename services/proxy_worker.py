@@ -157,6 +157,7 @@ class ProxyWorker:
             await asyncio.sleep(self.s.stream_trim_interval_s)
             with contextlib.suppress(*REDIS_DOWN):
                 await self.q.trim()
+                await self.q.prune_consumers()
             raise_if_cancelling()
 
     async def _heartbeat_loop(self) -> None:

@@ -346,6 +346,26 @@ class JobQueue:
             return 0
         return int(await self.r.xtrim(self.keys.stream, minid=minid, approximate=False))
 
+    async def prune_consumers(self, min_idle_ms: int = 600_000) -> list[str]:
+        """Remove consumers that left: nothing pending, idle this long, no live heartbeat.
+
+        Every proxy worker process is a consumer of its own name, so restarts would
+        otherwise pile up names in the group (and in the console's consumer count).
+        """
+        removed: list[str] = []
+        try:
+            consumers = await self.r.xinfo_consumers(self.keys.stream, self.group)
+        except ResponseError:
+            return removed
+        for c in consumers:
+            if int(c.get("pending") or 0) or int(c.get("idle") or 0) < min_idle_ms:
+                continue
+            if await self.r.exists(self.keys.consumer_heartbeat(c["name"])):
+                continue
+            await self.r.xgroup_delconsumer(self.keys.stream, self.group, c["name"])
+            removed.append(c["name"])
+        return removed
+
     async def stats(self) -> QueueStats:
         """Waiting (not yet delivered), in flight (pending), active and lifetime counters."""
         waiting = in_flight = consumers = 0

@@ -123,3 +123,19 @@ async def test_dead_goes_to_dead_letter(q: JobQueue) -> None:
     assert await q.finish(d, JobState.DEAD, {"error": "boom"}, ttl_s=60, reason="boom")
     dead = await q.r.xrange(q.keys.dead)
     assert dead[0][1]["job_id"] == job_id and dead[0][1]["reason"] == "boom"
+
+
+async def test_prune_consumers_keeps_busy_and_live_ones(q: JobQueue) -> None:
+    for _ in range(2):
+        await q.submit(_spec(), now_ns(), max_active=10)
+    await q.read("gone", count=1, block_ms=100)  # dies holding a pending entry: must stay
+    ((entry, job_id),) = await q.read("left", count=1, block_ms=100)
+    d = await q.start(entry, job_id, "left")
+    assert d is not None
+    await q.finish(d, JobState.SUCCEEDED, {}, ttl_s=60)  # nothing pending, no heartbeat: goes
+    await q.r.xgroup_createconsumer(q.keys.stream, q.group, "live")  # nothing pending, but alive
+    await q.r.set(q.keys.consumer_heartbeat("live"), "1", ex=15)
+    removed = await q.prune_consumers(min_idle_ms=0)
+    names = {c["name"] for c in await q.r.xinfo_consumers(q.keys.stream, q.group)}
+    assert removed == ["left"]
+    assert names == {"gone", "live"}
