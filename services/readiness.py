@@ -61,35 +61,84 @@ def _fatal_programs(s: Settings) -> list[str]:
     return [i["name"] for i in infos if i.get("statename") in ("FATAL",)]
 
 
+def _explain_text(text: str) -> str | None:
+    try:
+        from services.engine_launch import explain_engine_failure
+    except ImportError:  # pragma: no cover - engine_launch is part of the package
+        return None
+    return explain_engine_failure(text) if text else None
+
+
 def _explain(s: Settings, program: str) -> str:
     log = Path(s.var_dir) / "log" / f"{program}.log"
     if not log.exists():
         return ""
     text = log.read_text(errors="replace")[-20000:]
-    try:
-        from services.engine_launch import explain_engine_failure
-
-        why = explain_engine_failure(text)
-    except ImportError:
-        why = None
+    why = _explain_text(text) if program == "engine" else None
     tail = "\n".join("      " + line for line in text.splitlines()[-15:])
     return (f"    why: {why}\n" if why else "") + f"    last lines of {log}:\n{tail}"
 
 
+class LogWatch:
+    """Reads what a log file gained since this watch began (a crash-looping engine's reasons)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.offset = path.stat().st_size if path.exists() else 0
+        self.text = ""
+
+    def poll(self) -> str:
+        """Append the new part of the file to :attr:`text` (last 1 MB kept) and return it all."""
+        try:
+            with self.path.open("rb") as f:
+                if self.path.stat().st_size < self.offset:  # rotated
+                    self.offset = 0
+                f.seek(self.offset)
+                chunk = f.read(4_194_304)
+                self.offset += len(chunk)
+        except OSError:
+            return self.text
+        self.text = (self.text + chunk.decode("utf-8", errors="replace"))[-1_048_576:]
+        return self.text
+
+    def last_line(self) -> str:
+        """The newest non-empty line (progress of a model download or load), shortened."""
+        for line in reversed(self.text.replace("\r", "\n").splitlines()):
+            if line.strip():
+                return line.strip()[-110:]
+        return ""
+
+
 def wait(s: Settings, timeout: float) -> bool:
-    """Block until all checks pass (True) or the timeout / a FATAL program (False)."""
+    """Block until all checks pass (True) or the timeout / a failing program (False).
+
+    While the engine loads (many minutes for a large model) the newest line of its log is
+    shown; a failure the engine log explains (out of memory, no driver, port taken) ends the
+    wait at once with that reason, even while supervisord keeps restarting the engine.
+    """
     start = time.monotonic()
     last = ""
+    engine_log = LogWatch(Path(s.var_dir) / "log" / "engine.log")
     while True:
         state = checks(s)
         elapsed = time.monotonic() - start
         line = "  ".join(f"{k} {'ok' if v else '..'}" for k, v in state.items())
+        text = engine_log.poll()
         if line != last or int(elapsed) % 15 == 0:
-            print(f"    [{elapsed:5.0f}s] {line}", flush=True)
+            tail = "" if state["engine"] else engine_log.last_line()
+            print(
+                f"    [{elapsed:5.0f}s] {line}" + (f"\n             engine: {tail}" if tail else ""),
+                flush=True,
+            )
             last = line
         if all(state.values()):
             print(f"    all services ready after {elapsed:.0f}s", flush=True)
             return True
+        why = _explain_text(text) if not state["engine"] else None
+        if why:
+            print(f"    the engine failed: {why}", flush=True)
+            print(_explain(s, "engine"), flush=True)
+            return False
         fatal = _fatal_programs(s)
         if fatal:
             for prog in fatal:
