@@ -425,9 +425,11 @@ def main() -> int:
     p.add_argument("--no-web", action="store_true", help="skip the browser check")
     args = p.parse_args()
     (REPO / "var").mkdir(exist_ok=True)
-    for tool in ("tmux", CHROMIUM):
+    for tool, package in (("tmux", "tmux"), (CHROMIUM, "chromium")):
+        if tool == CHROMIUM and args.no_web:
+            continue
         if shutil.which(tool) is None:
-            say(f"missing: {tool}")
+            say(f"missing: {tool} (install it with: apt-get install {package})")
             return 2
     with the_stack(args.start_stack) as env:
         duration = 60 + args.cpu_seconds + (0 if args.no_web else 45)
