@@ -116,9 +116,11 @@ EOF
 fi
 chmod 600 "$ENV_FILE"
 
-set_env() {  # set_env NAME VALUE: replace or append one line of the env file
+set_env() {  # set_env NAME VALUE: replace or append one line of the env file (only if it changes)
   local name="$1" value="$2"
-  if grep -q "^${name}=" "$ENV_FILE"; then
+  if grep -qx "${name}=${value}" "$ENV_FILE"; then
+    return 0
+  elif grep -q "^${name}=" "$ENV_FILE"; then
     sed -i "s|^${name}=.*|${name}=${value}|" "$ENV_FILE"
   else
     echo "${name}=${value}" >> "$ENV_FILE"
