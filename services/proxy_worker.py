@@ -178,9 +178,13 @@ class ProxyWorker:
             )
             tasks = set(self.tasks)
             _done, pending = await asyncio.wait(tasks, timeout=self.s.shutdown_grace_s)
+            unfinished = [d for d, t in self.running.values() if t in pending]
             for t in pending:
                 t.cancel()
             await asyncio.gather(*pending, return_exceptions=True)
+            for d in unfinished:
+                with contextlib.suppress(*REDIS_DOWN):
+                    await self.q.release(d)
         await self._hand_back_all()
 
     async def _hand_back_all(self) -> None:
@@ -269,8 +273,10 @@ class ProxyWorker:
     async def _run_attempt(self, d: Delivery) -> None:
         h = await self.q.get_job(d.job_id)
         spec = JobSpec.model_validate_json(h["spec"])
-        if d.attempt > self.s.max_attempts:
-            reason = f"delivered {d.attempt} times without a result (workers died on it)"
+        # Deliveries that ended in a crash (not a graceful hand-back) count against the job.
+        crashed = d.attempt - 1 - int(h.get("handbacks") or 0)
+        if crashed >= self.s.max_attempts:
+            reason = f"delivered {d.attempt} times; {crashed} workers died on it without a result"
             await self._finish(d, JobState.DEAD, {"error": reason}, reason)
             return
         tries = int(h.get("tries") or 0)

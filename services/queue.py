@@ -153,6 +153,18 @@ redis.call('PUBLISH', ARGV[5], cjson.encode({job_id=ARGV[6], state=ARGV[2]}))
 return 1
 """
 
+_RELEASE = """
+-- KEYS: job ; ARGV: attempt, channel. A stopping worker gives back an unfinished attempt:
+-- the job shows as queued again, and the hand-back is counted so it is not taken for a crash.
+if redis.call('HGET', KEYS[1], 'attempt') ~= ARGV[1] then return 0 end
+if redis.call('HGET', KEYS[1], 'state') ~= 'running' then return 0 end
+redis.call('HSET', KEYS[1], 'state', 'queued')
+redis.call('HINCRBY', KEYS[1], 'handbacks', 1)
+redis.call('HDEL', KEYS[1], 'worker')
+redis.call('PUBLISH', ARGV[2], cjson.encode({job_id=redis.call('HGET', KEYS[1], 'job_id'), state='queued'}))
+return 1
+"""
+
 _BUMP = """
 -- KEYS: job ; ARGV: attempt, field, amount. Fenced HINCRBY (e.g. tries).
 if redis.call('HGET', KEYS[1], 'attempt') ~= ARGV[1] then return -1 end
@@ -202,6 +214,7 @@ class JobQueue:
         self._renew = redis.register_script(_RENEW)
         self._finish = redis.register_script(_FINISH)
         self._bump = redis.register_script(_BUMP)
+        self._release = redis.register_script(_RELEASE)
 
     async def ensure_group(self) -> None:
         """Create the stream and its consumer group if missing (idempotent)."""
@@ -287,6 +300,10 @@ class JobQueue:
             keys=[self.keys.job(d.job_id), self.keys.stream], args=[d.attempt, self.group, consumer]
         )
         return bool(ok)
+
+    async def release(self, d: Delivery) -> bool:
+        """Give back an unfinished attempt (state back to queued); False if it is not current."""
+        return bool(await self._release(keys=[self.keys.job(d.job_id)], args=[d.attempt, self.keys.events]))
 
     async def bump(self, d: Delivery, field: str, amount: int = 1) -> int:
         """Fenced HINCRBY on the job hash (returns -1 if the attempt is stale)."""

@@ -217,3 +217,22 @@ def test_sigterm_proxy_finishes_in_flight(make_stack: Callable[..., Stack]) -> N
         jobs = [st.wait_job(c, j, timeout=60) for j in ids]
     assert [j["state"] for j in jobs] == ["succeeded"] * 4
     r.close()
+
+
+def test_sigterm_hands_back_what_cannot_finish(make_stack: Callable[..., Stack]) -> None:
+    # Jobs longer than the grace period: the stopping worker gives them back as queued,
+    # the next worker takes them at once, and the hand-back is not counted as a crash.
+    st = make_stack(lease_ms=60_000, shutdown_grace_s=0.5, max_attempts=1, **SLOW)
+    r = _redis(st)
+    keys = Keys(st.values["redis_prefix"])
+    with httpx.Client(timeout=30) as c:
+        ids = _submit_many(st, c, 3, output_tokens=150)  # ~3 s each
+        wait_until(lambda: all(r.hget(keys.job(j), "state") == "running" for j in ids), 20, "jobs running")
+        assert st.procs["proxy_worker"].stop(timeout=20) == 0
+        assert [r.hget(keys.job(j), "state") for j in ids] == ["queued"] * 3
+        assert [r.hget(keys.job(j), "handbacks") for j in ids] == ["1"] * 3
+        st.procs["proxy_worker"].start()
+        jobs = [st.wait_job(c, j, timeout=60) for j in ids]
+    assert [j["state"] for j in jobs] == ["succeeded"] * 3
+    assert [j["attempt"] for j in jobs] == [2] * 3
+    r.close()

@@ -139,3 +139,19 @@ async def test_prune_consumers_keeps_busy_and_live_ones(q: JobQueue) -> None:
     names = {c["name"] for c in await q.r.xinfo_consumers(q.keys.stream, q.group)}
     assert removed == ["left"]
     assert names == {"gone", "live"}
+
+
+async def test_release_hands_back_only_the_current_attempt(q: JobQueue) -> None:
+    spec = _spec()
+    await q.submit(spec, now_ns(), max_active=10)
+    ((entry, job_id),) = await q.read("stopping", count=1, block_ms=100)
+    d1 = await q.start(entry, job_id, "stopping")
+    assert d1 is not None
+    assert await q.release(d1)
+    h = await q.get_job(job_id)
+    assert h["state"] == "queued" and h["handbacks"] == "1" and "worker" not in h
+    assert not await q.release(d1)  # not running any more
+    d2 = await q.start(entry, job_id, "next")
+    assert d2 is not None and d2.attempt == 2
+    assert not await q.release(d1)  # stale attempt
+    assert (await q.get_job(job_id))["state"] == "running"
