@@ -86,7 +86,7 @@ async def _heartbeat(state: WorkerState) -> None:
                     await state.describe_engine()
                 info: dict[str, Any] = {
                     "node": state.node,
-                    "url": f"http://{s.worker_host}:{s.worker_port}",
+                    "url": s.worker_url,
                     "engine_kind": s.engine_kind,
                     "engine": state.engine_name,
                     "model": state.model,

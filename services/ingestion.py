@@ -153,17 +153,29 @@ def _redis_down() -> JSONResponse:
     )
 
 
+#: How long the engines' context length is reused before it is read from Redis again.
+_CONTEXT_LIMIT_TTL_S = 2.0
+
+
 async def _context_limit(app: FastAPI) -> int:
-    """The smallest context length of the live engines (else the configured one)."""
+    """The smallest context length of the live engines (else the configured one).
+
+    Read from the node heartbeats at most every couple of seconds, not on every submit:
+    it changes only when an engine restarts with other settings.
+    """
+    now = asyncio.get_running_loop().time()
+    cached: tuple[float, int] | None = app.state.context_limit
+    if cached is not None and now < cached[0]:
+        return cached[1]
     s: Settings = app.state.settings
     keys: Keys = app.state.keys
     r = app.state.redis
-    limits: list[int] = []
-    for node in await r.smembers(keys.nodes):
-        mml = await r.hget(keys.node(node), "max_model_len")
-        if mml and mml.isdigit():
-            limits.append(int(mml))
-    return min(limits) if limits else s.max_model_len
+    nodes = list(await r.smembers(keys.nodes))
+    values = await asyncio.gather(*(r.hget(keys.node(n), "max_model_len") for n in nodes))
+    limits = [int(v) for v in values if v and v.isdigit()]
+    limit = min(limits) if limits else s.max_model_len
+    app.state.context_limit = (now + _CONTEXT_LIMIT_TTL_S, limit)
+    return limit
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -184,6 +196,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.redis = redis_client(settings)
     app.state.queue = JobQueue(app.state.redis, app.state.keys)
     app.state.waiters = Waiters()
+    app.state.context_limit = None
 
     @app.middleware("http")
     async def limit_body(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:

@@ -48,7 +48,7 @@ def checks(s: Settings) -> dict[str, bool]:
     return {
         "redis": _check_redis(s),
         "engine": _check_http(f"{s.engine_url}/health"),
-        "inference_worker": _check_http(f"http://{s.worker_host}:{s.worker_port}/readyz"),
+        "inference_worker": _check_http(f"{s.worker_url}/readyz"),
         "ingestion": _check_http(f"{s.ingestion_url}/readyz"),
     }
 

@@ -147,11 +147,14 @@ class Settings(BaseSettings):
         return f"http://{_client_host(self.engine_host)}:{self.engine_port}"
 
     @property
+    def worker_url(self) -> str:
+        """Base URL of this host's inference worker (as a client reaches it)."""
+        return f"http://{_client_host(self.worker_host)}:{self.worker_port}"
+
+    @property
     def worker_url_list(self) -> list[str]:
         """Inference worker base URLs the proxy worker dispatches to."""
-        if self.worker_urls:
-            return self.worker_urls.split(",")
-        return [f"http://{_client_host(self.worker_host)}:{self.worker_port}"]
+        return self.worker_urls.split(",") if self.worker_urls else [self.worker_url]
 
     @property
     def supervisor_socket(self) -> Path:

@@ -8,6 +8,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import httpx
+
 from services.contracts import new_id
 from services.readiness import checks
 from services.settings import REPO_ROOT, Settings
@@ -99,6 +101,37 @@ class SupervisedStack:
                 except ProcessLookupError:
                     break
                 time.sleep(0.1)
+
+    def submit_jobs(self, c: httpx.Client, n: int, run_id: str, **body: Any) -> list[str]:
+        """POST ``n`` jobs of one run (seed = index) and return their ids (asserts 202)."""
+        ids = []
+        for i in range(n):
+            r = c.post(
+                f"{self.settings.ingestion_url}/v1/jobs",
+                json={"run_id": run_id, "seed": i, **body},
+                headers=self.headers,
+            )
+            assert r.status_code == 202, r.text
+            ids.append(r.json()["job_id"])
+        return ids
+
+    def wait_jobs(self, c: httpx.Client, ids: list[str], timeout: float = 300) -> list[dict[str, Any]]:
+        """Long-poll every job until it is final; fail with the proxy worker's log after ``timeout``."""
+        out = []
+        for jid in ids:
+            deadline = time.monotonic() + timeout
+            while True:
+                r = c.get(
+                    f"{self.settings.ingestion_url}/v1/jobs/{jid}",
+                    params={"wait": 30},
+                    headers=self.headers,
+                    timeout=60,
+                )
+                if r.status_code == 200 and r.json()["state"] in ("succeeded", "failed", "dead"):
+                    out.append(r.json())
+                    break
+                assert time.monotonic() < deadline, f"job {jid} not final\n{self.log('proxy_worker')}"
+        return out
 
     def log(self, program: str) -> str:
         """A program's log."""

@@ -81,28 +81,10 @@ def cpu(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SupervisedStack]:
 
 
 def _run(c: httpx.Client, st: SupervisedStack, n: int, run_id: str, during: object = None) -> list[dict]:
-    url = f"{st.settings.ingestion_url}/v1/jobs"
-    ids = []
-    for i in range(n):
-        r = c.post(
-            url,
-            json={"input_tokens": 300, "output_tokens": 12, "run_id": run_id, "seed": i},
-            headers=st.headers,
-        )
-        assert r.status_code == 202, r.text
-        ids.append(r.json()["job_id"])
+    ids = st.submit_jobs(c, n, run_id, input_tokens=300, output_tokens=12)
     if callable(during):
         during()
-    jobs = []
-    for jid in ids:
-        deadline = time.monotonic() + 300
-        while True:
-            r = c.get(f"{url}/{jid}", params={"wait": 30}, headers=st.headers, timeout=60)
-            if r.status_code == 200 and r.json()["state"] in ("succeeded", "failed", "dead"):
-                jobs.append(r.json())
-                break
-            assert time.monotonic() < deadline, f"job {jid} not final\n{st.log('proxy_worker')}"
-    return jobs
+    return st.wait_jobs(c, ids)
 
 
 def _prefix_hits(st: SupervisedStack) -> float:

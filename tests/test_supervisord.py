@@ -32,36 +32,9 @@ def sup(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SupervisedStack]:
     st.stop()
 
 
-def _submit(c: httpx.Client, sup: SupervisedStack, n: int, run_id: str) -> list[str]:
-    url = f"{sup.settings.ingestion_url}/v1/jobs"
-    ids = []
-    for i in range(n):
-        r = c.post(
-            url,
-            json={"input_tokens": 200, "output_tokens": 30, "run_id": run_id, "seed": i},
-            headers=sup.headers,
-        )
-        assert r.status_code == 202, r.text
-        ids.append(r.json()["job_id"])
-    return ids
-
-
-def _wait_all(c: httpx.Client, sup: SupervisedStack, ids: list[str]) -> list[dict]:
-    out = []
-    for jid in ids:
-        for _ in range(30):
-            r = c.get(f"{sup.settings.ingestion_url}/v1/jobs/{jid}", params={"wait": 10}, headers=sup.headers)
-            if r.status_code == 200 and r.json()["state"] in ("succeeded", "failed", "dead"):
-                out.append(r.json())
-                break
-        else:
-            raise AssertionError(f"job {jid} never finished\n{sup.log('proxy_worker')}")
-    return out
-
-
 def test_fifty_jobs_through_supervised_stack(sup: SupervisedStack) -> None:
     with httpx.Client(timeout=30) as c:
-        jobs = _wait_all(c, sup, _submit(c, sup, 50, "sup50"))
+        jobs = sup.wait_jobs(c, sup.submit_jobs(c, 50, "sup50", input_tokens=200, output_tokens=30))
     assert [j["state"] for j in jobs] == ["succeeded"] * 50
     for j in jobs:
         values = [j["timestamps"][k] for k in TIMESTAMPS]
@@ -72,7 +45,7 @@ def test_fifty_jobs_through_supervised_stack(sup: SupervisedStack) -> None:
 def test_restart_inference_worker_mid_run_loses_nothing(sup: SupervisedStack) -> None:
     before = sup.pids()["inference_worker"]
     with httpx.Client(timeout=30) as c:
-        ids = _submit(c, sup, 50, "suprestart")
+        ids = sup.submit_jobs(c, 50, "suprestart", input_tokens=200, output_tokens=30)
         restarted = threading.Event()
 
         def restart() -> None:
@@ -82,8 +55,8 @@ def test_restart_inference_worker_mid_run_loses_nothing(sup: SupervisedStack) ->
 
         t = threading.Thread(target=restart)
         t.start()
-        ids += _submit(c, sup, 20, "suprestart2")
-        jobs = _wait_all(c, sup, ids)
+        ids += sup.submit_jobs(c, 20, "suprestart2", input_tokens=200, output_tokens=30)
+        jobs = sup.wait_jobs(c, ids)
         t.join(60)
     assert restarted.is_set()
     assert sup.pids()["inference_worker"] != before
