@@ -149,6 +149,10 @@ case "$ENGINE" in
     install_engine_venv "$ENGINE" || die "the $ENGINE engine could not be installed (see above)"
     if [[ "$ENGINE" == cpu ]]; then
       prepare_model || die "the CPU model could not be prepared (see above)"
+    else
+      # vLLM downloads a hub model silently (its progress bars are off): fetch it here with
+      # progress and a disk check. A local MODEL_PATH, or a model already cached, costs nothing.
+      "$PY" -m services.engine_launch --fetch || die "the model could not be downloaded (see above)"
     fi
     ;;
 esac

@@ -16,10 +16,11 @@ import argparse
 import os
 import re
 import shlex
+import subprocess
 import sys
 from pathlib import Path
 
-from services.settings import Settings, get_settings
+from services.settings import REPO_ROOT, Settings, get_settings
 
 #: The GPU engine's model when settings name none (the seed's).
 DEFAULT_GPU_MODEL = "deepseek-ai/DeepSeek-R1-Distill-Qwen-32B"
@@ -53,6 +54,20 @@ def model_source(settings: Settings) -> str:
     if settings.engine_kind == "gpu":
         return settings.model or DEFAULT_GPU_MODEL
     return str(default_cpu_model_dir(settings))
+
+
+def hub_model(settings: Settings) -> str | None:
+    """The hub name the GPU engine downloads (``org/name``), or None when it loads a local folder."""
+    if settings.engine_kind != "gpu":
+        return None
+    source = model_source(settings)
+    return None if settings.model_path or Path(source).is_dir() else source
+
+
+def hub_cache_dir(settings: Settings) -> Path:
+    """The Hugging Face hub cache the GPU engine downloads into (``HF_HOME/hub``)."""
+    home = Path(settings.hf_home).expanduser() if settings.hf_home else Path.home() / ".cache" / "huggingface"
+    return home / "hub"
 
 
 def engine_python(settings: Settings) -> Path:
@@ -117,6 +132,11 @@ def build_engine_command(settings: Settings, gpu_count: int = 0) -> tuple[list[s
         env["VLLM_API_KEY"] = key
     else:
         env.pop("VLLM_API_KEY", None)
+    # The hub's own variables: the same cache and token for install's download and the engine.
+    if settings.hf_home:
+        env["HF_HOME"] = str(Path(settings.hf_home).expanduser())
+    if settings.hf_token.get_secret_value():
+        env["HF_TOKEN"] = settings.hf_token.get_secret_value()
     argv = [
         str(engine_python(settings)),
         "-m",
@@ -148,6 +168,8 @@ def build_engine_command(settings: Settings, gpu_count: int = 0) -> tuple[list[s
         env["VLLM_CPU_OMP_THREADS_BIND"] = cpu_bind_list(settings.cpu_threads_bind)
         return argv, env
     if kind == "gpu":
+        if settings.model_revision and hub_model(settings):
+            argv += ["--revision", settings.model_revision]
         argv += [
             "--tensor-parallel-size",
             str(tensor_parallel_size(settings, gpu_count)),
@@ -293,8 +315,52 @@ def _preflight(settings: Settings) -> str | None:
     return None
 
 
+#: Environment variables that carry secrets: never printed.
+_SECRET_ENV = frozenset({"VLLM_API_KEY", "HF_TOKEN"})
+
+
+def fetch_command(settings: Settings, interval_s: float = 10.0) -> tuple[list[str], dict[str, str]] | None:
+    """The command that downloads the GPU engine's hub model with progress (None: nothing to fetch).
+
+    It runs ``services.model_fetch`` with the engine venv's python and the engine's own
+    environment, so the download lands in the same hub cache, with the same token, that vLLM uses.
+    """
+    repo = hub_model(settings)
+    if repo is None:
+        return None
+    _, env = build_engine_command(settings, gpu_count=1)  # only the environment is wanted
+    argv = [
+        str(engine_python(settings)),
+        "-m",
+        "services.model_fetch",
+        "--model",
+        repo,
+        "--interval",
+        str(interval_s),
+    ]
+    if settings.model_revision:
+        argv += ["--revision", settings.model_revision]
+    return argv, env
+
+
+def _fetch(settings: Settings, interval_s: float) -> int:
+    cmd = fetch_command(settings, interval_s)
+    if cmd is None:
+        print(f"engine_launch: the {settings.engine_kind} engine loads a local model: nothing to download")
+        return 0
+    argv, env = cmd
+    if not engine_python(settings).is_file():
+        print(
+            f"engine_launch: engine venv {settings.engine_venv} is missing: run ./install.sh --engine gpu",
+            file=sys.stderr,
+        )
+        return 2
+    # model_fetch is part of this checkout, not of the engine venv: run it from the repo root.
+    return subprocess.run(argv, env=env, cwd=REPO_ROOT, check=False).returncode
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Exec the configured engine (or ``--print`` its command, or ``--explain LOG``)."""
+    """Exec the configured engine (or ``--print`` its command, ``--fetch`` its model, ``--explain LOG``)."""
     ap = argparse.ArgumentParser(prog="python -m services.engine_launch", description=__doc__.splitlines()[0])
     ap.add_argument(
         "--explain", type=Path, metavar="LOGFILE", help="explain a failure found in an engine log"
@@ -302,11 +368,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--print", action="store_true", dest="print_only", help="print the command, do not run it"
     )
+    ap.add_argument(
+        "--fetch", action="store_true", help="download the GPU engine's hub model with progress, then exit"
+    )
+    ap.add_argument(
+        "--interval", type=float, default=10.0, help="with --fetch: seconds between progress lines"
+    )
     args = ap.parse_args(argv)
     if args.explain is not None:
         return _explain_file(args.explain)
 
     settings = get_settings()
+    if args.fetch:
+        return _fetch(settings, args.interval)
     gpus = detect_gpu_count() if settings.engine_kind == "gpu" and not settings.tensor_parallel_size else 0
     try:
         cmd, env = build_engine_command(settings, gpus)
@@ -314,7 +388,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"engine_launch: {exc}", file=sys.stderr)
         return 2
     if args.print_only:
-        extra = {k: v for k, v in env.items() if os.environ.get(k) != v and k != "VLLM_API_KEY"}
+        extra = {k: v for k, v in env.items() if os.environ.get(k) != v and k not in _SECRET_ENV}
         print(" ".join(f"{k}={shlex.quote(v)}" for k, v in sorted(extra.items())))
         print(shlex.join(cmd))
         return 0

@@ -11,11 +11,14 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
 import redis
 
+from services.engine_launch import explain_engine_failure, hub_cache_dir, hub_model
+from services.model_fetch import blob_bytes, repo_cache_dir
 from services.settings import Settings, get_settings
 from services.supervisor_client import supervisor_proxy
 
@@ -62,10 +65,6 @@ def _fatal_programs(s: Settings) -> list[str]:
 
 
 def _explain_text(text: str) -> str | None:
-    try:
-        from services.engine_launch import explain_engine_failure
-    except ImportError:  # pragma: no cover - engine_launch is part of the package
-        return None
     return explain_engine_failure(text) if text else None
 
 
@@ -109,7 +108,31 @@ class LogWatch:
         return ""
 
 
-def wait(s: Settings, timeout: float) -> bool:
+class CacheWatch:
+    """How much of the GPU engine's hub model is in the cache, and how fast it grows.
+
+    vLLM downloads a hub model with its progress bars switched off; install.sh downloads it first
+    (``engine_launch --fetch``), but a MODEL changed later is downloaded by the engine itself, and
+    this is the only sign of progress then.
+    """
+
+    def __init__(self, blobs_dir: Path, clock: Callable[[], float] = time.monotonic) -> None:
+        self.blobs_dir = blobs_dir
+        self.clock = clock
+        self._last: tuple[float, int] = (clock(), blob_bytes(blobs_dir))
+
+    def line(self) -> str:
+        """``model cache 12.3 GB (+210 MB/s)``; the rate since the previous call, when it grew."""
+        now, size = self.clock(), blob_bytes(self.blobs_dir)
+        t0, size0 = self._last
+        self._last = (now, size)
+        text = f"model cache {size / 1e9:.1f} GB"
+        if size > size0 and now > t0:
+            text += f" (+{(size - size0) / (now - t0) / 1e6:.0f} MB/s)"
+        return text
+
+
+def wait(s: Settings, timeout: float, every_s: float = 15.0) -> bool:
     """Block until all checks pass (True) or the timeout / a failing program (False).
 
     While the engine loads (many minutes for a large model) the newest line of its log is
@@ -117,20 +140,24 @@ def wait(s: Settings, timeout: float) -> bool:
     wait at once with that reason, even while supervisord keeps restarting the engine.
     """
     start = time.monotonic()
-    last = ""
+    last, last_printed = "", -every_s
     engine_log = LogWatch(Path(s.var_dir) / "log" / "engine.log")
+    repo = hub_model(s)
+    cache = CacheWatch(repo_cache_dir(hub_cache_dir(s), repo) / "blobs") if repo else None
     while True:
         state = checks(s)
         elapsed = time.monotonic() - start
         line = "  ".join(f"{k} {'ok' if v else '..'}" for k, v in state.items())
         text = engine_log.poll()
-        if line != last or int(elapsed) % 15 == 0:
+        if line != last or elapsed - last_printed >= every_s:
             tail = "" if state["engine"] else engine_log.last_line()
+            if cache is not None and not state["engine"]:
+                tail = f"{cache.line()} · {tail}" if tail else cache.line()
             print(
                 f"    [{elapsed:5.0f}s] {line}" + (f"\n             engine: {tail}" if tail else ""),
                 flush=True,
             )
-            last = line
+            last, last_printed = line, elapsed
         if all(state.values()):
             print(f"    all services ready after {elapsed:.0f}s", flush=True)
             return True

@@ -80,8 +80,14 @@ class Settings(BaseSettings):
     engine_kind: EngineKind = "sim"
     #: Served model name; empty = the engine kind's default.
     model: str = ""
-    #: Local model folder for the CPU engine (converted at install).
+    #: Local model folder (CPU engine: converted at install; GPU engine: instead of a hub download).
     model_path: str = ""
+    #: Hub revision (branch, tag or commit) of a GPU engine's hub model; empty = main.
+    model_revision: str = Field("", pattern=r"^[A-Za-z0-9._/-]{0,128}$")
+    #: Hugging Face token for gated or private models (given to the engine and the download).
+    hf_token: SecretStr = SecretStr("")
+    #: Hugging Face home (the hub cache is ``<hf_home>/hub``); empty = ~/.cache/huggingface.
+    hf_home: str = ""
     engine_venv: str = str(REPO_ROOT / ".venv-engine")
     max_model_len: int = Field(2048, ge=16, le=1_048_576)
     max_num_seqs: int = Field(64, ge=1, le=4096)

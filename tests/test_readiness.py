@@ -54,3 +54,33 @@ def test_timeout_when_nothing_answers(
     s = _settings(tmp_path, redis_server)
     assert wait(s, timeout=1.5) is False
     assert "timed out" in capsys.readouterr().out
+
+
+def test_a_gpu_engines_model_download_shows_as_cache_growth(
+    tmp_path: Path, redis_server: RedisServer, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # A MODEL changed after install is downloaded by vLLM itself, with its progress bars off:
+    # the growing hub cache is then the only sign of progress.
+    s = _settings(tmp_path, redis_server).model_copy(
+        update={"engine_kind": "gpu", "model": "org/big-model", "hf_home": str(tmp_path / "hf")}
+    )
+    blobs = tmp_path / "hf" / "hub" / "models--org--big-model" / "blobs"
+    blobs.mkdir(parents=True)
+    stop = threading.Event()
+
+    def download() -> None:
+        with (blobs / "f00d.1234abcd.incomplete").open("wb") as f:
+            while not stop.is_set():
+                f.write(b"\0" * 2_000_000)
+                f.flush()
+                time.sleep(0.1)
+
+    t = threading.Thread(target=download)
+    t.start()
+    try:
+        assert wait(s, timeout=3.5, every_s=1.0) is False
+    finally:
+        stop.set()
+        t.join()
+    out = capsys.readouterr().out
+    assert "engine: model cache " in out and " GB (+" in out and " MB/s)" in out
