@@ -171,6 +171,25 @@ def test_print_shows_the_command_without_running_it() -> None:
     assert "k-123" not in p.stdout  # the key is never printed
 
 
+def test_gpu_hub_settings_reach_the_engine_and_secrets_are_never_printed(tmp_path: Path) -> None:
+    values = {
+        "engine_kind": "gpu",
+        "tensor_parallel_size": 1,
+        "model": "Qwen/Qwen2.5-0.5B-Instruct",
+        "model_revision": "v1.1",
+        "hf_home": str(tmp_path / "hf"),
+        "hf_token": "hf_s3cret",
+        "engine_api_key": "k-456",
+    }
+    p = _launch(values, "--print")
+    assert p.returncode == 0, p.stderr
+    assert "--revision v1.1" in p.stdout
+    assert "hf_s3cret" not in p.stdout and "k-456" not in p.stdout
+    _, env = build_engine_command(_settings(**values), 1)
+    assert env["HF_TOKEN"] == "hf_s3cret" and env["VLLM_API_KEY"] == "k-456"
+    assert env["HF_HOME"] == str(tmp_path / "hf")
+
+
 def test_launch_refuses_a_missing_engine_venv_with_a_plain_message(tmp_path: Path) -> None:
     p = _launch({"engine_kind": "cpu", "engine_venv": str(tmp_path / "no-venv")})
     assert p.returncode == 2
