@@ -189,6 +189,11 @@ _FAILURES: tuple[tuple[re.Pattern[str], str], ...] = tuple(
     (re.compile(p, re.IGNORECASE), msg)
     for p, msg in (
         (
+            r"Failed to load model - not enough GPU memory",
+            "the model's weights do not fit in the GPU memory: use more GPUs (TENSOR_PARALLEL_SIZE), pick a "
+            "smaller or quantized MODEL, or stop other processes that use the GPU",
+        ),
+        (
             r"CUDA out of memory|torch\.(cuda\.)?OutOfMemoryError",
             "the GPU ran out of memory: lower MAX_NUM_SEQS or MAX_MODEL_LEN, use more GPUs "
             "(TENSOR_PARALLEL_SIZE), or pick a smaller MODEL",
@@ -204,7 +209,8 @@ _FAILURES: tuple[tuple[re.Pattern[str], str], ...] = tuple(
             "engine more memory (GPU_MEMORY_UTILIZATION, more GPUs; CPU_KVCACHE_GIB on the CPU engine)",
         ),
         (
-            r"Free memory on device .* is less than (desired GPU memory utilization|the engine's budget)",
+            r"Free memory on device .* is less than (desired GPU memory utilization|the engine's budget)"
+            r"|Externally held weights on device .* exceed the desired GPU memory utilization",
             "other processes already use the GPU's memory: stop them, or lower GPU_MEMORY_UTILIZATION",
         ),
         (
@@ -261,14 +267,26 @@ _FAILURES: tuple[tuple[re.Pattern[str], str], ...] = tuple(
 )
 
 
+#: A specific failure whose generic echo follows it: vLLM logs "Failed to load model - not enough
+#: GPU memory" and then re-raises torch's OutOfMemoryError, whose traceback comes last.
+_REFINES = {0: 1}  # _FAILURES[0] (weights do not fit) refines _FAILURES[1] (CUDA out of memory)
+#: How far before the generic line the specific one may be (one traceback's worth of text).
+_REFINE_WINDOW = 20_000
+
+
 def explain_engine_failure(log_text: str) -> str | None:
     """A plain sentence for the last known failure in an engine log, or None if none is recognised."""
-    best: tuple[int, str] | None = None
-    for pattern, sentence in _FAILURES:
+    last: dict[int, int] = {}  # pattern index -> start of its last match
+    for i, (pattern, _) in enumerate(_FAILURES):
         for m in pattern.finditer(log_text):
-            if best is None or m.start() > best[0]:
-                best = (m.start(), sentence)
-    return best[1] if best else None
+            last[i] = m.start()
+    if not last:
+        return None
+    best = max(last, key=lambda i: last[i])
+    for specific, generic in _REFINES.items():
+        if best == generic and specific in last and 0 <= last[generic] - last[specific] <= _REFINE_WINDOW:
+            best = specific
+    return _FAILURES[best][1]
 
 
 def _explain_file(path: Path) -> int:

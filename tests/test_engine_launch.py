@@ -254,6 +254,20 @@ SAMPLES = {
         "memory utilization (0.9, 71.2 GiB). Decrease GPU memory utilization",
         "other processes already use the GPU",
     ),
+    "external": (
+        "ValueError: Externally held weights on device cuda:0 (70.0 GiB) exceed the desired GPU memory "
+        "utilization (0.9, 64.0 GiB).",
+        "other processes already use the GPU",
+    ),
+    "load_oom": (
+        # vLLM's own line (gpu_model_runner), then torch's error re-raised: the specific one wins.
+        "(EngineCore pid=7) ERROR Failed to load model - not enough GPU memory. Try lowering "
+        "--gpu-memory-utilization to free memory for weights, increasing --tensor-parallel-size, or using "
+        "--quantization. (original error: CUDA out of memory. Tried to allocate 270.00 MiB.)\n"
+        "Traceback (most recent call last):\n  File \"x.py\", line 1, in load_model\n"
+        "torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 270.00 MiB.",
+        "weights do not fit",
+    ),
     "cpu_ram": (
         "ValueError: Available memory on node 0 (1.5/23.4 GiB) on kv cache allocation is less than requested "
         "memory for kv (8.0 GiB). Decrease --kv-cache-memory-bytes, VLLM_CPU_KVCACHE_SPACE, or reduce",
