@@ -264,7 +264,7 @@ SAMPLES = {
         "(EngineCore pid=7) ERROR Failed to load model - not enough GPU memory. Try lowering "
         "--gpu-memory-utilization to free memory for weights, increasing --tensor-parallel-size, or using "
         "--quantization. (original error: CUDA out of memory. Tried to allocate 270.00 MiB.)\n"
-        "Traceback (most recent call last):\n  File \"x.py\", line 1, in load_model\n"
+        'Traceback (most recent call last):\n  File "x.py", line 1, in load_model\n'
         "torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 270.00 MiB.",
         "weights do not fit",
     ),
