@@ -47,7 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="llmconsole",
         description="Operator console of the llmconsole inference stack: live queue, GPUs, engine, services "
-        "and jobs; service control; benchmark runs. `llmconsole bench --help` for the headless benchmark.",
+        "and jobs; service control; benchmark runs. `llmconsole bench --help` for the headless benchmark, "
+        "`llmconsole gpu` for what NVML reads on this host.",
     )
     p.add_argument(
         "--readonly", action="store_true", help="hide every action (service control, benchmark launch)"
@@ -100,6 +101,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args_in = list(sys.argv[1:] if argv is None else argv)
     if args_in and args_in[0] == "bench":
         return run_bench_cli(args_in[1:])
+    if args_in and args_in[0] == "gpu":
+        from services.telemetry import main as gpu_main
+
+        return gpu_main(args_in[1:])
     args = build_parser().parse_args(args_in)
 
     if args.web:

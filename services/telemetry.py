@@ -562,3 +562,74 @@ async def read_gpu_samples(redis: Any, keys: Keys, node_id: str, count: int = 1)
         if raw is not None:
             out.append(decode_samples(raw))
     return out
+
+
+# ---------------------------------------------------------------------------
+# ``llmconsole gpu``: what NVML reads on this host, and what a job would record
+# ---------------------------------------------------------------------------
+
+
+def _fmt(v: float | None, unit: str, scale: float = 1.0, digits: int = 0) -> str:
+    return "n/a" if v is None else f"{v / scale:.{digits}f}{unit}"
+
+
+def gpu_report(backend: GpuBackend, seconds: float = 2.0, interval_s: float = 0.1) -> tuple[str, GpuJobStats]:
+    """Sample ``backend`` for ``seconds`` as a job's sampler would; the readable report and the stats.
+
+    The report has one line per GPU (its last reading) and the figures a job of that window
+    would store (mean utilisation, peak VRAM, mean power, energy from the counter).
+    """
+    if not backend.available():
+        reason = backend.reason or "no NVIDIA GPU"
+        return f"No GPU: {reason}", reduce_samples([], None, available=False, reason=reason)
+    frames: list[list[GpuSample]] = []
+    deadline = time.monotonic() + seconds
+    while True:
+        frames.append(backend.sample())
+        if time.monotonic() >= deadline:
+            break
+        time.sleep(interval_s)
+    lines = []
+    for s in frames[-1]:
+        lines.append(
+            f"GPU {s.index}  {s.name}  {s.uuid}\n"
+            f"    VRAM {_fmt(s.vram_used_bytes, ' GiB', 2**30, 1)} of {_fmt(s.vram_total_bytes, ' GiB', 2**30, 1)}"
+            f" · util {_fmt(s.util_pct, ' %')} (memory {_fmt(s.mem_util_pct, ' %')})"
+            f" · {_fmt(s.temp_c, ' °C')} · {_fmt(s.power_w, ' W', 1, 1)}"
+            f" · energy counter {_fmt(s.energy_mj, ' J', 1000, 1)}"
+            f" · {len(s.processes)} processes holding VRAM"
+        )
+    st = reduce_samples(frames, None)
+    lines.append(
+        f"over {len(frames)} samples in {seconds:g} s (what a job of this window records): "
+        f"util mean {_fmt(st.util_mean_pct, ' %', 1, 1)}, peak VRAM {_fmt(st.vram_peak_bytes, ' GiB', 2**30, 2)}, "
+        f"power mean {_fmt(st.power_mean_w, ' W', 1, 1)}, energy {_fmt(st.energy_j, ' J', 1, 2)}"
+    )
+    return "\n".join(lines), st
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``llmconsole gpu`` / ``python -m services.telemetry``: read this host's GPUs through NVML once."""
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="llmconsole gpu", description=main.__doc__)
+    ap.add_argument("--seconds", type=float, default=2.0, help="sampling window (default 2)")
+    ap.add_argument("--interval", type=float, default=0.1, help="seconds between samples (default 0.1)")
+    ap.add_argument("--json", action="store_true", help="print the last samples and the stats as JSON")
+    args = ap.parse_args(argv)
+    if not (0 < args.seconds <= 600 and 0.01 <= args.interval <= 60):
+        ap.error("--seconds must be in (0, 600] and --interval in [0.01, 60]")
+    backend = make_backend()
+    text, stats = gpu_report(backend, args.seconds, args.interval)
+    if args.json:
+        last = backend.sample() if backend.available() else []
+        print(json.dumps({"samples": [s.model_dump() for s in last], "stats": stats.model_dump()}, indent=1))
+    else:
+        print(text)
+    return 0 if backend.available() else 1
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(main())

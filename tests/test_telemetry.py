@@ -413,3 +413,52 @@ async def test_publish_stops_when_cancelled_mid_command(
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await asyncio.wait_for(task, 10)
+
+
+def test_gpu_report_reads_every_gpu_and_reduces_the_window() -> None:
+    from services.telemetry import gpu_report
+
+    gpus = [
+        FakeGpu(name="NVIDIA H200", power_w=400.0),
+        FakeGpu(name="NVIDIA H200", energy_mj=None, util_pct=None),
+    ]
+    text, stats = gpu_report(FakeGpuBackend(gpus), seconds=0.3, interval_s=0.05)
+    lines = text.splitlines()
+    assert lines[0].startswith("GPU 0  NVIDIA H200") and lines[2].startswith("GPU 1  NVIDIA H200")
+    assert "VRAM 10.0 GiB of 80.0 GiB · util 50 %" in lines[1] and "400.0 W" in lines[1]
+    assert "util n/a" in lines[3] and "energy counter n/a" in lines[3]
+    assert stats.gpu_count == 2 and stats.samples is not None and stats.samples >= 3
+    assert stats.util_mean_pct == 50.0 and stats.vram_peak_bytes == 20 * GiB
+    # GPU 0's counter and GPU 1's power integral: about 700 W over the window.
+    assert stats.energy_j is not None and stats.energy_j > 0
+    assert lines[-1].startswith(f"over {stats.samples} samples in 0.3 s")
+
+
+def test_llmconsole_gpu_reads_this_hosts_gpus_or_says_why_not() -> None:
+    import subprocess
+    import sys
+
+    from services.settings import REPO_ROOT
+
+    r = subprocess.run(
+        [sys.executable, "-m", "console.cli", "gpu", "--seconds", "0.2"],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    here = make_backend()
+    if here.available():  # a GPU machine: the real readings
+        assert r.returncode == 0, r.stderr
+        assert r.stdout.startswith("GPU 0  ") and " samples in 0.2 s" in r.stdout
+    else:
+        assert r.returncode == 1, r.stderr
+        assert r.stdout.strip() == f"No GPU: {here.reason}"
+    bad = subprocess.run(
+        [sys.executable, "-m", "console.cli", "gpu", "--seconds", "-1"],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert bad.returncode == 2 and "--seconds must be in (0, 600]" in bad.stderr
