@@ -318,9 +318,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cache-dir", type=Path, default=None, help="hub cache (default: HF_HOME/hub)")
     ap.add_argument("--interval", type=float, default=10.0, help="seconds between progress lines")
     args = ap.parse_args(argv)
-    if Path(args.model).is_dir():
+    if Path(args.model).expanduser().is_dir():
         print(f"[model] {args.model} is a local folder: nothing to download", flush=True)
         return 0
+    if args.model.startswith(("/", "./", "../", "~")):
+        print(
+            f"[model] ERROR: there is no model folder at {args.model}: check MODEL / MODEL_PATH",
+            file=sys.stderr,
+        )
+        return 1
     try:
         path = fetch(args.model, args.revision, args.cache_dir, args.interval)
     except FetchError as exc:

@@ -266,3 +266,12 @@ def test_a_local_model_needs_no_download(tmp_path: Path) -> None:
         timeout=30,
     )
     assert r.returncode == 0 and "nothing to download" in r.stdout
+
+
+def test_a_local_folder_is_left_alone_and_a_missing_one_is_named(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert mf.main(["--model", str(tmp_path)]) == 0
+    assert "is a local folder: nothing to download" in capsys.readouterr().out
+    assert mf.main(["--model", str(tmp_path / "nope")]) == 1
+    assert f"there is no model folder at {tmp_path / 'nope'}" in capsys.readouterr().err
