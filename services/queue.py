@@ -32,6 +32,7 @@ from services.contracts import (
     JobSpec,
     JobState,
     Keys,
+    new_id,
     now_ns,
 )
 from services.settings import Settings
@@ -76,6 +77,9 @@ def redis_client(settings: Settings, *, blocking: bool = False) -> aioredis.Redi
 _SUBMIT = """
 -- KEYS: job, stream, active, stats, recent, idem ('' = none)
 -- ARGV: job_id, spec, t_received, (unused), max_active, idem_ttl, channel, run_id, label, recent_max
+-- Job ids are new per request: an existing hash means this very call was sent again (redis-py
+-- re-sends a command that timed out or lost its connection) after it had already run.
+if redis.call('EXISTS', KEYS[1]) == 1 then return {'ok', ARGV[1]} end
 if KEYS[6] ~= '' then
   local existing = redis.call('GET', KEYS[6])
   if existing then return {'dup', existing} end
@@ -102,8 +106,12 @@ return {'ok', ARGV[1]}
 """
 
 _START = """
--- KEYS: job, stream, stats ; ARGV: entry, consumer, t_dequeued, group, channel
+-- KEYS: job, stream, stats ; ARGV: entry, consumer, t_dequeued, group, channel, nonce
 local st = redis.call('HGET', KEYS[1], 'state')
+-- The same call sent again (a retry after a timeout): the attempt it already began.
+if st == 'running' and redis.call('HGET', KEYS[1], 'start_nonce') == ARGV[6] then
+  return {tonumber(redis.call('HGET', KEYS[1], 'attempt')), 'running'}
+end
 if not st then
   redis.call('XACK', KEYS[2], ARGV[4], ARGV[1])
   return {-1, 'missing'}
@@ -116,7 +124,8 @@ local attempt = redis.call('HINCRBY', KEYS[1], 'attempt', 1)
 if attempt > 1 then redis.call('HINCRBY', KEYS[3], 'redelivered', 1) end
 redis.call('HDEL', KEYS[1], 't_dispatched', 't_worker_received', 't_engine_start', 't_first_token',
   't_engine_end', 't_result_received', 't_finished')
-redis.call('HSET', KEYS[1], 'state', 'running', 't_dequeued', ARGV[3], 'worker', ARGV[2], 'entry', ARGV[1])
+redis.call('HSET', KEYS[1], 'state', 'running', 't_dequeued', ARGV[3], 'worker', ARGV[2], 'entry', ARGV[1],
+  'start_nonce', ARGV[6])
 redis.call('PUBLISH', ARGV[5], cjson.encode({job_id=redis.call('HGET', KEYS[1], 'job_id'), state='running',
   attempt=attempt}))
 return {attempt, 'running'}
@@ -135,7 +144,10 @@ _FINISH = """
 -- KEYS: job, stream, active, stats, dead
 -- ARGV: attempt, state, group, ttl, channel, job_id, reason, then field/value pairs
 if redis.call('HGET', KEYS[1], 'attempt') ~= ARGV[1] then return 0 end
-if redis.call('HGET', KEYS[1], 'state') ~= 'running' then return 0 end
+local st = redis.call('HGET', KEYS[1], 'state')
+-- Already finished by this very attempt: the same call sent again after a timeout.
+if st == ARGV[2] and redis.call('HEXISTS', KEYS[1], 't_finished') == 1 then return 1 end
+if st ~= 'running' then return 0 end
 for i = 8, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
 -- t_finished is the moment of this write, on Redis's clock (where the event happens).
 local now = redis.call('TIME')
@@ -288,7 +300,7 @@ class JobQueue:
         """Begin an attempt for a delivered entry; None if the job is gone or already final."""
         attempt, _state = await self._start(
             keys=[self.keys.job(job_id), self.keys.stream, self.keys.stats],
-            args=[entry_id, consumer, now_ns(), self.group, self.keys.events],
+            args=[entry_id, consumer, now_ns(), self.group, self.keys.events, new_id()],
         )
         if int(attempt) < 1:
             return None

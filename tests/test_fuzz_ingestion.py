@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import httpx
 import pytest
 import schemathesis
@@ -35,6 +37,12 @@ def test_no_server_error_on_any_input(stack: Stack, with_key: bool) -> None:
         )
         def check(case: schemathesis.Case) -> None:
             resp = case.call(headers=headers, timeout=30)
+            if resp.status_code == 503:
+                # Redis stalled past ingestion's timeouts (1 s for /readyz, ~4 s with redis-py's
+                # one retry for the API): the documented answer, not a fault of the input.
+                # Once Redis answers again the same request must not fail.
+                time.sleep(float(resp.headers.get("Retry-After", 1)))
+                resp = case.call(headers=headers, timeout=30)
             assert resp.status_code < 500, (case.method, case.path, case.body, resp.status_code, resp.text)
             if not with_key and case.path.startswith("/v1/"):
                 assert resp.status_code in (401, 404, 405, 413, 422), resp.text

@@ -59,9 +59,39 @@ async def test_reclaimed_job_refuses_late_result(q: JobQueue) -> None:
     assert await q.finish(d2, JobState.SUCCEEDED, {"result": "current"}, ttl_s=60)
     h = await q.get_job(job_id)
     assert h["result"] == "current" and h["attempt"] == "2"
-    # Written once: a second finish of the same attempt is refused too.
-    assert not await q.finish(d2, JobState.SUCCEEDED, {"result": "again"}, ttl_s=60)
+    # Written once: a second finish of the same attempt (a re-sent call) changes nothing.
+    await q.finish(d2, JobState.SUCCEEDED, {"result": "again"}, ttl_s=60)
+    assert (await q.get_job(job_id))["result"] == "current"
     assert (await q.stats()).counters["succeeded"] == 1
+
+
+async def test_scripts_sent_twice_act_once(q: JobQueue) -> None:
+    # redis-py re-sends a command whose reply timed out or whose connection dropped, after Redis
+    # may already have run it: submit, start and finish must act once when sent twice.
+    spec = _spec()
+    keys = [q.keys.job(spec.job_id), q.keys.stream, q.keys.active, q.keys.stats, q.keys.recent, ""]
+    args = [spec.job_id, spec.model_dump_json(), now_ns(), now_ns(), 10, 60, q.keys.events, "", "", 100]
+    assert await q._submit(keys=keys, args=args) == ["ok", spec.job_id]
+    assert await q._submit(keys=keys, args=args) == ["ok", spec.job_id]
+    assert await q.r.xlen(q.keys.stream) == 1
+    st = await q.stats()
+    assert st.active == 1 and st.counters["submitted"] == 1
+
+    ((entry, job_id),) = await q.read("c1", count=1, block_ms=100)
+    start_args = [entry, "c1", now_ns(), q.group, q.keys.events, "nonce-1"]
+    start_keys = [q.keys.job(job_id), q.keys.stream, q.keys.stats]
+    assert await q._start(keys=start_keys, args=start_args) == [1, "running"]
+    assert await q._start(keys=start_keys, args=start_args) == [1, "running"]
+    assert (await q.get_job(job_id))["attempt"] == "1" and "redelivered" not in (await q.stats()).counters
+    # A real redelivery (another call, another nonce) is a new attempt.
+    assert await q._start(keys=start_keys, args=[*start_args[:5], "nonce-2"]) == [2, "running"]
+
+    d = await q.start(entry, job_id, "c1")
+    assert d is not None and d.attempt == 3
+    for _ in range(2):
+        assert await q.finish(d, JobState.SUCCEEDED, {"result": "{}"}, ttl_s=60)
+    st = await q.stats()
+    assert st.active == 0 and st.counters["succeeded"] == 1
 
 
 async def test_redelivery_of_finished_job_is_acked_not_rerun(q: JobQueue) -> None:
