@@ -110,21 +110,14 @@ class StandInHub:
                     self.wfile.write(body)
 
             def _refuse(self) -> bool:
-                if hub.mode == "gated":
-                    self._send(
-                        403,
-                        b'{"error":"gated"}',
-                        {"X-Error-Code": "GatedRepo", "Content-Type": "application/json"},
-                    )
-                    return True
-                if hub.mode == "missing":
-                    self._send(
-                        404,
-                        b'{"error":"not found"}',
-                        {"X-Error-Code": "RepoNotFound", "Content-Type": "application/json"},
-                    )
-                    return True
-                return False
+                refusal = {"gated": (403, "GatedRepo"), "missing": (404, "RepoNotFound")}.get(hub.mode)
+                if refusal is None:
+                    return False
+                status, code = refusal
+                self._send(
+                    status, b'{"error":"refused"}', {"X-Error-Code": code, "Content-Type": "application/json"}
+                )
+                return True
 
             def do_HEAD(self) -> None:
                 self.do_GET()

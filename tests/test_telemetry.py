@@ -7,6 +7,8 @@ binding module that raises pynvml's own error classes; the NoGpu path runs for r
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
 from collections.abc import Iterator
 from types import SimpleNamespace
 from typing import Any
@@ -16,6 +18,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from services.contracts import GPU_SAMPLES_MAXLEN, GpuSample, Keys, new_id
+from services.settings import REPO_ROOT
 from services.telemetry import (
     SAMPLES_FIELD,
     FakeGpu,
@@ -434,19 +437,18 @@ def test_gpu_report_reads_every_gpu_and_reduces_the_window() -> None:
     assert lines[-1].startswith(f"over {stats.samples} samples in 0.3 s")
 
 
-def test_llmconsole_gpu_reads_this_hosts_gpus_or_says_why_not() -> None:
-    import subprocess
-    import sys
-
-    from services.settings import REPO_ROOT
-
-    r = subprocess.run(
-        [sys.executable, "-m", "console.cli", "gpu", "--seconds", "0.2"],
+def _llmconsole_gpu(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "console.cli", "gpu", *args],
         cwd=REPO_ROOT,
         capture_output=True,
         text=True,
         timeout=60,
     )
+
+
+def test_llmconsole_gpu_reads_this_hosts_gpus_or_says_why_not() -> None:
+    r = _llmconsole_gpu("--seconds", "0.2")
     here = make_backend()
     if here.available():  # a GPU machine: the real readings
         assert r.returncode == 0, r.stderr
@@ -454,11 +456,5 @@ def test_llmconsole_gpu_reads_this_hosts_gpus_or_says_why_not() -> None:
     else:
         assert r.returncode == 1, r.stderr
         assert r.stdout.strip() == f"No GPU: {here.reason}"
-    bad = subprocess.run(
-        [sys.executable, "-m", "console.cli", "gpu", "--seconds", "-1"],
-        cwd=REPO_ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    bad = _llmconsole_gpu("--seconds", "-1")
     assert bad.returncode == 2 and "--seconds must be in (0, 600]" in bad.stderr
