@@ -220,7 +220,8 @@ _FAILURES: tuple[tuple[re.Pattern[str], str], ...] = tuple(
         (
             r"Found no NVIDIA driver|libcuda\.so[.0-9]*: cannot open|No CUDA GPUs are available"
             r"|NVIDIA driver on your system is too old|CUDA driver version is insufficient"
-            r"|Failed to infer device type|NVML Shared Library Not Found|libnvidia-ml\.so",
+            r"|Failed to infer device type|NVML Shared Library Not Found|libnvidia-ml\.so"
+            r"|no NVIDIA GPU found: the gpu engine needs one",
             "no usable NVIDIA GPU driver: check `nvidia-smi`, install or update the NVIDIA driver, "
             "or reinstall with --engine cpu",
         ),

@@ -266,7 +266,7 @@ def fetch(
         say("every file is already in the cache: nothing to download")
     else:
         if cached:
-            say(f"{len(cached)} files already cached; {_gb(todo)} to download")
+            say(f"{len(cached)} of {len(chosen)} files already cached; {_gb(todo)} to download")
         check_disk(cache, todo)
 
     class _Quiet(tqdm):  # type: ignore[misc,valid-type]
