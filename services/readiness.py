@@ -68,12 +68,12 @@ def _explain_text(text: str) -> str | None:
     return explain_engine_failure(text) if text else None
 
 
-def _explain(s: Settings, program: str) -> str:
+def _explain(s: Settings, program: str, why_known: bool = False) -> str:
     log = Path(s.var_dir) / "log" / f"{program}.log"
     if not log.exists():
         return ""
     text = log.read_text(errors="replace")[-20000:]
-    why = _explain_text(text) if program == "engine" else None
+    why = _explain_text(text) if program == "engine" and not why_known else None
     tail = "\n".join("      " + line for line in text.splitlines()[-15:])
     return (f"    why: {why}\n" if why else "") + f"    last lines of {log}:\n{tail}"
 
@@ -164,7 +164,7 @@ def wait(s: Settings, timeout: float, every_s: float = 15.0) -> bool:
         why = _explain_text(text) if not state["engine"] else None
         if why:
             print(f"    the engine failed: {why}", flush=True)
-            print(_explain(s, "engine"), flush=True)
+            print(_explain(s, "engine", why_known=True), flush=True)
             return False
         fatal = _fatal_programs(s)
         if fatal:

@@ -283,7 +283,10 @@ SAMPLES = {
         "and installed a driver from http://www.nvidia.com/Download/index.aspx",
         "no usable NVIDIA GPU driver",
     ),
-    "nogpu": ("engine_launch: no NVIDIA GPU found: the gpu engine needs one (or choose --engine cpu)", "driver"),
+    "nogpu": (
+        "engine_launch: no NVIDIA GPU found: the gpu engine needs one (or choose --engine cpu)",
+        "driver",
+    ),
     "libcuda": ("OSError: libcuda.so.1: cannot open shared object file: No such file or directory", "driver"),
     "port": (
         "ERROR:    [Errno 98] error while attempting to bind on address ('127.0.0.1', 8000): address already in use",
