@@ -89,12 +89,14 @@ def summary_renderables(summary: dict[str, Any]) -> list[RenderableType]:
     row("Peak concurrent requests", "max_concurrent_requests")
     row("Total token throughput (tok/s)", "total_token_throughput", overhead=True)
     pcts = summary.get("percentiles") or []
+    # P50 is the median, which has its own row and column: shown once.
+    shown = [p for p in pcts if p != 50.0]
     for m, name in (("ttft", "TTFT"), ("tpot", "TPOT"), ("itl", "ITL"), ("e2el", "E2EL")):
         t.add_section()
         for stat in ("mean", "median"):
             row(f"{stat.capitalize()} {name} (ms)", f"{stat}_{m}_ms", overhead=True)
         row(f"Std {name} (ms)", f"std_{m}_ms")
-        for p in pcts:
+        for p in shown:
             row(f"{pkey(p).upper()} {name} (ms)", f"{pkey(p)}_{m}_ms", overhead=True)
     if any("mean_client_queue_time_ms" in paths[n] for n in names):
         t.add_section()
@@ -182,7 +184,7 @@ def summary_renderables(summary: dict[str, Any]) -> list[RenderableType]:
     if pipe and pipe.get("stages"):
         st = Table(title="Pipeline stages per request (ms)", title_justify="left")
         st.add_column("stage")
-        for c in ("mean", "median", *(pkey(p) for p in pcts), "share of E2EL"):
+        for c in ("mean", "median", *(pkey(p) for p in shown), "share of E2EL"):
             st.add_column(c, justify="right")
         for name in BREAKDOWN_NAMES:
             s = pipe["stages"].get(name) or {}
@@ -190,14 +192,14 @@ def summary_renderables(summary: dict[str, Any]) -> list[RenderableType]:
                 name,
                 fmt(s.get("mean_ms")),
                 fmt(s.get("median_ms")),
-                *[fmt(s.get(f"{pkey(p)}_ms")) for p in pcts],
+                *[fmt(s.get(f"{pkey(p)}_ms")) for p in shown],
                 _pct(s.get("share")),
             )
         st.add_row(
             Text("E2EL (client)", style="bold"),
             fmt(pipe.get("mean_e2el_ms")),
             fmt(pipe.get("median_e2el_ms")),
-            *[fmt(pipe.get(f"{pkey(p)}_e2el_ms")) for p in pcts],
+            *[fmt(pipe.get(f"{pkey(p)}_e2el_ms")) for p in shown],
             "100 %",
         )
         out.append(st)

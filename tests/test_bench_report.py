@@ -113,6 +113,8 @@ def test_run_folder_files_and_round_trip(tmp_path: Path) -> None:
     for needle in ("Mean TTFT (ms)", "P99 E2EL (ms)", "pipeline − direct", "queue_wait", "client", "40.0 %",
                    "engine 500: boom"):  # fmt: skip
         assert needle in out, needle
+    # P50 is the median: shown once, as the median row and column.
+    assert "Median TTFT (ms)" in out and "P50 TTFT" not in out and " p50 " not in out
 
 
 def test_sweep_plot_and_table(tmp_path: Path) -> None:
