@@ -215,15 +215,15 @@ class EngineClient:
                         f"engine {resp.status_code} on /v1/completions: {_error_message(resp)}",
                         resp.status_code,
                     )
+                done = False
                 async for line in resp.aiter_lines():
                     if not line.startswith("data:"):
                         continue
                     data = line[5:].strip()
                     if data == "[DONE]":
+                        done = True
                         break
-                    chunk = json.loads(data)
-                    if chunk.get("object") == "error" or "error" in chunk:
-                        raise EngineError(f"engine error in stream: {str(chunk)[:300]}", 500)
+                    chunk = _stream_event(data)
                     usage = chunk.get("usage")
                     if usage:
                         res.prompt_tokens = usage.get("prompt_tokens")
@@ -231,11 +231,12 @@ class EngineClient:
                         details = usage.get("prompt_tokens_details") or {}
                         res.cached_tokens = details.get("cached_tokens")
                     for choice in chunk.get("choices") or []:
+                        # One chunk per engine step that produced tokens, even when their text is
+                        # empty (special tokens under ignore_eos, half a UTF-8 character): vLLM
+                        # sends it, and its benchmark counts it, for TTFT and ITL alike.
                         text = choice.get("text") or ""
                         if choice.get("finish_reason"):
                             res.finish_reason = choice["finish_reason"]
-                        if not text and not choice.get("finish_reason"):
-                            continue
                         now = time.perf_counter()
                         res.chunks += 1
                         if m_first is None:
@@ -247,6 +248,9 @@ class EngineClient:
                             itl.append(round(now - m_last, 6))
                         m_last = now
                         parts.append(text)
+                if not done:
+                    # A clean close without the terminator: the engine stopped mid-answer.
+                    raise EngineError(f"engine stream ended before [DONE] after {res.chunks} token chunks")
         except httpx.TimeoutException as e:
             raise EngineError(f"engine timed out streaming: {e!r}") from e
         except httpx.ConnectError as e:
@@ -264,6 +268,23 @@ class EngineClient:
         res.itl_s = itl
         res.text = "".join(parts)
         return res
+
+
+def _stream_event(data: str) -> dict[str, Any]:
+    """One ``data:`` event of a completion stream, or :class:`EngineError` for a bad or error event."""
+    try:
+        chunk = json.loads(data)
+    except ValueError:
+        raise EngineError(f"engine sent a malformed stream event: {data[:200]!r}") from None
+    if not isinstance(chunk, dict):
+        raise EngineError(f"engine sent a stream event that is not an object: {data[:200]!r}")
+    if chunk.get("object") == "error" or "error" in chunk:
+        # vLLM: {"error": {"message", "type", "code"}}; older: {"object": "error", "message", "code"}.
+        err = chunk.get("error") if isinstance(chunk.get("error"), dict) else chunk
+        code = err.get("code")
+        status = code if isinstance(code, int) and 400 <= code <= 599 else 500
+        raise EngineError(f"engine error in stream: {str(err.get('message') or chunk)[:300]}", status)
+    return chunk
 
 
 # ---------------------------------------------------------------------------

@@ -214,6 +214,13 @@ async def _infer(state: WorkerState, req: InferRequest) -> InferResult:
     sampler = telemetry.JobGpuSampler(state.gpu, state.settings.telemetry_interval_s)
     async with sampler:
         res = await state.engine.stream_completion(prompt, spec.output_tokens, exact=True)
+    if res.chunks == 0 or res.completion_tokens is None:
+        # No token or no usage is an answer that failed, not a result: vLLM's own benchmark
+        # counts a request without output as failed. Another attempt may go better.
+        raise EngineError(
+            f"engine answered without {'any token' if res.chunks == 0 else 'usage'} "
+            f"({res.chunks} token chunks, usage completion_tokens={res.completion_tokens})"
+        )
     mismatches: list[str] = []
     if spec.input_tokens is not None and res.prompt_tokens != spec.input_tokens:
         mismatches.append(f"prompt_tokens {res.prompt_tokens} != requested {spec.input_tokens}")

@@ -100,8 +100,11 @@ class PromptBuilder:
         the prefix, as they do in vLLM's ``usage.prompt_tokens``.
         """
         special = await self.special_prefix()
-        if input_tokens < len(special) + 1:
-            raise ValueError(f"input_tokens must be at least {len(special) + 1} on this engine's tokenizer")
+        if input_tokens < 1:
+            raise ValueError("input_tokens must be at least 1")
+        if input_tokens <= len(special):
+            # As short as the tokenizer's own leading tokens (``<bos>`` alone): all of it is shared.
+            return BuiltPrompt(special[:input_tokens], input_tokens)
         prefix_tokens = max(len(special), min(prefix_tokens, input_tokens))
         body_prefix = prefix_tokens - len(special)
         suffix = input_tokens - prefix_tokens

@@ -39,6 +39,24 @@ def test_jobs_flow_through_every_stage(stack: Stack, client: httpx.Client) -> No
     assert max(j["result"]["cached_tokens"] or 0 for j in jobs[1:]) >= 128
 
 
+@pytest.mark.parametrize(
+    ("input_tokens", "output_tokens", "prefix_share"),
+    [(1, 1, 0.5), (2, 1, 0.0), (2, 3, 1.0), (3, 2, 0.5), (333, 5, 0.333)],
+)
+def test_exact_counts_at_the_edges(
+    stack: Stack, client: httpx.Client, input_tokens: int, output_tokens: int, prefix_share: float
+) -> None:
+    # One input token is the tokenizer's <bos> alone; the counts stay exact all the way down.
+    job = stack.wait_job(
+        client,
+        stack.submit(client, input_tokens=input_tokens, output_tokens=output_tokens, prefix_share=prefix_share),
+    )
+    assert job["state"] == "succeeded", job
+    res = job["result"]
+    assert (res["prompt_tokens"], res["completion_tokens"]) == (input_tokens, output_tokens)
+    assert res["token_mismatch"] == [] and len(res["itl_s"]) == output_tokens - 1
+
+
 def test_defaults_are_the_seed_shape(stack: Stack, client: httpx.Client) -> None:
     job = stack.wait_job(client, stack.submit(client))
     assert job["state"] == "succeeded"

@@ -1,0 +1,168 @@
+"""The engine client's stream parse against an engine that misbehaves in ways a real one can.
+
+A loopback HTTP server plays back scripted ``/v1/completions`` streams (the real engines cannot
+be made to send these on demand): empty-text token chunks, a cut before ``[DONE]``, malformed
+events, error events with their status.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+import pytest
+
+from services.engine_client import EngineClient, EngineError
+
+
+def _tok(text: str, finish: str | None = None) -> str:
+    return "data: " + json.dumps({"choices": [{"index": 0, "text": text, "finish_reason": finish}]})
+
+
+USAGE = "data: " + json.dumps(
+    {"choices": [], "usage": {"prompt_tokens": 7, "completion_tokens": 4, "prompt_tokens_details": None}}
+)
+DONE = "data: [DONE]"
+
+
+class ScriptedEngine:
+    """Serves ``/v1/models`` and plays ``script`` (SSE lines, or a float = sleep) for completions."""
+
+    def __init__(self) -> None:
+        self.script: list[str | float] = []
+        engine = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args: Any) -> None:
+                pass
+
+            def do_GET(self) -> None:
+                body = json.dumps({"data": [{"id": "scripted"}]}).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def do_POST(self) -> None:
+                self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                self.send_response(200)
+                self.send_header("Content-Type", "text/event-stream")
+                self.end_headers()  # no length: the stream ends when the connection closes
+                for step in engine.script:
+                    if isinstance(step, float):
+                        time.sleep(step)
+                        continue
+                    self.wfile.write(f"{step}\n\n".encode())
+                    self.wfile.flush()
+                self.close_connection = True
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    @property
+    def url(self) -> str:
+        """Base URL."""
+        host, port = self.server.server_address[:2]
+        return f"http://{host}:{port}"
+
+
+@pytest.fixture(scope="module")
+def engine() -> Iterator[ScriptedEngine]:
+    e = ScriptedEngine()
+    yield e
+    e.server.shutdown()
+    e.server.server_close()
+
+
+async def _stream(engine: ScriptedEngine, script: list[str | float]) -> Any:
+    engine.script = script
+    client = EngineClient(engine.url, timeout_s=10)
+    try:
+        return await client.stream_completion([1, 2, 3], 4)
+    finally:
+        await client.aclose()
+
+
+async def test_empty_text_chunks_are_tokens(engine: ScriptedEngine) -> None:
+    # vLLM sends a chunk for a token whose text is empty (a special token under ignore_eos, half a
+    # UTF-8 character); its benchmark counts it for TTFT and ITL, and so does this client.
+    res = await _stream(engine, [_tok(""), 0.05, _tok("a"), _tok(""), _tok("b", "length"), USAGE, DONE])
+    assert res.chunks == 4 and len(res.itl_s) == 3 and res.text == "ab"
+    assert res.ttft_s < 0.04  # the first (empty) token, not the second
+    assert (res.prompt_tokens, res.completion_tokens, res.finish_reason) == (7, 4, "length")
+
+
+async def test_a_stream_cut_before_done_is_a_retryable_error(engine: ScriptedEngine) -> None:
+    with pytest.raises(EngineError) as err:
+        await _stream(engine, [_tok("a"), _tok("b")])
+    assert "ended before [DONE] after 2 token chunks" in str(err.value)
+    assert err.value.retryable and not err.value.overloaded
+
+
+@pytest.mark.parametrize("event", ["data: {trunc", "data: null", "data: [1, 2]"])
+async def test_malformed_events_are_retryable_engine_errors(engine: ScriptedEngine, event: str) -> None:
+    with pytest.raises(EngineError) as err:
+        await _stream(engine, [_tok("a"), event, DONE])
+    assert "engine sent a" in str(err.value) and err.value.retryable
+
+
+@pytest.mark.parametrize(
+    ("error", "status", "overloaded", "retryable"),
+    [
+        ({"error": {"message": "aborted", "type": "ServiceUnavailableError", "code": 503}}, 503, True, True),
+        ({"object": "error", "message": "bad", "type": "BadRequestError", "code": 400}, 400, False, False),
+        ({"error": {"message": "boom"}}, 500, False, True),
+    ],
+)
+async def test_error_events_keep_their_status(
+    engine: ScriptedEngine, error: dict[str, Any], status: int, overloaded: bool, retryable: bool
+) -> None:
+    with pytest.raises(EngineError) as err:
+        await _stream(engine, [_tok("a"), "data: " + json.dumps(error), DONE])
+    assert err.value.status == status
+    assert (err.value.overloaded, err.value.retryable) == (overloaded, retryable)
+
+
+async def test_no_token_at_all_returns_zero_chunks_for_the_caller_to_refuse(engine: ScriptedEngine) -> None:
+    res = await _stream(engine, [DONE])
+    assert res.chunks == 0 and res.completion_tokens is None
+
+
+@pytest.mark.parametrize(
+    ("script", "why"),
+    [([DONE], "without any token"), ([_tok("a"), _tok("b", "length"), DONE], "without usage")],
+)
+async def test_the_worker_refuses_an_answer_without_tokens_or_usage(
+    engine: ScriptedEngine, script: list[str | float], why: str
+) -> None:
+    # Such an answer must not become a succeeded job with 0 tokens: a retryable 502 instead.
+    import httpx
+
+    from services.inference_worker import create_app
+    from services.settings import Settings
+
+    engine.script = script
+    port = int(engine.url.rsplit(":", 1)[1])
+    app = create_app(Settings(_env_file=None, engine_port=port))  # type: ignore[call-arg]
+    body = {
+        "spec": {
+            "job_id": "j1",
+            "input_tokens": None,
+            "output_tokens": 2,
+            "prefix_share": 0.5,
+            "prompt": "hi",
+            "seed": 1,
+        },
+        "attempt": 1,
+    }
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://worker") as c:
+        resp = await c.post("/v1/infer", json=body)
+    await app.state.worker.engine.aclose()
+    assert resp.status_code == 502, resp.text
+    assert why in resp.json()["detail"] and resp.json()["retryable"] is True
