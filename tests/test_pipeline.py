@@ -49,7 +49,9 @@ def test_exact_counts_at_the_edges(
     # One input token is the tokenizer's <bos> alone; the counts stay exact all the way down.
     job = stack.wait_job(
         client,
-        stack.submit(client, input_tokens=input_tokens, output_tokens=output_tokens, prefix_share=prefix_share),
+        stack.submit(
+            client, input_tokens=input_tokens, output_tokens=output_tokens, prefix_share=prefix_share
+        ),
     )
     assert job["state"] == "succeeded", job
     res = job["result"]
