@@ -22,19 +22,23 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import os
 import random
 import signal
 import socket
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
 
 import httpx
 
-from services.contracts import InferRequest, InferResult, JobSpec, JobState, Keys, now_ns
+from services.contracts import InferRequest, InferResult, JobSpec, JobState, Keys, new_id, now_ns
 from services.queue import REDIS_DOWN, Delivery, JobQueue, raise_if_cancelling, redis_client
 from services.settings import Settings, get_settings
+
+T = TypeVar("T")
 
 log = logging.getLogger("llmconsole.proxy_worker")
 
@@ -71,7 +75,6 @@ class ProxyWorker:
         """Consume until :meth:`stop`; then drain within the grace period."""
         await self._wait_for_redis()
         loops = [
-            asyncio.create_task(self._reclaim_loop()),
             asyncio.create_task(self._trim_loop()),
             asyncio.create_task(self._heartbeat_loop()),
         ]
@@ -104,14 +107,24 @@ class ProxyWorker:
                 await asyncio.sleep(0.5)
 
     async def _consume_loop(self) -> None:
+        # One loop takes all work, and only for free slots: reclaimed entries (a stopped
+        # consumer's, or handed back) at every pass, then new ones. Whatever is taken is launched
+        # at once, so no entry sits claimed but unstarted (its lease would run out unrenewed),
+        # and a reclaim pass can never be starved by the blocking read holding the last slot.
+        interval = min(max(self.s.lease_ms / 2000, 0.05), 5.0)
+        block_ms = int(min(max(interval * 1000, 50), 1000))
+        loop = asyncio.get_running_loop()
+        next_reclaim = 0.0  # the first pass runs at start
         while not self.stopping.is_set():
-            # Wait for one free slot, then ask for as many entries as slots are free now.
-            # Slots are taken per entry, so the reclaim loop can still use free ones while
-            # this read blocks; what is not free stays in the stream for other consumers.
             await self.slots.acquire()
-            want = min(1 + self.slots._value, 64)  # Semaphore has no public "free count"
+            free = min(1 + self.slots._value, 64)  # Semaphore has no public "free count"
+            entries: list[tuple[str, str]] = []
             try:
-                entries = await self.q.read(self.consumer, count=want, block_ms=1000)
+                if loop.time() >= next_reclaim:
+                    next_reclaim = loop.time() + interval
+                    entries = await self._reclaim(free)
+                if not entries:
+                    entries = await self.q.read(self.consumer, count=free, block_ms=block_ms)
                 raise_if_cancelling()
             except REDIS_DOWN:
                 entries = []
@@ -127,30 +140,23 @@ class ProxyWorker:
                 continue
             self._launch(*entries[0])
             for entry_id, job_id in entries[1:]:
-                await self.slots.acquire()
+                await self.slots.acquire()  # free: nothing else takes slots
                 self._launch(entry_id, job_id)
 
-    async def _reclaim_loop(self) -> None:
-        # Handed-back entries (idle set past the lease) are taken at the next pass, so passes
-        # run at least every 5 s, the first one at start.
-        interval = min(max(self.s.lease_ms / 2000, 0.05), 5.0)
-        first = True
-        while not self.stopping.is_set():
-            if not first:
-                await asyncio.sleep(interval)
-            first = False
-            try:
-                if self.slots._value <= 0:
-                    continue
-                for entry_id, job_id in await self.q.reclaim(self.consumer, self.s.lease_ms, count=16):
-                    await self.slots.acquire()
-                    log.info("reclaimed %s (entry %s) from a stopped consumer", job_id, entry_id)
-                    await self.r.hincrby(self.keys.stats, "reclaimed", 1)
-                    self._launch(entry_id, job_id)
-            except REDIS_DOWN:
+    async def _reclaim(self, count: int) -> list[tuple[str, str]]:
+        """Up to ``count`` entries whose consumer stopped renewing (or handed them back)."""
+        taken = []
+        for entry_id, job_id in await self.q.reclaim(self.consumer, self.s.lease_ms, count=count):
+            if job_id in self.running:
+                # Our own live job, idle only because renewals could not reach Redis for a while:
+                # the claim just renewed it, and its task goes on.
                 continue
-            except Exception as e:
-                log.warning("reclaim failed: %s", e)
+            log.info("reclaimed %s (entry %s) from a stopped consumer", job_id, entry_id)
+            taken.append((entry_id, job_id))
+        if taken:
+            with contextlib.suppress(*REDIS_DOWN):
+                await self.r.hincrby(self.keys.stats, "reclaimed", len(taken))
+        return taken
 
     async def _trim_loop(self) -> None:
         while not self.stopping.is_set():
@@ -256,8 +262,29 @@ class ProxyWorker:
             except REDIS_DOWN:
                 continue
 
+    async def _until_redis_answers(self, what: str, call: Callable[[], Awaitable[T]]) -> T:
+        """``call()`` again until Redis answers (a restart or a stall), while this attempt lasts.
+
+        Giving up would leave the entry pending, to be redelivered after the lease as if this
+        worker had died on it: the engine's work redone, a delivery counted as a crash. The
+        renewer keeps the lease meanwhile; shutdown or a lost lease cancels the task. The queue's
+        scripts act once when re-sent, so a call that ran before its reply was lost is harmless.
+        """
+        delay = 0.1
+        while True:
+            try:
+                return await call()
+            except REDIS_DOWN as e:
+                if delay == 0.1:
+                    log.warning("Redis did not answer (%s: %s); retrying until it does", what, e)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 2.0)
+
     async def _finish(self, d: Delivery, state: JobState, fields: dict[str, Any], reason: str = "") -> None:
-        ok = await self.q.finish(d, state, fields, ttl_s=self.s.result_ttl_s, reason=reason)
+        ok = await self._until_redis_answers(
+            f"finish {d.job_id}",
+            lambda: self.q.finish(d, state, fields, ttl_s=self.s.result_ttl_s, reason=reason),
+        )
         if not ok:
             raise Superseded(d.job_id)
 
@@ -271,7 +298,7 @@ class ProxyWorker:
         return random.uniform(0, min(base, self.s.retry_max_ms / 1000)) + 0.01
 
     async def _run_attempt(self, d: Delivery) -> None:
-        h = await self.q.get_job(d.job_id)
+        h = await self._until_redis_answers(f"read {d.job_id}", lambda: self.q.get_job(d.job_id))
         spec = JobSpec.model_validate_json(h["spec"])
         # Deliveries that ended in a crash (not a graceful hand-back) count against the job.
         crashed = d.attempt - 1 - int(h.get("handbacks") or 0)
@@ -330,11 +357,15 @@ class ProxyWorker:
                     log.info("job %s waits: %s", d.job_id, err)
                 await asyncio.sleep(self._backoff(min(overload_waits, 4)))
                 continue
-            tries = await self.q.bump(d, "tries")
+            nonce = new_id()  # one try, however often the call must be sent
+            tries = await self._until_redis_answers(
+                f"count a try of {d.job_id}", functools.partial(self.q.bump, d, "tries", nonce=nonce)
+            )
             if tries < 0:
                 raise Superseded(d.job_id)
             log.info("job %s try %d failed: %s", d.job_id, tries, err)
-            await self.r.hincrby(self.keys.stats, "retried", 1)
+            with contextlib.suppress(*REDIS_DOWN):
+                await self.r.hincrby(self.keys.stats, "retried", 1)
             if tries >= self.s.max_attempts or loop.time() >= deadline:
                 reason = f"gave up after {tries} tries: {err}"
                 await self._finish(

@@ -178,8 +178,14 @@ return 1
 """
 
 _BUMP = """
--- KEYS: job ; ARGV: attempt, field, amount. Fenced HINCRBY (e.g. tries).
+-- KEYS: job ; ARGV: attempt, field, amount, nonce. Fenced HINCRBY (e.g. tries); the same call
+-- sent again (a retry after a timeout) returns the value it already made.
 if redis.call('HGET', KEYS[1], 'attempt') ~= ARGV[1] then return -1 end
+local nonce_field = 'bump_nonce:' .. ARGV[2]
+if redis.call('HGET', KEYS[1], nonce_field) == ARGV[4] then
+  return tonumber(redis.call('HGET', KEYS[1], ARGV[2]))
+end
+redis.call('HSET', KEYS[1], nonce_field, ARGV[4])
 return redis.call('HINCRBY', KEYS[1], ARGV[2], tonumber(ARGV[3]))
 """
 
@@ -317,9 +323,13 @@ class JobQueue:
         """Give back an unfinished attempt (state back to queued); False if it is not current."""
         return bool(await self._release(keys=[self.keys.job(d.job_id)], args=[d.attempt, self.keys.events]))
 
-    async def bump(self, d: Delivery, field: str, amount: int = 1) -> int:
-        """Fenced HINCRBY on the job hash (returns -1 if the attempt is stale)."""
-        return int(await self._bump(keys=[self.keys.job(d.job_id)], args=[d.attempt, field, amount]))
+    async def bump(self, d: Delivery, field: str, amount: int = 1, nonce: str | None = None) -> int:
+        """Fenced HINCRBY on the job hash (returns -1 if the attempt is stale).
+
+        Calls with the same ``nonce`` count once (pass one when the call may be re-sent).
+        """
+        args = [d.attempt, field, amount, nonce or new_id()]
+        return int(await self._bump(keys=[self.keys.job(d.job_id)], args=args))
 
     async def finish(
         self,

@@ -5,6 +5,7 @@ Issue 6's "no job lost" claims, each proven by really doing it.
 
 from __future__ import annotations
 
+import asyncio
 import signal
 import threading
 import time
@@ -236,3 +237,113 @@ def test_sigterm_hands_back_what_cannot_finish(make_stack: Callable[..., Stack])
     assert [j["state"] for j in jobs] == ["succeeded"] * 3
     assert [j["attempt"] for j in jobs] == [2] * 3
     r.close()
+
+
+def test_an_idle_survivor_with_one_slot_reclaims_a_killed_peers_job(make_stack: Callable[..., Stack]) -> None:
+    # One slot, held by the blocking read whenever the survivor is idle: the reclaim pass must
+    # still run (it once lived in a loop of its own that never saw a free slot).
+    st = make_stack(proxy_concurrency=1, lease_ms=1000, **SLOW)
+    r = _redis(st)
+    keys = Keys(st.values["redis_prefix"])
+    with httpx.Client(timeout=30) as c:
+        j1 = st.submit(c, input_tokens=32, output_tokens=150)
+        wait_until(lambda: r.hget(keys.job(j1), "state") == "running", 20, "j1 running on A")
+        b = st.add_proxy()
+        time.sleep(2.0)  # B is up and idle
+        j2 = st.submit(c, input_tokens=32, output_tokens=150)
+        wait_until(lambda: r.hget(keys.job(j2), "state") == "running", 20, "j2 running")
+        assert r.hget(keys.job(j2), "worker").endswith(f"-{b.pid}"), "j2 should be on B"
+        b.kill()  # SIGKILL: j2 stays pending on B's consumer
+        assert st.wait_job(c, j1)["state"] == "succeeded"
+        job = st.wait_job(c, j2, timeout=60)
+    assert job["state"] == "succeeded" and job["attempt"] == 2
+    r.close()
+
+
+def test_a_backlog_does_not_starve_the_reclaim_of_a_dead_consumers_job(
+    make_stack: Callable[..., Stack],
+) -> None:
+    st = make_stack(start=False, proxy_concurrency=2, lease_ms=2000, **SLOW)
+    for name in ("engine", "inference_worker", "ingestion"):
+        st.procs[name].start()
+    for name in ("engine", "inference_worker", "ingestion"):
+        st.wait_ready(name)
+    r = _redis(st)
+    keys = Keys(st.values["redis_prefix"])
+    with httpx.Client(timeout=30) as c:
+        stale = st.submit(c, input_tokens=32, output_tokens=5)
+        got = r.xreadgroup("workers", "ghost", {keys.stream: ">"}, count=1)  # a consumer that then died
+        assert got[0][1][0][1]["job_id"] == stale
+        backlog = [st.submit(c, input_tokens=32, output_tokens=30, seed=i) for i in range(40)]
+        st.procs["proxy_worker"].start()
+        s_job = st.wait_job(c, stale, timeout=120)
+        jobs = [st.wait_job(c, j, timeout=120) for j in backlog]
+    assert s_job["state"] == "succeeded" and all(j["state"] == "succeeded" for j in jobs)
+    # Reclaimed at a pass once its lease ran out, not after the whole backlog drained.
+    finished = sorted(j["timestamps"]["t_finished"] for j in jobs)
+    assert s_job["timestamps"]["t_finished"] < finished[len(finished) // 2]
+    r.close()
+
+
+def test_a_redis_restart_mid_job_uses_up_no_attempt(make_stack: Callable[..., Stack], tmp_path: Path) -> None:
+    # The engine finishes while Redis is down: the proxy keeps the result and writes it when Redis
+    # is back, instead of leaving the entry to be redelivered as if it had died on it.
+    own = RedisServer(tmp_path / "redis", password="pw", appendonly=True)
+    own.start()
+    try:
+        st = make_stack(redis=own, max_attempts=1, lease_ms=1000, **SLOW)
+        with httpx.Client(timeout=30) as c:
+            ids = [st.submit(c, input_tokens=32, output_tokens=60, seed=i) for i in range(4)]
+            time.sleep(0.5)
+            own.stop()
+            time.sleep(2.5)
+            own.start()
+            jobs = [st.wait_job(c, j, timeout=60) for j in ids]
+        assert [(j["state"], j["attempt"]) for j in jobs] == [("succeeded", 1)] * 4, jobs
+    finally:
+        own.stop()
+
+
+async def test_a_redis_blip_while_counting_a_reclaim_leaks_no_slot(make_stack: Callable[..., Stack]) -> None:
+    from redis.exceptions import ConnectionError as RedisConnectionError
+
+    from services.contracts import JobSpec, new_id, now_ns
+    from services.proxy_worker import ProxyWorker
+    from services.queue import JobQueue
+
+    st = make_stack(start=False, proxy_concurrency=1, lease_ms=300)
+    for name in ("engine", "inference_worker"):
+        st.procs[name].start()
+    for name in ("engine", "inference_worker"):
+        st.wait_ready(name)
+    w = ProxyWorker(st.settings, consumer="pw-under-test")
+    q = JobQueue(w.r, w.keys)
+    await q.ensure_group()
+    stale = JobSpec(job_id=new_id("j"), input_tokens=8, output_tokens=2, prefix_share=0.5, seed=1)
+    await q.submit(stale, now_ns(), max_active=100)
+    await q.read("ghost", count=1, block_ms=100)  # a consumer that died holding it
+    await asyncio.sleep(0.5)  # past the lease
+    real, blips = w.r.hincrby, []
+
+    async def flaky(name: str, key: str, amount: int = 1) -> int:
+        if key == "reclaimed" and not blips:
+            blips.append(key)
+            raise RedisConnectionError("Redis restarting")  # right after XAUTOCLAIM
+        return await real(name, key, amount)
+
+    w.r.hincrby = flaky  # type: ignore[method-assign]
+    runner = asyncio.create_task(w.run())
+    try:
+        fresh = JobSpec(job_id=new_id("j"), input_tokens=8, output_tokens=2, prefix_share=0.5, seed=2)
+        await q.submit(fresh, now_ns(), max_active=100)
+        for _ in range(300):
+            states = [(await q.get_job(j)).get("state") for j in (stale.job_id, fresh.job_id)]
+            if states == ["succeeded", "succeeded"]:
+                break
+            await asyncio.sleep(0.1)
+        # One slot: the fresh job could only run if the reclaimed one gave its slot back.
+        assert blips and states == ["succeeded", "succeeded"], states
+        assert not w.tasks
+    finally:
+        w.stop()
+        await asyncio.wait_for(runner, 30)
