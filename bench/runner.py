@@ -437,7 +437,11 @@ async def _phase(
     items = build_workload(cfg, n, namespace, dataset)
     sends = interleave(items, list(paths), derive_seed(cfg.seed, namespace, "order"))
     prog.begin("prepare", len(sends), step, load.describe(), f"building {namespace} prompts")
-    await asyncio.gather(*(p.prepare(items) for p in paths.values()))
+    try:
+        await asyncio.gather(*(p.prepare(items) for p in paths.values()))
+    except (EngineError, ValueError) as e:
+        # Prompts are built through the engine's /tokenize before the clock starts.
+        raise BenchError(f"could not build the {namespace} prompts: {e}") from e
     prog.begin(phase, len(sends), step, load.describe())
     try:
         return await drive(

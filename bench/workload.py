@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from bench.config import BenchConfig
-from services.contracts import MAX_PROMPT_CHARS
+from services.contracts import MAX_OUTPUT_TOKENS, MAX_PROMPT_CHARS
 
 
 @dataclass(frozen=True)
@@ -90,9 +90,13 @@ def load_dataset(path: str | Path) -> list[DatasetPrompt]:
                 raise ValueError(f"dataset {p} line {lineno}: prompt over {MAX_PROMPT_CHARS} characters")
             out_tok = obj.get("output_tokens")
             if out_tok is not None and (
-                not isinstance(out_tok, int) or isinstance(out_tok, bool) or out_tok < 1
+                not isinstance(out_tok, int)
+                or isinstance(out_tok, bool)
+                or not 1 <= out_tok <= MAX_OUTPUT_TOKENS
             ):
-                raise ValueError(f"dataset {p} line {lineno}: 'output_tokens' must be a positive integer")
+                raise ValueError(
+                    f"dataset {p} line {lineno}: 'output_tokens' must be an integer from 1 to {MAX_OUTPUT_TOKENS}"
+                )
             out.append(DatasetPrompt(obj["prompt"], out_tok))
     if not out:
         raise ValueError(f"dataset {p}: no prompts")

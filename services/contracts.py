@@ -26,6 +26,8 @@ MAX_PROMPT_CHARS = 400_000
 MAX_LABEL_CHARS = 128
 #: Request bodies larger than this are refused with 413.
 MAX_BODY_BYTES = 1_048_576
+#: Request line plus headers larger than this are refused (400) before any handler runs.
+MAX_HEADER_BYTES = 65_536
 #: Longest a client may wait on ``GET /v1/jobs/{id}?wait=``.
 MAX_WAIT_S = 60.0
 

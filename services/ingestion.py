@@ -27,6 +27,7 @@ from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBea
 from services.contracts import (
     ID_PATTERN,
     MAX_BODY_BYTES,
+    MAX_HEADER_BYTES,
     MAX_WAIT_S,
     JobAccepted,
     JobRequest,
@@ -289,6 +290,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                     f"input_tokens + output_tokens = {input_tokens + output_tokens} exceeds the engine's "
                     f"context length {limit}; lower one of them",
                 )
+            if input_tokens is None and output_tokens >= limit:
+                # A literal prompt is at least one token; its real length is known only to the
+                # engine's tokenizer, which refuses what does not fit (the job then fails, kept).
+                raise HTTPException(
+                    422,
+                    f"output_tokens = {output_tokens} leaves no room for the prompt in the engine's "
+                    f"context length {limit}; lower output_tokens",
+                )
             job_id = new_id("j")
             spec = JobSpec(
                 job_id=job_id,
@@ -391,6 +400,10 @@ def main() -> None:
         log_level="info",
         access_log=False,
         limit_concurrency=4096,
+        # h11 bounds the request line and headers (httptools parsed a 2 MB header): the API is
+        # the one port users reach, and its requests are small JSON.
+        http="h11",
+        h11_max_incomplete_event_size=MAX_HEADER_BYTES,
     )
 
 

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import itertools
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from bench.arrivals import arrival_offsets, interarrival_stats
 from bench.config import BenchConfig
-from bench.workload import build_workload, interleave, sample_lengths
+from bench.workload import build_workload, interleave, load_dataset, sample_lengths
 
 N = 20_000
 
@@ -88,3 +89,20 @@ def test_interleave_sends_each_item_once_per_path_in_random_pair_order() -> None
     firsts = [sends[k][1] for k in range(0, 400, 2)]
     assert 60 < firsts.count("pipeline") < 140  # a fair coin, not a fixed order
     assert interleave(items, ["direct"], seed=1) == [(it, "direct") for it in items]
+
+
+@pytest.mark.parametrize(
+    ("line", "needle"),
+    [
+        ('{"prompt": ""}', "non-empty string 'prompt'"),
+        ('{"prompt": "hi", "output_tokens": 0}', "from 1 to 32768"),
+        ('{"prompt": "hi", "output_tokens": 1000000000}', "from 1 to 32768"),
+        ('{"prompt": "hi", "output_tokens": true}', "from 1 to 32768"),
+    ],
+)
+def test_dataset_lines_are_bounded_and_named(tmp_path: Path, line: str, needle: str) -> None:
+    ds = tmp_path / "d.jsonl"
+    ds.write_text('{"prompt": "fine", "output_tokens": 4}\n' + line + "\n")
+    with pytest.raises(ValueError, match="line 2") as err:
+        load_dataset(ds)
+    assert needle in str(err.value)

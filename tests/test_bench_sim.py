@@ -148,6 +148,16 @@ async def test_rate_mode_and_dataset(sim: int, tmp_path: Path) -> None:
     assert res.summary["token_mismatches"] == 0
 
 
+async def test_the_shortest_prompts_are_exact_on_the_direct_path(sim: int, tmp_path: Path) -> None:
+    # range_ratio samples lengths down to 1 token: <bos> alone, still exact.
+    cfg = BenchConfig(input_tokens=2, output_tokens=2, range_ratio=0.9, requests=8, path="direct", plots=False,
+                      out=str(tmp_path / "short"))  # fmt: skip
+    res = await run_benchmark(cfg, settings=settings_for(sim, tmp_path))
+    assert res.summary["completed"] == 8 and res.summary["token_mismatches"] == 0
+    assert 1 in {r.requested_input_tokens for r in res.records}
+    assert all(r.prompt_tokens == r.requested_input_tokens for r in res.records)
+
+
 async def test_engine_down_is_a_bench_error(tmp_path: Path) -> None:
     with pytest.raises(BenchError, match="engine is not reachable"):
         await run_benchmark(

@@ -7,7 +7,7 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
-from services.contracts import MAX_BODY_BYTES, TIMESTAMPS
+from services.contracts import MAX_BODY_BYTES, MAX_HEADER_BYTES, TIMESTAMPS
 from tests.stackutil import Stack
 
 
@@ -93,6 +93,7 @@ def test_wait_returns_when_final(stack: Stack, client: httpx.Client) -> None:
         ({"run_id": "no spaces allowed"}, "run_id"),
         ({"prompt": "x", "input_tokens": 5}, "not both"),
         ({"input_tokens": 2000, "output_tokens": 1000}, "context length"),
+        ({"prompt": "hi there", "output_tokens": 2048}, "leaves no room for the prompt"),
         ([1, 2, 3], "body"),
     ],
 )
@@ -118,6 +119,21 @@ def test_body_too_large_is_413(stack: Stack, client: httpx.Client) -> None:
         headers=stack.headers,
     )
     assert r.status_code == 413 and "too large" in r.json()["detail"]
+
+
+def test_oversized_headers_are_refused_before_any_handler(stack: Stack, client: httpx.Client) -> None:
+    url = f"{stack.settings.ingestion_url}/v1/jobs"
+    try:
+        r = client.post(url, json={}, headers={**stack.headers, "X-Padding": "x" * (4 * MAX_HEADER_BYTES)})
+        refused = r.status_code == 400
+    except httpx.TransportError:
+        refused = True  # answered 400 and closed while the client was still sending its headers
+    assert refused
+    # The server is unharmed, and ordinary headers still pass.
+    assert (
+        client.post(url, json={"input_tokens": 8, "output_tokens": 1}, headers=stack.headers).status_code
+        == 202
+    )
 
 
 def test_api_key_required(stack: Stack, client: httpx.Client) -> None:
