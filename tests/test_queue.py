@@ -185,3 +185,24 @@ async def test_release_hands_back_only_the_current_attempt(q: JobQueue) -> None:
     assert d2 is not None and d2.attempt == 2
     assert not await q.release(d1)  # stale attempt
     assert (await q.get_job(job_id))["state"] == "running"
+
+
+async def test_clients_detect_a_half_open_connection(redis_server: RedisServer) -> None:
+    # A blocking client has no read timeout: TCP keepalive is what ends a hang on a dead peer.
+    import socket
+
+    from services.queue import redis_client
+    from services.settings import load_settings
+
+    s = load_settings(redis_port=redis_server.port, redis_password=redis_server.password)
+    r = redis_client(s, blocking=True)
+    try:
+        assert await r.ping()
+        conn = await r.connection_pool.get_connection()
+        sock = conn._writer.get_extra_info("socket")  # type: ignore[union-attr]
+        assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1
+        if hasattr(socket, "TCP_KEEPIDLE"):
+            assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE) == 10
+        await r.connection_pool.release(conn)
+    finally:
+        await r.aclose()
