@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import hmac
 import json
 import logging
@@ -315,6 +316,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 max_active=s.max_active_jobs,
                 idempotency_key=idempotency_key,
                 idempotency_ttl_s=s.idempotency_ttl_s,
+                fingerprint=hashlib.sha256(job.model_dump_json().encode()).hexdigest()[:32],
             )
         except REDIS_DOWN:
             return _redis_down()
@@ -323,6 +325,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 {"detail": f"too many active jobs ({out.active} ≥ {s.max_active_jobs}); retry later"},
                 status_code=429,
                 headers={"Retry-After": "1"},
+            )
+        if out.status == "conflict":
+            raise HTTPException(
+                422,
+                f"Idempotency-Key {idempotency_key!r} was already used for job {out.job_id} with a "
+                "different request: send the same body to get that job, or use a new key",
             )
         if out.status == "dup":
             return JobAccepted(job_id=out.job_id, state=JobState.QUEUED, run_id=job.run_id, duplicate=True)

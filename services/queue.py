@@ -89,13 +89,20 @@ def redis_client(settings: Settings, *, blocking: bool = False) -> aioredis.Redi
 
 _SUBMIT = """
 -- KEYS: job, stream, active, stats, recent, idem ('' = none)
--- ARGV: job_id, spec, t_received, (unused), max_active, idem_ttl, channel, run_id, label, recent_max
+-- ARGV: job_id, spec, t_received, request fingerprint, max_active, idem_ttl, channel, run_id, label,
+--       recent_max. The idempotency key stores "job_id|fingerprint".
 -- Job ids are new per request: an existing hash means this very call was sent again (redis-py
 -- re-sends a command that timed out or lost its connection) after it had already run.
 if redis.call('EXISTS', KEYS[1]) == 1 then return {'ok', ARGV[1]} end
 if KEYS[6] ~= '' then
   local existing = redis.call('GET', KEYS[6])
-  if existing then return {'dup', existing} end
+  if existing then
+    local sep = string.find(existing, '|', 1, true)
+    if not sep then return {'dup', existing} end
+    local id, fp = string.sub(existing, 1, sep - 1), string.sub(existing, sep + 1)
+    if fp ~= '' and ARGV[4] ~= '' and fp ~= ARGV[4] then return {'conflict', id} end
+    return {'dup', id}
+  end
 end
 local active = tonumber(redis.call('GET', KEYS[3]) or '0')
 if active >= tonumber(ARGV[5]) then
@@ -111,7 +118,7 @@ local entry = redis.call('XADD', KEYS[2], '*', 'job_id', ARGV[1])
 redis.call('HSET', KEYS[1], 'entry', entry)
 redis.call('INCR', KEYS[3])
 redis.call('HINCRBY', KEYS[4], 'submitted', 1)
-if KEYS[6] ~= '' then redis.call('SET', KEYS[6], ARGV[1], 'EX', ARGV[6]) end
+if KEYS[6] ~= '' then redis.call('SET', KEYS[6], ARGV[1] .. '|' .. ARGV[4], 'EX', ARGV[6]) end
 redis.call('LPUSH', KEYS[5], ARGV[1])
 redis.call('LTRIM', KEYS[5], 0, tonumber(ARGV[10]) - 1)
 redis.call('PUBLISH', ARGV[7], cjson.encode({job_id=ARGV[1], state='queued'}))
@@ -205,7 +212,8 @@ return redis.call('HINCRBY', KEYS[1], ARGV[2], tonumber(ARGV[3]))
 
 @dataclass
 class SubmitOutcome:
-    """Result of a submit: ``ok``, ``dup`` (idempotency hit) or ``busy`` (over the bound)."""
+    """Result of a submit: ``ok``, ``dup`` (idempotency hit), ``conflict`` (the key was used with
+    another request) or ``busy`` (over the bound)."""
 
     status: str
     job_id: str
@@ -263,8 +271,13 @@ class JobQueue:
         max_active: int,
         idempotency_key: str | None = None,
         idempotency_ttl_s: int = 86400,
+        fingerprint: str = "",
     ) -> SubmitOutcome:
-        """Write the job hash and its stream entry atomically (or refuse)."""
+        """Write the job hash and its stream entry atomically (or refuse).
+
+        ``fingerprint`` identifies the request behind an idempotency key: the same key with
+        another fingerprint is a ``conflict``, not a duplicate.
+        """
         await self.ensure_group()
         keys = [
             self.keys.job(spec.job_id),
@@ -278,7 +291,7 @@ class JobQueue:
             spec.job_id,
             spec.model_dump_json(),
             t_received,
-            now_ns(),
+            fingerprint.replace("|", ""),
             max_active,
             idempotency_ttl_s,
             self.keys.events,

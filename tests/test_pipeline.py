@@ -163,6 +163,9 @@ def test_idempotency_key_header(stack: Stack, client: httpx.Client) -> None:
     a = client.post(url, json={"input_tokens": 20, "output_tokens": 2}, headers=h).json()
     b = client.post(url, json={"input_tokens": 20, "output_tokens": 2}, headers=h).json()
     assert a["job_id"] == b["job_id"] and b["duplicate"] is True
+    other = client.post(url, json={"input_tokens": 21, "output_tokens": 2}, headers=h)
+    assert other.status_code == 422 and a["job_id"] in other.json()["detail"]
+    assert "different request" in other.json()["detail"]
     bad = client.post(url, json={}, headers={**stack.headers, "Idempotency-Key": "x" * 200})
     assert bad.status_code == 422
 

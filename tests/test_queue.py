@@ -110,6 +110,11 @@ async def test_idempotency_key_returns_same_job(q: JobQueue) -> None:
     b = await q.submit(_spec(), now_ns(), max_active=10, idempotency_key="k1")
     assert a.status == "ok" and b.status == "dup" and b.job_id == a.job_id
     assert await q.r.xlen(q.keys.stream) == 1
+    fa = await q.submit(_spec(), now_ns(), max_active=10, idempotency_key="k2", fingerprint="f1")
+    fb = await q.submit(_spec(), now_ns(), max_active=10, idempotency_key="k2", fingerprint="f1")
+    fc = await q.submit(_spec(), now_ns(), max_active=10, idempotency_key="k2", fingerprint="f2")
+    assert (fb.status, fb.job_id) == ("dup", fa.job_id) and (fc.status, fc.job_id) == ("conflict", fa.job_id)
+    assert await q.r.xlen(q.keys.stream) == 2
 
 
 async def test_bound_refuses_above_max_active(q: JobQueue) -> None:
