@@ -65,7 +65,9 @@ def hub_model(settings: Settings) -> str | None:
 
 
 def hub_cache_dir(settings: Settings) -> Path:
-    """The Hugging Face hub cache the GPU engine downloads into (``HF_HOME/hub``)."""
+    """The Hugging Face hub cache the GPU engine downloads into (``HF_HUB_CACHE``, else ``HF_HOME/hub``)."""
+    if settings.hf_hub_cache:
+        return Path(settings.hf_hub_cache).expanduser()
     home = Path(settings.hf_home).expanduser() if settings.hf_home else Path.home() / ".cache" / "huggingface"
     return home / "hub"
 
@@ -135,6 +137,8 @@ def build_engine_command(settings: Settings, gpu_count: int = 0) -> tuple[list[s
     # The hub's own variables: the same cache and token for install's download and the engine.
     if settings.hf_home:
         env["HF_HOME"] = str(Path(settings.hf_home).expanduser())
+    if settings.hf_hub_cache:
+        env["HF_HUB_CACHE"] = str(Path(settings.hf_hub_cache).expanduser())
     if settings.hf_token.get_secret_value():
         env["HF_TOKEN"] = settings.hf_token.get_secret_value()
     argv = [

@@ -169,6 +169,40 @@ class Progress:
         return text
 
 
+def hub_unreachable(exc: BaseException) -> bool:
+    """True for failures that say nothing about the model: no network, offline mode, hub down."""
+    from huggingface_hub import errors as hf_errors
+
+    if isinstance(exc, hf_errors.OfflineModeIsEnabled | ConnectionError | TimeoutError):
+        return True
+    if isinstance(exc, hf_errors.RepositoryNotFoundError | hf_errors.RevisionNotFoundError):
+        return False
+    if isinstance(exc, hf_errors.HfHubHTTPError):
+        status = getattr(getattr(exc, "response", None), "status_code", None)
+        return status is not None and status >= 500
+    name = type(exc).__name__
+    return "Connect" in name or "Timeout" in name
+
+
+def cached_snapshot(cache_dir: Path, repo_id: str, revision: str) -> Path | None:
+    """The cached snapshot of ``repo_id`` at ``revision`` when it holds config and all weights."""
+    repo = repo_cache_dir(cache_dir, repo_id)
+    ref = repo / "refs" / revision
+    commit = ref.read_text().strip() if ref.is_file() else revision
+    snap = repo / "snapshots" / commit
+    if not (snap / "config.json").is_file():
+        return None
+    index = snap / SAFE_INDEX
+    if index.is_file():
+        try:
+            shards = set((json.loads(index.read_text()).get("weight_map") or {}).values())
+        except (OSError, ValueError):
+            return None
+        return snap if shards and all((snap / f).is_file() for f in shards) else None
+    has_weights = any(fnmatch.fnmatch(f.name, p) for f in snap.iterdir() for p in WEIGHT_PATTERNS)
+    return snap if has_weights else None
+
+
 def explain(exc: BaseException, repo_id: str, endpoint: str) -> str:
     """A plain sentence for a hub client failure."""
     from huggingface_hub import errors as hf_errors
@@ -248,7 +282,12 @@ def fetch(
             _weight_map(repo_id, commit, cache, token) if any(f.path == SAFE_INDEX for f in files) else None
         )
     except Exception as exc:
-        raise FetchError(explain(exc, repo_id, endpoint)) from exc
+        snapshot = cached_snapshot(cache, repo_id, revision) if hub_unreachable(exc) else None
+        if snapshot is None:
+            raise FetchError(explain(exc, repo_id, endpoint)) from exc
+        # An offline or firewalled host with the model already cached: vLLM starts from it too.
+        say(f"the hub cannot be reached ({type(exc).__name__}); using the cached copy {snapshot}")
+        return snapshot
     chosen = choose_files(files, weight_map)
     if not any(any(fnmatch.fnmatch(f.path, p) for p in WEIGHT_PATTERNS) for f in chosen):
         raise FetchError(
@@ -283,9 +322,8 @@ def fetch(
         try:
             result["path"] = snapshot_download(
                 repo_id,
-                # The branch name, not the commit: the hub then records refs/<branch>, which vLLM
-                # (asking for the branch) needs when it starts offline.
-                revision=revision,
+                # The commit the files were chosen from (a branch may move meanwhile).
+                revision=commit,
                 cache_dir=cache,
                 allow_patterns=[f.path for f in chosen],
                 token=token,
@@ -304,6 +342,12 @@ def fetch(
         say("downloading: " + progress.line(blob_bytes(blobs) - base))
     if "error" in result:
         raise FetchError(explain(result["error"], repo_id, endpoint)) from result["error"]
+    if revision != commit:
+        # refs/<branch> -> commit, as the hub client writes it: vLLM asks for the branch, and
+        # finds the snapshot through this file when it starts offline.
+        ref = repo_cache_dir(cache, repo_id) / "refs" / revision
+        ref.parent.mkdir(parents=True, exist_ok=True)
+        ref.write_text(commit)
     elapsed = time.monotonic() - progress.start
     if todo > 0:
         say(f"downloaded {_gb(todo)} in {_duration(elapsed)} ({todo / max(elapsed, 1e-3) / 1e6:.0f} MB/s)")

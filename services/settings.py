@@ -88,6 +88,8 @@ class Settings(BaseSettings):
     hf_token: SecretStr = SecretStr("")
     #: Hugging Face home (the hub cache is ``<hf_home>/hub``); empty = ~/.cache/huggingface.
     hf_home: str = ""
+    #: The hub cache itself, when it is not ``<hf_home>/hub`` (the hub's own HF_HUB_CACHE).
+    hf_hub_cache: str = ""
     engine_venv: str = str(REPO_ROOT / ".venv-engine")
     max_model_len: int = Field(2048, ge=16, le=1_048_576)
     max_num_seqs: int = Field(64, ge=1, le=4096)
