@@ -69,6 +69,8 @@ class ProxyWorker:
         self.tasks: set[asyncio.Task[None]] = set()
         self.stopping = asyncio.Event()
         self._rr = 0
+        #: Loop time before which no reclaim pass runs (set when Redis stops answering).
+        self._hold_reclaim_until = 0.0
 
     # --- main loops -------------------------------------------------------
     async def run(self) -> None:
@@ -120,7 +122,7 @@ class ProxyWorker:
             free = min(1 + self.slots._value, 64)  # Semaphore has no public "free count"
             entries: list[tuple[str, str]] = []
             try:
-                if loop.time() >= next_reclaim:
+                if loop.time() >= max(next_reclaim, self._hold_reclaim_until):
                     next_reclaim = loop.time() + interval
                     entries = await self._reclaim(free)
                 if not entries:
@@ -128,6 +130,7 @@ class ProxyWorker:
                 raise_if_cancelling()
             except REDIS_DOWN:
                 entries = []
+                self._redis_trouble()
                 await asyncio.sleep(0.5)
             except Exception as e:  # NOGROUP after a Redis wipe, etc.
                 log.warning("read failed: %s", e)
@@ -220,10 +223,11 @@ class ProxyWorker:
         task.add_done_callback(lambda _t: self.slots.release())
 
     async def _process(self, entry_id: str, job_id: str) -> None:
-        try:
-            d = await self.q.start(entry_id, job_id, self.consumer)
-        except REDIS_DOWN:
-            return  # stays pending; reclaimed after the lease
+        # Sent again after a lost reply, START returns the attempt it already began (same nonce).
+        nonce = new_id()
+        d = await self._until_redis_answers(
+            f"start {job_id}", functools.partial(self.q.start, entry_id, job_id, self.consumer, nonce)
+        )
         if d is None:
             return
         task = asyncio.current_task()
@@ -260,7 +264,17 @@ class ProxyWorker:
                     task.cancel()
                     return
             except REDIS_DOWN:
+                self._redis_trouble()
                 continue
+
+    def _redis_trouble(self) -> None:
+        """Note that Redis failed to answer: no reclaim pass for one lease from now.
+
+        After an outage every running job looks idle past its lease until its renewer gets through
+        again (within a third of a lease): reclaiming before that would take live jobs away from
+        healthy workers, redo their engine work and count a crash against them.
+        """
+        self._hold_reclaim_until = asyncio.get_running_loop().time() + self.s.lease_ms / 1000
 
     async def _until_redis_answers(self, what: str, call: Callable[[], Awaitable[T]]) -> T:
         """``call()`` again until Redis answers (a restart or a stall), while this attempt lasts.
@@ -275,6 +289,7 @@ class ProxyWorker:
             try:
                 return await call()
             except REDIS_DOWN as e:
+                self._redis_trouble()
                 if delay == 0.1:
                     log.warning("Redis did not answer (%s: %s); retrying until it does", what, e)
                 await asyncio.sleep(delay)

@@ -53,10 +53,21 @@ def raise_if_cancelling() -> None:
         raise asyncio.CancelledError
 
 
-#: TCP keepalive: first probe after 10 s idle, then every 5 s, dead after 3 misses (Linux names).
+#: XAUTOCLAIM calls one reclaim pass may make (each examines up to ten entries per claimable one).
+_RECLAIM_CALLS_PER_PASS = 16
+
+#: TCP keepalive: first probe after 10 s idle, then every 5 s, dead after 3 misses; unacknowledged
+#: data for 25 s also ends the connection (Linux names).
 _KEEPALIVE = {
     getattr(socket, name): value
-    for name, value in (("TCP_KEEPIDLE", 10), ("TCP_KEEPINTVL", 5), ("TCP_KEEPCNT", 3))
+    # TCP_USER_TIMEOUT: keepalive probes only an idle connection; a command sent after the peer
+    # vanished would wait on retransmissions (about 15 minutes) without it.
+    for name, value in (
+        ("TCP_KEEPIDLE", 10),
+        ("TCP_KEEPINTVL", 5),
+        ("TCP_KEEPCNT", 3),
+        ("TCP_USER_TIMEOUT", 25_000),
+    )
     if hasattr(socket, name)
 }
 
@@ -248,6 +259,7 @@ class JobQueue:
         self.r = redis
         self.keys = keys
         self.group = group
+        self._reclaim_cursor = "0-0"
         self._submit = redis.register_script(_SUBMIT)
         self._start = redis.register_script(_START)
         self._renew = redis.register_script(_RENEW)
@@ -316,23 +328,41 @@ class JobQueue:
         return out
 
     async def reclaim(self, consumer: str, min_idle_ms: int, count: int = 32) -> list[tuple[str, str]]:
-        """Take over entries idle longer than the lease from stopped consumers."""
-        resp = await self.r.xautoclaim(
-            self.keys.stream, self.group, consumer, min_idle_ms, "0-0", count=count
-        )
-        entries = resp[1] if len(resp) > 1 else []
-        out = []
-        for entry_id, fields in entries:
-            if fields is None:  # entry trimmed away: nothing to redeliver
-                continue
-            out.append((entry_id, fields.get(STREAM_FIELD, "")))
+        """Take over up to ``count`` entries idle longer than the lease from stopped consumers.
+
+        XAUTOCLAIM looks at no more than ten entries per one it may claim, so a small ``count``
+        would only ever see the oldest pending entries (live jobs of other workers): the scan
+        goes on from where the last pass stopped, for a bounded number of calls per pass.
+        """
+        out: list[tuple[str, str]] = []
+        for _ in range(_RECLAIM_CALLS_PER_PASS):
+            resp = await self.r.xautoclaim(
+                self.keys.stream,
+                self.group,
+                consumer,
+                min_idle_ms,
+                self._reclaim_cursor,
+                count=count - len(out),
+            )
+            self._reclaim_cursor = str(resp[0]) if resp else "0-0"
+            for entry_id, fields in resp[1] if len(resp) > 1 else []:
+                if fields is None:  # entry trimmed away: nothing to redeliver
+                    continue
+                out.append((entry_id, fields.get(STREAM_FIELD, "")))
+            if len(out) >= count or self._reclaim_cursor == "0-0":
+                break
         return out
 
-    async def start(self, entry_id: str, job_id: str, consumer: str) -> Delivery | None:
-        """Begin an attempt for a delivered entry; None if the job is gone or already final."""
+    async def start(
+        self, entry_id: str, job_id: str, consumer: str, nonce: str | None = None
+    ) -> Delivery | None:
+        """Begin an attempt for a delivered entry; None if the job is gone or already final.
+
+        Calls with the same ``nonce`` begin one attempt (pass one when the call may be re-sent).
+        """
         attempt, _state = await self._start(
             keys=[self.keys.job(job_id), self.keys.stream, self.keys.stats],
-            args=[entry_id, consumer, now_ns(), self.group, self.keys.events, new_id()],
+            args=[entry_id, consumer, now_ns(), self.group, self.keys.events, nonce or new_id()],
         )
         if int(attempt) < 1:
             return None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 
 import pytest
@@ -86,8 +87,9 @@ async def test_scripts_sent_twice_act_once(q: JobQueue) -> None:
     # A real redelivery (another call, another nonce) is a new attempt.
     assert await q._start(keys=start_keys, args=[*start_args[:5], "nonce-2"]) == [2, "running"]
 
-    d = await q.start(entry, job_id, "c1")
-    assert d is not None and d.attempt == 3
+    d = await q.start(entry, job_id, "c1", nonce="nonce-3")
+    again = await q.start(entry, job_id, "c1", nonce="nonce-3")  # the proxy's own re-send
+    assert d is not None and d.attempt == 3 and again == d
     for _ in range(2):
         assert await q.finish(d, JobState.SUCCEEDED, {"result": "{}"}, ttl_s=60)
     st = await q.stats()
@@ -211,3 +213,22 @@ async def test_clients_detect_a_half_open_connection(redis_server: RedisServer) 
         await r.connection_pool.release(conn)
     finally:
         await r.aclose()
+
+
+async def test_reclaim_finds_a_dead_consumers_entries_behind_many_live_ones(q: JobQueue) -> None:
+    # XAUTOCLAIM examines ten entries per one it may claim: with one free slot, a scan that
+    # always started at 0-0 would never get past the live jobs at the head of the pending list.
+    for _ in range(30):
+        await q.submit(_spec(), now_ns(), max_active=100)
+    live = await q.read("live", count=25, block_ms=100)
+    dead = await q.read("dead", count=5, block_ms=100)
+    assert len(live) == 25 and len(dead) == 5
+    await asyncio.sleep(0.3)
+    # The live consumer renews its leases; the dead one cannot.
+    await q.r.xclaim(q.keys.stream, q.group, "live", 0, [e for e, _ in live], justid=True)
+    found = []
+    for _ in range(10):
+        found += await q.reclaim("survivor", min_idle_ms=200, count=1)
+        if len(found) == 5:
+            break
+    assert sorted(found) == sorted(dead)
