@@ -40,10 +40,9 @@ def test_engine_failure_in_log_ends_the_wait(
             f.write("torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB\n")
 
     threading.Thread(target=engine_crashes).start()
-    t0 = time.monotonic()
     assert wait(s, timeout=60) is False
-    assert time.monotonic() - t0 < 30
     out = capsys.readouterr().out
+    assert "timed out" not in out  # it stopped on the explained failure, not at the timeout
     assert "the engine failed:" in out and "memory" in out.lower()
     assert "redis ok" in out and "engine .." in out
 
