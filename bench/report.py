@@ -191,47 +191,36 @@ def write_plots(out_dir: Path, summary: dict[str, Any], records: list[RequestRec
     title = f"{summary.get('run_id')}  {summary.get('label') or ''}".strip()
 
     if any(any(v for v in s.values()) for s in series.values()):
-        fig = _figure(11, 7.5)
-        axes = fig.subplots(2, 2).flatten()
-        for ax, metric in zip(axes, ("TTFT", "TPOT", "ITL", "E2EL"), strict=True):
-            for p in paths:
-                vals = np.sort(np.asarray(series[p][metric]))
-                if vals.size:
-                    ax.step(
-                        vals,
-                        np.arange(1, vals.size + 1) / vals.size,
-                        where="post",
-                        label=p,
-                        color=PATH_COLORS[p],
-                    )
-            ax.set_title(f"{metric} CDF")
-            ax.set_xlabel("ms")
-            ax.set_ylabel("fraction ≤ x")
-            ax.grid(alpha=0.3)
-            if ax.has_data():
-                ax.legend()
+
+        def latency_panels(kind: str, ylabel: str, draw: Any) -> Any:
+            # One panel per latency metric, one series per path: the CDF and histogram figures.
+            fig = _figure(11, 7.5)
+            for ax, metric in zip(fig.subplots(2, 2).flatten(), ("TTFT", "TPOT", "ITL", "E2EL"), strict=True):
+                for p in paths:
+                    if series[p][metric]:
+                        draw(ax, series[p][metric], p)
+                ax.set_title(f"{metric} {kind}")
+                ax.set_xlabel("ms")
+                ax.set_ylabel(ylabel)
+                ax.grid(alpha=0.3)
+                if ax.has_data():
+                    ax.legend()
+            return fig
+
+        def cdf(ax: Any, values: list[float], p: str) -> None:
+            vals = np.sort(np.asarray(values))
+            ax.step(
+                vals, np.arange(1, vals.size + 1) / vals.size, where="post", label=p, color=PATH_COLORS[p]
+            )
+
+        def hist(ax: Any, values: list[float], p: str) -> None:
+            bins = min(50, max(5, int(math.sqrt(len(values)))))
+            ax.hist(values, bins=bins, alpha=0.6, label=p, color=PATH_COLORS[p])
+
+        fig = latency_panels("CDF", "fraction ≤ x", cdf)
         fig.suptitle(f"Latency distributions — {title}")
         written.append(_save(fig, out_dir / "latency_cdf.png"))
-
-        fig = _figure(11, 7.5)
-        axes = fig.subplots(2, 2).flatten()
-        for ax, metric in zip(axes, ("TTFT", "TPOT", "ITL", "E2EL"), strict=True):
-            for p in paths:
-                vals = series[p][metric]
-                if vals:
-                    ax.hist(
-                        vals,
-                        bins=min(50, max(5, int(math.sqrt(len(vals))))),
-                        alpha=0.6,
-                        label=p,
-                        color=PATH_COLORS[p],
-                    )
-            ax.set_title(f"{metric} histogram")
-            ax.set_xlabel("ms")
-            ax.set_ylabel("count")
-            ax.grid(alpha=0.3)
-            if ax.has_data():
-                ax.legend()
+        fig = latency_panels("histogram", "count", hist)
         fig.suptitle(f"Latency histograms — {title}")
         written.append(_save(fig, out_dir / "latency_hist.png"))
 

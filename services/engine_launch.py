@@ -111,20 +111,10 @@ def tensor_parallel_size(settings: Settings, gpu_count: int) -> int:
     return 1 << (gpu_count.bit_length() - 1)
 
 
-def build_engine_command(settings: Settings, gpu_count: int = 0) -> tuple[list[str], dict[str, str]]:
-    """The engine's argv and full environment for ``settings.engine_kind``.
-
-    ``gpu_count`` matters only for ``gpu`` (tensor parallel size). The engine API key travels in
-    the environment (``VLLM_API_KEY``, which vLLM reads like ``--api-key``) so that it never
-    shows in a process listing.
-    """
+def engine_env(settings: Settings) -> dict[str, str]:
+    """The environment of everything that runs in the engine venv (vLLM, and install's download)."""
     env = dict(os.environ)
     env["PYTHONUNBUFFERED"] = "1"
-    host, port = settings.engine_host, str(settings.engine_port)
-    kind = settings.engine_kind
-    if kind == "sim":
-        return [sys.executable, "-m", "services.sim_engine", "--host", host, "--port", port], env
-
     venv = Path(settings.engine_venv)
     env["VIRTUAL_ENV"] = str(venv)
     env["PATH"] = f"{venv / 'bin'}{os.pathsep}{env.get('PATH', '')}"
@@ -141,6 +131,22 @@ def build_engine_command(settings: Settings, gpu_count: int = 0) -> tuple[list[s
         env["HF_HUB_CACHE"] = str(Path(settings.hf_hub_cache).expanduser())
     if settings.hf_token.get_secret_value():
         env["HF_TOKEN"] = settings.hf_token.get_secret_value()
+    return env
+
+
+def build_engine_command(settings: Settings, gpu_count: int = 0) -> tuple[list[str], dict[str, str]]:
+    """The engine's argv and full environment for ``settings.engine_kind``.
+
+    ``gpu_count`` matters only for ``gpu`` (tensor parallel size). The engine API key travels in
+    the environment (``VLLM_API_KEY``, which vLLM reads like ``--api-key``) so that it never
+    shows in a process listing.
+    """
+    host, port = settings.engine_host, str(settings.engine_port)
+    kind = settings.engine_kind
+    if kind == "sim":
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        return [sys.executable, "-m", "services.sim_engine", "--host", host, "--port", port], env
+    env = engine_env(settings)
     argv = [
         str(engine_python(settings)),
         "-m",
@@ -274,7 +280,11 @@ _FAILURES: tuple[tuple[re.Pattern[str], str], ...] = tuple(
 
 #: A specific failure whose generic echo follows it: vLLM logs "Failed to load model - not enough
 #: GPU memory" and then re-raises torch's OutOfMemoryError, whose traceback comes last.
-_REFINES = {0: 1}  # _FAILURES[0] (weights do not fit) refines _FAILURES[1] (CUDA out of memory)
+def _failure_index(fragment: str) -> int:
+    return next(i for i, (pattern, _) in enumerate(_FAILURES) if fragment in pattern.pattern)
+
+
+_REFINES = {_failure_index("Failed to load model"): _failure_index("CUDA out of memory")}
 #: How far before the generic line the specific one may be (one traceback's worth of text).
 _REFINE_WINDOW = 20_000
 
@@ -351,7 +361,7 @@ def fetch_command(settings: Settings, interval_s: float = 10.0) -> tuple[list[st
     repo = hub_model(settings)
     if repo is None:
         return None
-    _, env = build_engine_command(settings, gpu_count=1)  # only the environment is wanted
+    env = engine_env(settings)
     argv = [
         str(engine_python(settings)),
         "-m",

@@ -316,7 +316,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 max_active=s.max_active_jobs,
                 idempotency_key=idempotency_key,
                 idempotency_ttl_s=s.idempotency_ttl_s,
-                fingerprint=hashlib.sha256(job.model_dump_json().encode()).hexdigest()[:32],
+                # Only a keyed submit needs the request's fingerprint (a hash per submit otherwise).
+                fingerprint=hashlib.sha256(job.model_dump_json().encode()).hexdigest()[:32]
+                if idempotency_key
+                else "",
             )
         except REDIS_DOWN:
             return _redis_down()

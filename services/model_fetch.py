@@ -229,7 +229,7 @@ def explain(exc: BaseException, repo_id: str, endpoint: str) -> str:
         if status in (401, 403):
             return f"the hub refused access to {repo_id} ({status}): check HF_TOKEN in var/llmconsole.env"
         return f"the hub answered an error for {repo_id} ({status}): try again later"
-    if "Connect" in name or "Timeout" in name or isinstance(exc, (ConnectionError, TimeoutError)):
+    if hub_unreachable(exc):
         return (
             f"cannot reach the model hub ({endpoint}): check the network or proxy (HTTPS_PROXY), "
             "or point MODEL_PATH to a local copy of the model"
