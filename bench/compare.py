@@ -65,6 +65,9 @@ _EXTRA: list[tuple[str, str, Better]] = [
     ("mean_engine_time_ms", "Mean engine time (ms)", "lower"),
     ("mean_efficiency", "Mean efficiency (engine / E2EL)", "higher"),
     ("mean_server_e2e_ms", "Mean server time (ms)", "lower"),
+    ("median_server_overhead_ms", "Median server-side overhead (ms)", "lower"),
+    ("p90_server_overhead_ms", "P90 server-side overhead (ms)", "lower"),
+    ("p99_server_overhead_ms", "P99 server-side overhead (ms)", "lower"),
 ]
 
 
@@ -122,6 +125,24 @@ def compare_summaries(a: dict[str, Any], b: dict[str, Any]) -> list[CompareRow]:
         ca.get("hit_rate"),
         cb.get("hit_rate"),
         "higher",
+    )
+    pa_cpu, pb_cpu = a.get("pipeline_cpu") or {}, b.get("pipeline_cpu") or {}
+    add("run", "pipeline_cpu_s", "Pipeline CPU (s)", pa_cpu.get("cpu_s"), pb_cpu.get("cpu_s"), "lower")
+    add(
+        "run",
+        "pipeline_cpu_per_job_ms",
+        "Pipeline CPU per job (ms)",
+        pa_cpu.get("per_job_ms"),
+        pb_cpu.get("per_job_ms"),
+        "lower",
+    )
+    add(
+        "run",
+        "pipeline_cpu_per_1k_tokens_s",
+        "Pipeline CPU per 1,000 streamed tokens (s)",
+        pa_cpu.get("per_1k_tokens_s"),
+        pb_cpu.get("per_1k_tokens_s"),
+        "lower",
     )
     ga, gb = a.get("gpu") or {}, b.get("gpu") or {}
     add(

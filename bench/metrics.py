@@ -185,9 +185,16 @@ def pipeline_metrics(records: Sequence[RequestRecord], percentiles: Sequence[flo
     eng = [r.engine_time_s for r in ok if r.engine_time_s is not None]
     eff = [r.engine_time_s / r.latency_s for r in ok if r.engine_time_s is not None and r.latency_s]
     server = [r.server_e2e_s for r in ok if r.server_e2e_s is not None]
+    # The pipeline's own share of a job's server time: everything but the engine's work.
+    own = [
+        r.server_e2e_s - r.engine_time_s
+        for r in ok
+        if r.server_e2e_s is not None and r.engine_time_s is not None
+    ]
     res: dict[str, Any] = {"stages": stages}
     res.update(stats_ms(eng, percentiles, "engine_time"))
     res.update(stats_ms(server, percentiles, "server_e2e"))
+    res.update(stats_ms(own, percentiles, "server_overhead"))
     res["mean_efficiency"] = float(np.mean(eff)) if eff else None
     res["median_efficiency"] = float(np.median(eff)) if eff else None
     total_lat = sum(r.latency_s or 0.0 for r in ok if r.engine_time_s is not None)
@@ -267,6 +274,31 @@ def overhead(
         d, r = diff_ratio(pipeline.get(k), direct.get(k))
         out[k] = {"pipeline": pipeline.get(k), "direct": direct.get(k), "diff": d, "ratio": r}
     return out
+
+
+def pipeline_cpu(
+    usage: dict[str, Any] | None, records: Sequence[RequestRecord], duration_s: float
+) -> dict[str, Any] | None:
+    """The pipeline's own CPU over the measured window, per job and per 1,000 streamed tokens.
+
+    ``usage`` is :func:`services.procstats.cpu_between` over the window; the jobs
+    and tokens are the pipeline path's measured requests (the direct path costs
+    the pipeline nothing).
+    """
+    jobs = [r for r in records if r.path == "pipeline"]
+    if usage is None or not jobs:
+        return None
+    tokens = sum(r.completion_tokens or 0 for r in jobs)
+    cpu = float(usage["cpu_s"])
+    return {
+        "cpu_s": cpu,
+        "jobs": len(jobs),
+        "output_tokens": tokens,
+        "per_job_ms": cpu / len(jobs) * MS,
+        "per_1k_tokens_s": cpu / tokens * 1000 if tokens else None,
+        "cores": cpu / duration_s if duration_s > 0 else None,
+        "processes": usage["processes"],
+    }
 
 
 def prefix_cache_delta(before: list[Sample] | None, after: list[Sample] | None) -> dict[str, Any] | None:

@@ -147,6 +147,14 @@ def summary_renderables(summary: dict[str, Any]) -> list[RenderableType]:
     xrow("Redelivered jobs", lambda m: m.get("redelivered_jobs"))
     xrow("Engine time per job mean (ms)", lambda m: m.get("mean_engine_time_ms"))
     xrow(
+        "Server-side overhead p50 / p90 / p99 (ms)",
+        lambda m: (
+            " / ".join(fmt(m.get(f"{k}_server_overhead_ms")) for k in ("p50", "p90", "p99"))
+            if "median_server_overhead_ms" in m
+            else None
+        ),
+    )
+    xrow(
         "Efficiency (engine / E2EL) mean",
         lambda m: _pct(m.get("mean_efficiency")) if "mean_efficiency" in m else None,
     )
@@ -160,6 +168,24 @@ def summary_renderables(summary: dict[str, Any]) -> list[RenderableType]:
             "Prefix cache hit rate (engine /metrics)",
             *[f"{_pct(pc.get('hit_rate'))} ({fmt(pc.get('hits'), 0)}/{fmt(pc.get('queries'), 0)} tok)"]
             * len(names),
+        )
+    cpu = summary.get("pipeline_cpu")
+    if cpu:
+        x.add_row(
+            "Pipeline CPU: per job (ms) / per 1k tokens (s)",
+            *[
+                f"{fmt(cpu.get('per_job_ms'))} / {fmt(cpu.get('per_1k_tokens_s'), 3)}"
+                if n == "pipeline"
+                else "—"
+                for n in names
+            ],
+        )
+        x.add_row(
+            "Pipeline CPU total (s) / cores busy",
+            *[
+                f"{fmt(cpu.get('cpu_s'))} / {fmt(cpu.get('cores'), 2)}" if n == "pipeline" else "—"
+                for n in names
+            ],
         )
     gpu = summary.get("gpu")
     if gpu:

@@ -34,13 +34,15 @@ import httpx
 from bench import gpu as gpu_window
 from bench.arrivals import arrival_offsets
 from bench.config import BenchConfig, ProgressEvent
-from bench.metrics import find_knee, overhead, path_metrics, prefix_cache_delta
+from bench.metrics import find_knee, overhead, path_metrics, pipeline_cpu, prefix_cache_delta
 from bench.paths import DirectPath, PipelinePath, StepClock
 from bench.records import RequestRecord
 from bench.store import RunStore
 from bench.workload import DatasetPrompt, WorkItem, build_workload, derive_seed, interleave, load_dataset
-from services.contracts import RunState, new_id, now_ns
+from services import procstats
+from services.contracts import Keys, RunState, new_id, now_ns
 from services.engine_client import EngineClient, EngineError, Sample, parse_prometheus
+from services.queue import REDIS_DOWN, redis_client
 from services.settings import Settings, get_settings
 
 ProgressCallback = Callable[[ProgressEvent], None]
@@ -249,6 +251,17 @@ async def _scrape(engine: EngineClient) -> list[Sample] | None:
         return None
 
 
+async def _cpu_snapshot(settings: Settings) -> dict[str, procstats.ProcReport] | None:
+    """CPU seconds of every pipeline process now (None if Redis cannot be read)."""
+    r = redis_client(settings)
+    try:
+        return await procstats.snapshot(r, Keys(settings.redis_prefix)) or None
+    except REDIS_DOWN:
+        return None
+    finally:
+        await r.aclose()
+
+
 async def _check_pipeline(settings: Settings) -> None:
     url = f"{settings.ingestion_url}/readyz"
     try:
@@ -352,6 +365,7 @@ async def run_benchmark(
         if cfg.warmup:
             await _phase(cfg, paths, loads[0], "warmup", cfg.warmup, "warmup", dataset, prog, 0)
 
+        cpu_before = await _cpu_snapshot(s) if pipeline is not None else None
         before = await _scrape(engine)
         t_start_ns = now_ns()
         steps: list[dict[str, Any]] = []
@@ -369,6 +383,7 @@ async def run_benchmark(
                 if knee["saturated"] and cfg.sweep.stop_at_knee:
                     break
         t_end_ns = now_ns()
+        cpu_after = await _cpu_snapshot(s) if cpu_before is not None else None
         after = await _scrape(engine)
         gpu = await gpu_window.run_window(s, t_start_ns, t_end_ns, sum(r.output_len for r in all_records))
 
@@ -386,6 +401,13 @@ async def run_benchmark(
             t_end_ns=t_end_ns,
             settings=s,
         )
+        summary["pipeline_cpu"] = pipeline_cpu(
+            procstats.cpu_between(cpu_before, cpu_after) if cpu_before and cpu_after else None,
+            all_records,
+            (t_end_ns - t_start_ns) / 1e9,
+        )
+        if pipeline is not None and summary["pipeline_cpu"] is None:
+            warnings.append("the pipeline's CPU was not measured: no process reported it in Redis")
         if store.warning:
             warnings.append(store.warning)
         summary["warnings"] = warnings

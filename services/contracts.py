@@ -379,6 +379,11 @@ class Keys:
         """Capped stream of GPU samples of a node."""
         return f"{self.prefix}gpu:{node_id}"
 
+    @property
+    def procs(self) -> str:
+        """Hash of the pipeline's processes → their CPU seconds and RSS (``services.procstats``)."""
+        return f"{self.prefix}procs"
+
     def consumer_heartbeat(self, consumer: str) -> str:
         """Heartbeat of a proxy worker consumer, with a TTL."""
         return f"{self.prefix}consumer:{consumer}"

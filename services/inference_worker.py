@@ -24,7 +24,7 @@ from typing import Any
 from fastapi import Depends, FastAPI, Header, HTTPException, Request
 from fastapi.responses import JSONResponse
 
-from services import telemetry
+from services import procstats, telemetry
 from services.contracts import NODE_TTL_S, InferRequest, InferResult, Keys, now_ns
 from services.engine_client import EngineClient, EngineError
 from services.prompts import PromptBuilder, prefix_seed_for_run, split_tokens
@@ -126,10 +126,23 @@ async def _publish_gpu(state: WorkerState) -> None:
         await r.aclose()
 
 
+async def _report_cpu(state: WorkerState) -> None:
+    """Report this process's CPU and RSS for the bench's pipeline-cost figures."""
+    r = redis_client(state.settings)
+    try:
+        await procstats.publish_forever(r, state.keys, "inference_worker", state.node)
+    finally:
+        await r.aclose()
+
+
 @asynccontextmanager
 async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     state: WorkerState = app.state.worker
-    state.tasks = [asyncio.create_task(_heartbeat(state)), asyncio.create_task(_publish_gpu(state))]
+    state.tasks = [
+        asyncio.create_task(_heartbeat(state)),
+        asyncio.create_task(_publish_gpu(state)),
+        asyncio.create_task(_report_cpu(state)),
+    ]
     try:
         yield
     finally:

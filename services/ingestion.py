@@ -25,6 +25,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 
+from services import procstats
 from services.contracts import (
     ID_PATTERN,
     MAX_BODY_BYTES,
@@ -115,13 +116,18 @@ async def _listen(app: FastAPI) -> None:
 
 @asynccontextmanager
 async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
+    s: Settings = app.state.settings
     listener = asyncio.create_task(_listen(app))
+    reporter = asyncio.create_task(
+        procstats.publish_forever(app.state.redis, app.state.keys, "ingestion", s.effective_node_id)
+    )
     try:
         yield
     finally:
-        listener.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await listener
+        for task in (listener, reporter):
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
         await app.state.redis.aclose()
 
 

@@ -34,6 +34,7 @@ from typing import Any, TypeVar
 
 import httpx
 
+from services import procstats
 from services.contracts import InferRequest, InferResult, JobSpec, JobState, Keys, new_id, now_ns
 from services.queue import REDIS_DOWN, Delivery, JobQueue, raise_if_cancelling, redis_client
 from services.settings import Settings, get_settings
@@ -79,6 +80,9 @@ class ProxyWorker:
         loops = [
             asyncio.create_task(self._trim_loop()),
             asyncio.create_task(self._heartbeat_loop()),
+            asyncio.create_task(
+                procstats.publish_forever(self.r, self.keys, "proxy_worker", self.s.effective_node_id)
+            ),
         ]
         consume = asyncio.create_task(self._consume_loop())
         try:

@@ -69,6 +69,9 @@ class Settings(BaseSettings):
     redis_db: int = Field(0, ge=0, le=15)
     #: Prefix for every Redis key, so several stacks can share one Redis.
     redis_prefix: str = Field("llmc:", pattern=r"^[A-Za-z0-9_.:-]{1,32}$")
+    #: Redis's AOF fsync: ``everysec`` (a machine crash can lose about the last second of accepted
+    #: jobs) or ``always`` (fsync before every reply: nothing acknowledged is lost, fewer jobs/s).
+    redis_appendfsync: Literal["everysec", "always"] = "everysec"
 
     # --- security ---------------------------------------------------------
     #: API key for ingestion (Bearer or X-API-Key). Empty disables auth (tests only).
