@@ -22,9 +22,9 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import Depends, FastAPI, Header, HTTPException, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 
-from services import procstats, telemetry
+from services import procstats, prom, telemetry
 from services.contracts import NODE_TTL_S, InferRequest, InferResult, Keys, now_ns
 from services.engine_client import EngineClient, EngineError
 from services.prompts import PromptBuilder, prefix_seed_for_run, split_tokens
@@ -164,6 +164,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         description="Builds exact-length prompts, calls the engine, measures engine time per job.",
     )
     app.state.worker = WorkerState(settings)
+    prom.track(prom.WORKER_IN_FLIGHT, lambda: app.state.worker.in_flight, node=app.state.worker.node)
 
     @app.get("/healthz")
     async def healthz() -> dict[str, str]:
@@ -191,19 +192,32 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         state: WorkerState = app.state.worker
         state.in_flight += 1
         try:
-            return await _infer(state, req)
+            result = await _infer(state, req)
+            prom.WORKER_REQUESTS.labels(state.node, state.model, "ok").inc()
+            prom.WORKER_PROMPT_TOKENS.labels(state.node, state.model).inc(result.prompt_tokens)
+            if result.cached_tokens:
+                prom.WORKER_CACHED_TOKENS.labels(state.node, state.model).inc(result.cached_tokens)
+            return result
         except EngineError as e:
             if e.overloaded:
-                code = 503
+                code, outcome = 503, "overloaded"
             elif e.retryable:
-                code = 502
+                code, outcome = 502, "retryable"
             else:
-                code = 422
+                code, outcome = 422, "refused"
+            prom.WORKER_REQUESTS.labels(state.node, state.model, outcome).inc()
             return JSONResponse({"detail": str(e), "retryable": code != 422}, status_code=code)
         except ValueError as e:
+            prom.WORKER_REQUESTS.labels(state.node, state.model, "refused").inc()
             return JSONResponse({"detail": str(e), "retryable": False}, status_code=422)
         finally:
             state.in_flight -= 1
+
+    @app.get("/metrics", dependencies=[Depends(_require_key)], response_class=Response)
+    async def metrics() -> Response:
+        """Prometheus metrics of this worker (``llmconsole:worker_*``), key required like /v1/infer."""
+        body, content_type = prom.render()
+        return Response(body, media_type=content_type)
 
     return app
 

@@ -25,7 +25,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 
-from services import procstats
+from services import procstats, prom
 from services.contracts import (
     ID_PATTERN,
     MAX_BODY_BYTES,
@@ -328,8 +328,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 else "",
             )
         except REDIS_DOWN:
+            prom.JOBS_REFUSED.labels("redis_down").inc()
             return _redis_down()
         if out.status == "busy":
+            prom.JOBS_REFUSED.labels("busy").inc()
             return JSONResponse(
                 {"detail": f"too many active jobs ({out.active} ≥ {s.max_active_jobs}); retry later"},
                 status_code=429,
@@ -343,6 +345,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             )
         if out.status == "dup":
             return JobAccepted(job_id=out.job_id, state=JobState.QUEUED, run_id=job.run_id, duplicate=True)
+        prom.JOBS.labels("submitted").inc()
         return JobAccepted(job_id=out.job_id, state=JobState.QUEUED, run_id=job.run_id)
 
     @app.get(
@@ -399,6 +402,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             "counters": st.counters,
             "max_active_jobs": app.state.settings.max_active_jobs,
         }
+
+    @app.get("/metrics", dependencies=[Depends(_require_key)], tags=["health"], response_class=Response)
+    async def metrics() -> Response:
+        """Prometheus metrics (``llmconsole:`` names); queue gauges read from Redis now."""
+        with contextlib.suppress(*REDIS_DOWN):
+            st = await app.state.queue.stats()
+            prom.set_queue(st.waiting, st.in_flight, st.active)
+        body, content_type = prom.render()
+        return Response(body, media_type=content_type)
 
     return app
 

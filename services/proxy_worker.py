@@ -34,7 +34,7 @@ from typing import Any, TypeVar
 
 import httpx
 
-from services import procstats
+from services import procstats, prom
 from services.contracts import InferRequest, InferResult, JobSpec, JobState, Keys, new_id, now_ns
 from services.queue import REDIS_DOWN, Delivery, JobQueue, raise_if_cancelling, redis_client
 from services.settings import Settings, get_settings
@@ -77,6 +77,8 @@ class ProxyWorker:
     async def run(self) -> None:
         """Consume until :meth:`stop`; then drain within the grace period."""
         await self._wait_for_redis()
+        prom.track(prom.PROXY_IN_FLIGHT, lambda: len(self.running))
+        metrics_server = prom.serve(self.s.proxy_metrics_host, self.s.proxy_metrics_port)
         loops = [
             asyncio.create_task(self._trim_loop()),
             asyncio.create_task(self._heartbeat_loop()),
@@ -97,6 +99,9 @@ class ProxyWorker:
             await self._drain()
             await self.http.aclose()
             await self.r.aclose()
+            if metrics_server is not None:
+                metrics_server.shutdown()
+                metrics_server.server_close()
 
     def stop(self) -> None:
         """Stop taking jobs (called from the SIGTERM handler)."""
@@ -161,6 +166,7 @@ class ProxyWorker:
             log.info("reclaimed %s (entry %s) from a stopped consumer", job_id, entry_id)
             taken.append((entry_id, job_id))
         if taken:
+            prom.JOBS_RECLAIMED.inc(len(taken))
             with contextlib.suppress(*REDIS_DOWN):
                 await self.r.hincrby(self.keys.stats, "reclaimed", len(taken))
         return taken
@@ -306,6 +312,7 @@ class ProxyWorker:
         )
         if not ok:
             raise Superseded(d.job_id)
+        prom.JOBS.labels(state.value).inc()
 
     def _next_worker(self) -> str:
         urls = self.s.worker_url_list
@@ -355,6 +362,7 @@ class ProxyWorker:
                     "t_result_received": now_ns(),
                 }
                 await self._finish(d, JobState.SUCCEEDED, fields)
+                prom.observe_job({**h, **fields, "t_finished": now_ns()}, result.node)
                 return
             if resp is not None:
                 try:
@@ -383,6 +391,7 @@ class ProxyWorker:
             if tries < 0:
                 raise Superseded(d.job_id)
             log.info("job %s try %d failed: %s", d.job_id, tries, err)
+            prom.JOB_RETRIES.inc()
             with contextlib.suppress(*REDIS_DOWN):
                 await self.r.hincrby(self.keys.stats, "retried", 1)
             if tries >= self.s.max_attempts or loop.time() >= deadline:

@@ -129,6 +129,9 @@ class Settings(BaseSettings):
     shutdown_grace_s: float = Field(20.0, ge=0)
     node_id: str = ""
     telemetry_interval_s: float = Field(0.1, gt=0)
+    #: Where the proxy worker serves Prometheus ``/metrics`` (its only HTTP port); port 0 = off.
+    proxy_metrics_host: str = "127.0.0.1"
+    proxy_metrics_port: int = Field(8002, ge=0, le=65535)
 
     # --- paths --------------------------------------------------------------
     var_dir: str = str(REPO_ROOT / "var")

@@ -210,6 +210,7 @@ class Stack:
             "engine_port": free_port(),
             "worker_port": free_port(),
             "ingestion_port": free_port(),
+            "proxy_metrics_port": free_port(),
             "api_key": "test-key-" + new_id(),
             "sim_ttft_base_ms": 5,
             "sim_prefill_ms_per_token": 0.01,

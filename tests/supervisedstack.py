@@ -39,6 +39,7 @@ class SupervisedStack:
             "engine_port": free_port(),
             "worker_port": free_port(),
             "ingestion_port": free_port(),
+            "proxy_metrics_port": free_port(),
             "var_dir": str(self.var),
             "results_dir": str(workdir / "runs"),
             "sim_ttft_base_ms": 5,
