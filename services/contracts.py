@@ -7,12 +7,13 @@ bench and console import these; nothing re-declares them.
 
 from __future__ import annotations
 
+import hashlib
 import re
 import time
 import uuid
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -148,6 +149,11 @@ def end_to_end_s(ts: dict[str, int | None]) -> float | None:
 # ---------------------------------------------------------------------------
 
 
+#: The routing policies (``ROUTING`` setting, ``JobRequest.routing``).
+RoutingPolicy = Literal["round_robin", "least_loaded", "prefix_affinity"]
+ROUTING_POLICIES: tuple[str, ...] = ("round_robin", "least_loaded", "prefix_affinity")
+
+
 class JobRequest(BaseModel):
     """Body of ``POST /v1/jobs``.
 
@@ -181,6 +187,15 @@ class JobRequest(BaseModel):
     seed: int | None = Field(
         None, ge=0, le=2**63 - 1, description="Seed of the random suffix (reproducible)."
     )
+    prefix_group: int | None = Field(
+        None,
+        ge=0,
+        le=1_000_000,
+        description="Jobs of a run with the same group share their own prefix (prefix-group workloads).",
+    )
+    routing: RoutingPolicy | None = Field(
+        None, description="Routing policy for this job (default: the proxy worker's ROUTING)."
+    )
 
     @model_validator(mode="after")
     def _one_kind(self) -> JobRequest:
@@ -202,6 +217,8 @@ class JobSpec(BaseModel):
     run_id: str | None = None
     label: str | None = None
     seed: int
+    prefix_group: int | None = None
+    routing: RoutingPolicy | None = None
 
 
 class GpuJobStats(BaseModel):
@@ -388,6 +405,24 @@ class Keys:
         """Heartbeat of a proxy worker consumer, with a TTL."""
         return f"{self.prefix}consumer:{consumer}"
 
+    # routing and shared capacity
+    def node_inflight(self, node_id: str) -> str:
+        """Sorted set of the jobs in flight on a node: member ``job_id:attempt``, score = lease
+        expiry (ms, Redis clock). Members past their expiry are dropped before every count, so the
+        slots of a proxy worker that died holding them come back after one lease."""
+        return f"{self.prefix}inflight:{node_id}"
+
+    def node_drain(self, node_id: str) -> str:
+        """Present while an operator (console, ``install.sh --leave``) asks a node to drain."""
+        return f"{self.prefix}drain:{node_id}"
+
+    def routing_prefixes(self, generation: int) -> str:
+        """Prefix-affinity memory of one time window: hash prefix key → ``NodeOwners`` text.
+
+        ``generation`` = wall seconds // ``ROUTING_PREFIX_TTL_S``; routers write the current
+        window and read it with the previous one; each window's key expires by itself."""
+        return f"{self.prefix}prefixes:{generation}"
+
 
 # ---------------------------------------------------------------------------
 # Node heartbeat and GPU samples (published by inference workers)
@@ -396,6 +431,92 @@ class Keys:
 NODE_TTL_S = 15
 GPU_SAMPLES_MAXLEN = 3600
 RECENT_JOBS_MAX = 1000
+
+#: Job hash fields a proxy worker writes when it routes an attempt (every attempt: the last wins).
+JOB_NODE_FIELD = "node"
+JOB_POLICY_FIELD = "policy"
+
+#: Characters of a literal prompt that make its prefix key (~64 tokens, four 16-token KV blocks).
+PREFIX_KEY_CHARS = 256
+
+
+def prefix_key(spec: JobSpec) -> str:
+    """The key jobs that share a prompt prefix have in common; "" when a job shares none.
+
+    Synthetic jobs share the prefix of their run and prefix group (what the prompt builder
+    seeds the prefix from); a literal prompt is keyed by its first ``PREFIX_KEY_CHARS``
+    characters. Routers and the bench's per-node figures use the same key.
+    """
+    if spec.prompt is not None:
+        head = spec.prompt[:PREFIX_KEY_CHARS]
+        return "p" + hashlib.blake2b(head.encode(), digest_size=8).hexdigest()
+    if spec.prefix_share <= 0 or not spec.input_tokens or round(spec.input_tokens * spec.prefix_share) <= 0:
+        return ""
+    group = "" if spec.prefix_group is None else str(spec.prefix_group)
+    return "r" + hashlib.blake2b(f"{spec.run_id or ''}|{group}".encode(), digest_size=8).hexdigest()
+
+
+class NodeState(StrEnum):
+    """What a node's heartbeat says: ``up`` takes jobs, ``draining`` finishes its own only.
+
+    A node whose heartbeat expired is *lost* (no key: the console shows it from ``Keys.nodes``)."""
+
+    UP = "up"
+    DRAINING = "draining"
+
+
+class NodeHeartbeat(BaseModel):
+    """A node's registration, written by its inference worker every ``NODE_TTL_S / 5`` seconds
+    into ``Keys.node(node)`` (a hash of strings) with a ``NODE_TTL_S`` TTL.
+
+    ``capacity`` is how many jobs routers may have in flight on the node at once: the engine's
+    ``max_num_seqs`` times ``NODE_CAPACITY_FACTOR`` (room to queue inside the engine). Routers
+    only send jobs to nodes that are ``up`` and ``ready``.
+    """
+
+    model_config = ConfigDict(extra="ignore")
+
+    node: str
+    #: Base URL proxy workers reach this node's inference worker at.
+    url: str
+    engine_kind: str = ""
+    #: Engine kind + name, e.g. "sim (llmconsole simulator 0.1)", "vllm 0.11.0".
+    engine: str = ""
+    model: str = ""
+    max_model_len: int | None = None
+    max_num_seqs: int = 0
+    capacity_factor: float = 1.0
+    capacity: int = 0
+    state: NodeState = NodeState.UP
+    #: The engine answered /health at the last beat.
+    ready: bool = False
+    #: "yes" or "no: <reason>" (NVML), as before.
+    gpu: str = ""
+    #: GPUs in words, e.g. "2× NVIDIA H100 80GB HBM3"; "" without NVML.
+    gpus: str = ""
+    #: Requests the inference worker itself is serving right now.
+    in_flight: int = 0
+    #: CPU seconds the inference worker process used since it started.
+    worker_cpu_s: float | None = None
+    engine_url: str = ""
+    #: Wall clock (ns) of the beat, and of the worker's start.
+    t: int = 0
+    started: int = 0
+
+    def to_redis(self) -> dict[str, str]:
+        """The hash fields to write (None → "")."""
+        out: dict[str, str] = {}
+        for k, v in self.model_dump(mode="json").items():
+            out[k] = "" if v is None else ("1" if v is True else "0" if v is False else str(v))
+        return out
+
+    @classmethod
+    def from_redis(cls, h: dict[str, str]) -> NodeHeartbeat:
+        """Decode a heartbeat hash (decoded strings); blank fields take their defaults."""
+        data: dict[str, Any] = {k: v for k, v in h.items() if v != ""}
+        if "ready" in data:
+            data["ready"] = data["ready"] in ("1", "true", "True")
+        return cls.model_validate(data)
 
 
 class GpuSample(BaseModel):

@@ -235,7 +235,7 @@ async def _infer(state: WorkerState, req: InferRequest) -> InferResult:
         assert spec.input_tokens is not None
         prefix_tokens = split_tokens(spec.input_tokens, spec.prefix_share)
         built = await state.prompts.build(
-            spec.input_tokens, prefix_tokens, prefix_seed_for_run(spec.run_id), spec.seed
+            spec.input_tokens, prefix_tokens, prefix_seed_for_run(spec.run_id, spec.prefix_group), spec.seed
         )
         prompt, prefix_tokens = built.token_ids, built.prefix_tokens
     sampler = telemetry.JobGpuSampler(state.gpu, state.settings.telemetry_interval_s)

@@ -315,6 +315,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 run_id=job.run_id,
                 label=job.label,
                 seed=job.seed if job.seed is not None else int.from_bytes(job_id.encode()[-8:], "big"),
+                prefix_group=job.prefix_group,
+                routing=job.routing,
             )
             out = await app.state.queue.submit(
                 spec,

@@ -19,9 +19,14 @@ from services.engine_client import EngineClient
 _LETTERS = "abcdefghijklmnopqrstuvwxyz"
 
 
-def prefix_seed_for_run(run_id: str | None) -> int:
-    """A stable seed for the run's shared prefix (jobs without a run share one)."""
-    digest = hashlib.sha256(f"llmconsole-prefix:{run_id or ''}".encode()).digest()
+def prefix_seed_for_run(run_id: str | None, prefix_group: int | None = None) -> int:
+    """A stable seed for the run's shared prefix (jobs without a run share one).
+
+    Jobs of one run in different ``prefix_group``s get different prefixes (group None is the
+    run's own prefix, as before groups existed).
+    """
+    group = "" if prefix_group is None else f"#{prefix_group}"
+    digest = hashlib.sha256(f"llmconsole-prefix:{run_id or ''}{group}".encode()).digest()
     return int.from_bytes(digest[:8], "big")
 
 

@@ -17,6 +17,8 @@ from typing import Literal
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from services.contracts import RoutingPolicy
+
 #: The repository root (the folder holding ``install.sh``).
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -59,8 +61,12 @@ class Settings(BaseSettings):
     ingestion_port: int = Field(8080, ge=1, le=65535)
     worker_host: str = "127.0.0.1"
     worker_port: int = Field(8001, ge=1, le=65535)
-    #: Where proxy workers reach inference workers (comma-separated base URLs).
+    #: Static nodes: proxy workers dispatch to these inference workers (comma-separated base
+    #: URLs) instead of the node registry, each with capacity max_num_seqs × node_capacity_factor.
     worker_urls: str = ""
+    #: Key an inference worker requires (Bearer); empty = API_KEY. Give joined nodes this one,
+    #: not API_KEY, so a node's secrets cannot submit jobs.
+    worker_api_key: SecretStr = SecretStr("")
     engine_host: str = "127.0.0.1"
     engine_port: int = Field(8000, ge=1, le=65535)
     redis_host: str = "127.0.0.1"
@@ -116,7 +122,8 @@ class Settings(BaseSettings):
     # --- queue and workers -------------------------------------------------
     #: Bound on waiting + in-flight jobs; above it ingestion answers 429.
     max_active_jobs: int = Field(10_000, ge=1)
-    proxy_concurrency: int = Field(32, ge=1, le=4096)
+    #: Upper bound on one proxy worker's jobs in flight; 0 = auto (the live nodes' capacity).
+    proxy_concurrency: int = Field(0, ge=0, le=65_536)
     #: A job pending this long on a consumer that stopped renewing is reclaimed.
     lease_ms: int = Field(30_000, ge=100)
     max_attempts: int = Field(3, ge=1, le=100)
@@ -127,8 +134,32 @@ class Settings(BaseSettings):
     idempotency_ttl_s: int = Field(24 * 3600, ge=60)
     stream_trim_interval_s: float = Field(10.0, gt=0)
     shutdown_grace_s: float = Field(20.0, ge=0)
-    node_id: str = ""
+    node_id: str = Field("", pattern=r"^[A-Za-z0-9_.-]{0,64}$")
     telemetry_interval_s: float = Field(0.1, gt=0)
+
+    # --- nodes and routing -----------------------------------------------------
+    #: A node's heartbeat expires this long after its last beat (beats come every TTL / 5).
+    node_ttl_s: float = Field(10.0, ge=0.5, le=600)
+    #: A node takes ``max_num_seqs × factor`` jobs in flight (the rest queue in Redis).
+    node_capacity_factor: float = Field(2.0, gt=0, le=64)
+    #: After a connection to a node's worker fails, it gets no new job for this long.
+    node_suspect_s: float = Field(5.0, ge=0, le=600)
+    #: How jobs pick their node. prefix_affinity: jobs that share a prompt prefix go where it is
+    #: cached (with load guards); jobs without a shared prefix go to the least loaded node.
+    routing: RoutingPolicy = "prefix_affinity"
+    #: Imbalance guard (vLLM router / SGLang gateway): when (max - min) in flight > ABS and
+    #: max > REL × min, a job goes to the least loaded node whatever its prefix.
+    routing_balance_abs: int = Field(16, ge=0)
+    routing_balance_rel: float = Field(1.5, ge=1.0)
+    #: A prefix's node is passed over when it would be above FAIR_SHARE × its capacity-weighted
+    #: share of all jobs in flight (+ ABS): one hot prefix then spreads to more nodes.
+    routing_fair_share: float = Field(1.5, ge=1.0)
+    routing_fair_share_abs: int = Field(4, ge=0)
+    #: How long routers remember which node served a prefix (vLLM router: 120 s).
+    routing_prefix_ttl_s: int = Field(120, ge=1)
+    #: How often a proxy worker re-reads the node registry and in-flight counts.
+    registry_refresh_s: float = Field(0.5, gt=0, le=60)
+
     #: Where the proxy worker serves Prometheus ``/metrics`` (its only HTTP port); port 0 = off.
     proxy_metrics_host: str = "127.0.0.1"
     proxy_metrics_port: int = Field(8002, ge=0, le=65535)
@@ -169,6 +200,11 @@ class Settings(BaseSettings):
     def worker_url_list(self) -> list[str]:
         """Inference worker base URLs the proxy worker dispatches to."""
         return self.worker_urls.split(",") if self.worker_urls else [self.worker_url]
+
+    @property
+    def effective_worker_api_key(self) -> str:
+        """The key inference workers require and proxy workers send ("" = none)."""
+        return self.worker_api_key.get_secret_value() or self.api_key.get_secret_value()
 
     @property
     def supervisor_socket(self) -> Path:
