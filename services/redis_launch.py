@@ -2,8 +2,9 @@
 
 The password goes into a 0600 config file under ``var/redis/``, never onto the
 command line (where ``ps`` would show it). Durability as issue 6 asks: AOF with
-``appendfsync everysec`` and ``maxmemory-policy noeviction``, so Redis refuses
-writes rather than silently dropping jobs when memory runs out.
+``appendfsync`` from ``REDIS_APPENDFSYNC`` (``everysec`` by default, ``always`` to fsync
+before every reply) and ``maxmemory-policy noeviction``, so Redis refuses writes
+rather than silently dropping jobs when memory runs out.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ def redis_config(s: Settings, data_dir: Path) -> str:
         "protected-mode yes",
         f"dir {data_dir}",
         "appendonly yes",
-        "appendfsync everysec",
+        f"appendfsync {s.redis_appendfsync}",
         "maxmemory-policy noeviction",
         "save 300 10",
         "daemonize no",
