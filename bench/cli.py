@@ -27,6 +27,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from bench.config import BenchConfig, ProgressEvent, parse_goodput, parse_percentiles, parse_sweep
+from services.contracts import ROUTING_POLICIES
 from services.settings import Settings, load_settings
 
 SUBCOMMANDS = ("run", "compare", "list", "show", "calibrate")
@@ -120,6 +121,12 @@ def run_parser(settings: Settings) -> argparse.ArgumentParser:
         help="measured requests per path (default 100)",
     )
     w.add_argument(
+        "--prefix-groups",
+        type=_positive_int,
+        metavar="N",
+        help="N prefix groups, each with its own shared prefix (requests spread evenly, shuffled)",
+    )
+    w.add_argument(
         "--warmup", type=_nonneg_int, default=0, metavar="N", help="warm-up requests, not counted (default 0)"
     )
     w.add_argument(
@@ -170,6 +177,11 @@ def run_parser(settings: Settings) -> argparse.ArgumentParser:
     m = p.add_argument_group("measurement")
     m.add_argument(
         "--path", choices=["pipeline", "direct", "both"], default="pipeline", help="default pipeline"
+    )
+    m.add_argument(
+        "--routing",
+        choices=ROUTING_POLICIES,
+        help=f"routing policy of the run's jobs (default: the proxy workers' ROUTING, {settings.routing})",
     )
     m.add_argument("--goodput", nargs="+", metavar="NAME:MS", help="SLOs, e.g. ttft:500 tpot:50 e2el:5000")
     m.add_argument(
@@ -226,6 +238,8 @@ def config_from_args(ns: argparse.Namespace) -> BenchConfig:
         burstiness=ns.burstiness,
         sweep=sweep,
         path=ns.path,
+        routing=ns.routing,
+        prefix_groups=ns.prefix_groups,
         goodput=parse_goodput(ns.goodput or []),
         percentiles=parse_percentiles(ns.percentiles),
         timeout_s=ns.timeout,

@@ -70,6 +70,15 @@ _EXTRA: list[tuple[str, str, Better]] = [
     ("p99_server_overhead_ms", "P99 server-side overhead (ms)", "lower"),
 ]
 
+#: Per-node routing figures (``summary["routing"]``): two policies side by side.
+_ROUTING: list[tuple[str, str, Better]] = [
+    ("hit_rate", "Prefix cache hit rate (Σ cached / Σ prompt tokens)", "higher"),
+    ("hit_rate_allowed", "Hit rate the workload allows", None),
+    ("hit_rate_of_allowed", "Hit rate / allowed", "higher"),
+    ("hotspot", "Hotspot (nodes × largest share; 1 = even)", "lower"),
+    ("nodes_used", "Nodes that served jobs", None),
+]
+
 
 def _num(v: Any) -> float | None:
     if isinstance(v, bool) or not isinstance(v, int | float):
@@ -117,6 +126,9 @@ def compare_summaries(a: dict[str, Any], b: dict[str, Any]) -> list[CompareRow]:
                     sb[stage].get("mean_ms"),
                     "lower",
                 )
+    ra, rb = a.get("routing") or {}, b.get("routing") or {}
+    for key, label, better in _ROUTING:
+        add("routing", key, label, ra.get(key), rb.get(key), better)
     ca, cb = a.get("prefix_cache") or {}, b.get("prefix_cache") or {}
     add(
         "run",

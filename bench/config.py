@@ -16,7 +16,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from services.contracts import ID_PATTERN, MAX_INPUT_TOKENS, MAX_LABEL_CHARS, MAX_OUTPUT_TOKENS
+from services.contracts import ID_PATTERN, MAX_INPUT_TOKENS, MAX_LABEL_CHARS, MAX_OUTPUT_TOKENS, RoutingPolicy
 from services.settings import Settings
 
 PathName = Literal["pipeline", "direct", "both"]
@@ -102,6 +102,13 @@ class BenchConfig(BaseModel):
     requests: int = Field(
         100, ge=1, le=1_000_000, description="Measured requests (per path, per sweep step)."
     )
+    prefix_groups: int | None = Field(
+        None,
+        ge=1,
+        le=100_000,
+        description="Prefix groups: each request belongs to one (seeded, balanced), and each group has "
+        "its own shared prefix (SGLang's generated-shared-prefix, vLLM's prefix_repetition).",
+    )
     warmup: int = Field(0, ge=0, le=100_000, description="Requests sent first and not counted.")
     seed: int = Field(0, ge=0, le=2**63 - 1, description="Seed of lengths, suffixes and arrival times.")
 
@@ -117,6 +124,9 @@ class BenchConfig(BaseModel):
 
     # --- what to measure and how -------------------------------------------
     path: PathName = Field("pipeline", description="pipeline, direct (engine API), or both interleaved.")
+    routing: RoutingPolicy | None = Field(
+        None, description="Routing policy of the run's jobs (default: the proxy workers' ROUTING)."
+    )
     goodput: dict[str, float] = Field(
         default_factory=dict, description="SLOs in ms for goodput, keys ttft/tpot/e2el (vLLM's --goodput)."
     )
@@ -157,6 +167,10 @@ class BenchConfig(BaseModel):
     def _consistent(self) -> BenchConfig:
         if self.dataset is not None and (self.input_tokens is not None or self.range_ratio):
             raise ValueError("a dataset brings its own prompts: drop input_tokens / range_ratio")
+        if self.dataset is not None and self.prefix_groups is not None:
+            raise ValueError("prefix groups are a synthetic workload: drop the dataset or prefix_groups")
+        if self.routing is not None and self.path == "direct":
+            raise ValueError("routing applies to the pipeline: use path pipeline or both, or drop routing")
         if self.sweep is not None and self.sweep.param == "rate" and self.rate is not None:
             raise ValueError("a rate sweep sets the rate itself: drop rate")
         if self.sweep is not None and self.sweep.param == "concurrency" and self.concurrency is not None:

@@ -301,6 +301,88 @@ def pipeline_cpu(
     }
 
 
+def _peak_overlap(intervals: Iterable[tuple[float, float]]) -> int:
+    """Most intervals open at one moment ([start, end): an end before a start at the same time)."""
+    events = sorted([(a, 1) for a, b in intervals] + [(b, -1) for a, b in intervals])
+    peak = cur = 0
+    for _t, step in events:
+        cur += step
+        peak = max(peak, cur)
+    return peak
+
+
+def routing_metrics(
+    records: Sequence[RequestRecord],
+    live_nodes: Sequence[str] | None = None,
+    *,
+    policy: str | None = None,
+    prefix_groups: int | None = None,
+) -> dict[str, Any] | None:
+    """Per-node figures of the pipeline's successful jobs, and how well routing used the caches.
+
+    Per node: share of jobs, prefix-cache hit rate (Σ cached / Σ prompt tokens from each job's
+    ``usage``), peak jobs in flight (dispatched → result back) and median TTFT. ``hotspot`` =
+    nodes × largest share (1.0 = perfectly even), over the nodes that were live at the start
+    (``live_nodes``; else those that served). ``hit_rate_allowed`` is the most the workload
+    allows: its shared-prefix tokens less each prefix group's first (cold) request, over all
+    prompt tokens; ``hit_rate_of_allowed`` is the hit rate over it. None without pipeline jobs.
+    """
+    ok = [r for r in records if r.path == "pipeline" and r.success]
+    if not ok:
+        return None
+    by_node: dict[str, list[RequestRecord]] = {}
+    for r in ok:
+        by_node.setdefault(r.node or "?", []).append(r)
+    nodes: dict[str, Any] = {}
+    for name in sorted(set(by_node) | set(live_nodes or ())):
+        rs = by_node.get(name, [])
+        prompt = sum(r.prompt_tokens or 0 for r in rs)
+        cached = sum(r.cached_tokens or 0 for r in rs)
+        windows = [
+            (r.node_start_s, r.node_end_s)
+            for r in rs
+            if r.node_start_s is not None and r.node_end_s is not None
+        ]
+        ttfts = [r.ttft_s for r in rs if r.ttft_s is not None]
+        nodes[name] = {
+            "jobs": len(rs),
+            "share": len(rs) / len(ok),
+            "prompt_tokens": prompt,
+            "cached_tokens": cached,
+            "hit_rate": cached / prompt if prompt else None,
+            "in_flight_peak": _peak_overlap(windows),  # type: ignore[arg-type]
+            "median_ttft_ms": float(np.median(ttfts)) * MS if ttfts else None,
+        }
+    prompt_total = sum(r.prompt_tokens or 0 for r in ok)
+    cached_total = sum(r.cached_tokens or 0 for r in ok)
+    # The workload's ceiling: each prefix group's first request in send order finds nothing cached.
+    shared = sum(r.prefix_tokens or 0 for r in ok)
+    first: dict[object, int] = {}
+    for r in sorted(ok, key=lambda r: r.sent_s):
+        first.setdefault(r.prefix_group, r.prefix_tokens or 0)
+    allowed = (shared - sum(first.values())) / prompt_total if prompt_total else None
+    hit_rate = cached_total / prompt_total if prompt_total else None
+    policies: dict[str, int] = {}
+    for r in ok:
+        if r.policy:
+            policies[r.policy] = policies.get(r.policy, 0) + 1
+    counted = len(live_nodes) if live_nodes else len(by_node)
+    return {
+        "policy": max(policies, key=lambda p: policies[p]) if policies else policy,
+        "policies": policies,
+        "prefix_groups": prefix_groups,
+        "nodes_live": len(live_nodes) if live_nodes is not None else None,
+        "nodes_used": len(by_node),
+        "hotspot": max(len(rs) for rs in by_node.values()) / len(ok) * max(counted, len(by_node)),
+        "hit_rate": hit_rate,
+        "cached_tokens": cached_total,
+        "prompt_tokens": prompt_total,
+        "hit_rate_allowed": allowed,
+        "hit_rate_of_allowed": hit_rate / allowed if hit_rate is not None and allowed else None,
+        "nodes": nodes,
+    }
+
+
 def prefix_cache_delta(before: list[Sample] | None, after: list[Sample] | None) -> dict[str, Any] | None:
     """Prefix cache queries, hits and hit rate between two ``/metrics`` scrapes (tokens)."""
     if before is None or after is None:

@@ -26,6 +26,7 @@ from services.contracts import (
     JobRequest,
     JobState,
     JobView,
+    RoutingPolicy,
     end_to_end_s,
     engine_time_s,
     now_ns,
@@ -85,7 +86,6 @@ class DirectPath:
         Prompt building on the pipeline path happens inside the inference worker
         and shows as its ``prompt_build`` stage.
         """
-        prefix_seed = prefix_seed_for_run(self.run_id)
 
         async def one(it: WorkItem) -> None:
             if it.prompt is not None:
@@ -96,7 +96,7 @@ class DirectPath:
                 built = await self.builder.build(
                     it.input_tokens,
                     split_tokens(it.input_tokens, it.prefix_share),
-                    prefix_seed,
+                    prefix_seed_for_run(self.run_id, it.prefix_group),
                     it.seed_for(self.name),
                 )
             self._prompts[it.seed_for(self.name)] = built.token_ids
@@ -159,10 +159,12 @@ class PipelinePath:
         poll_wait_s: float = 30.0,
         max_connections: int = 256,
         client: httpx.AsyncClient | None = None,
+        routing: RoutingPolicy | None = None,
     ) -> None:
         self.base = settings.ingestion_url
         self.run_id = run_id
         self.label = label
+        self.routing = routing
         self.poll_wait_s = min(poll_wait_s, MAX_WAIT_S)
         # In every Idempotency-Key: a rerun with the same run id must not get the old jobs back.
         self._nonce = secrets.token_hex(4)
@@ -202,6 +204,8 @@ class PipelinePath:
             run_id=self.run_id,
             label=self.label,
             seed=item.seed_for(self.name),
+            prefix_group=item.prefix_group,
+            routing=self.routing,
         )
 
     async def send(self, item: WorkItem, rec: RequestRecord, clock: StepClock, deadline_s: float) -> None:
@@ -211,6 +215,7 @@ class PipelinePath:
         """
         rec.requested_input_tokens = item.input_tokens
         rec.requested_output_tokens = item.output_tokens
+        rec.prefix_group = item.prefix_group
         body = self.job_request(item).model_dump(mode="json", exclude_none=True)
         # The same key on every retry: a POST whose answer was lost is not queued twice.
         headers = {"Idempotency-Key": f"{self.run_id}.{self._nonce}.{item.seed_for(self.name):x}"}
@@ -300,6 +305,9 @@ class PipelinePath:
         rec.stages_s = dict(view.stages_s)
         rec.server_e2e_s = end_to_end_s(ts)
         rec.engine_time_s = engine_time_s(ts)
+        rec.node, rec.policy = view.node, view.policy
+        rec.node_start_s = clock.wall_offset(ts.get("t_dispatched"))
+        rec.node_end_s = clock.wall_offset(ts.get("t_result_received"))
         if rec.server_e2e_s is not None and rec.latency_s is not None:
             rec.client_s = rec.latency_s - rec.server_e2e_s
         res = view.result
@@ -316,6 +324,7 @@ class PipelinePath:
         rec.token_mismatch = list(res.token_mismatch)
         rec.gpu = res.gpu.model_dump(mode="json") if res.gpu is not None else None
         rec.engine, rec.model, rec.node = res.engine, res.model, res.node
+        rec.prefix_tokens = res.prefix_tokens
 
 
 def _retry_after(resp: httpx.Response, default: float) -> float:

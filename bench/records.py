@@ -59,6 +59,15 @@ class RequestRecord:
     engine: str | None = None
     model: str | None = None
     node: str | None = None
+    # --- routing (pipeline only) ----------------------------------------------
+    #: The routing policy that placed the job (as the proxy worker recorded it).
+    policy: str | None = None
+    #: The request's prefix group (``--prefix-groups``), and its shared-prefix tokens as built.
+    prefix_group: int | None = None
+    prefix_tokens: int | None = None
+    #: Dispatched to the node → result back at the proxy, as step offsets (the node's in-flight window).
+    node_start_s: float | None = None
+    node_end_s: float | None = None
 
     @property
     def output_len(self) -> int:

@@ -230,6 +230,10 @@ def summary_renderables(summary: dict[str, Any]) -> list[RenderableType]:
         )
         out.append(st)
 
+    routing = summary.get("routing")
+    if routing and routing.get("nodes"):
+        out.append(routing_table(routing))
+
     sweep = summary.get("sweep")
     if sweep:
         sw = Table(title=f"Sweep over {sweep.get('param')}", title_justify="left")
@@ -278,6 +282,30 @@ def summary_renderables(summary: dict[str, Any]) -> list[RenderableType]:
     return out
 
 
+def routing_table(routing: dict[str, Any]) -> Table:
+    """Per-node figures of a run: share of jobs, prefix-cache hit rate, in-flight peak, TTFT."""
+    groups = routing.get("prefix_groups")
+    t = Table(
+        title=f"Nodes (routing {routing.get('policy') or 'default'}"
+        f"{f', {groups} prefix groups' if groups else ''}): hotspot {fmt(routing.get('hotspot'))}"
+        f" (1.00 = even) · hit rate {_pct(routing.get('hit_rate'))} of {_pct(routing.get('hit_rate_allowed'))}"
+        f" the workload allows",
+        title_justify="left",
+    )
+    for c in ("node", "jobs", "share", "hit rate", "in flight peak", "median TTFT ms"):
+        t.add_column(c, justify="left" if c == "node" else "right")
+    for name, n in (routing.get("nodes") or {}).items():
+        t.add_row(
+            name,
+            fmt(n.get("jobs")),
+            _pct(n.get("share")),
+            _pct(n.get("hit_rate")),
+            fmt(n.get("in_flight_peak")),
+            fmt(n.get("median_ttft_ms")),
+        )
+    return t
+
+
 def summary_group(summary: dict[str, Any]) -> Group:
     """:func:`summary_renderables` as one renderable."""
     return Group(*summary_renderables(summary))
@@ -285,9 +313,14 @@ def summary_group(summary: dict[str, Any]) -> Group:
 
 def comparison_table(c: Comparison) -> Table:
     """Runs A and B side by side with B − A and B / A, coloured where B is better or worse."""
+
+    def policy(s: dict[str, Any]) -> str:
+        name = (s.get("routing") or {}).get("policy")
+        return f" [routing {name}]" if name else ""
+
     t = Table(
-        title=f"A = {c.a.run_id} ({c.a.summary.get('label') or c.a.out_dir})   B = {c.b.run_id} "
-        f"({c.b.summary.get('label') or c.b.out_dir})",
+        title=f"A = {c.a.run_id} ({c.a.summary.get('label') or c.a.out_dir}){policy(c.a.summary)}   "
+        f"B = {c.b.run_id} ({c.b.summary.get('label') or c.b.out_dir}){policy(c.b.summary)}",
         title_justify="left",
     )
     for col, just in (

@@ -34,7 +34,14 @@ import httpx
 from bench import gpu as gpu_window
 from bench.arrivals import arrival_offsets
 from bench.config import BenchConfig, ProgressEvent
-from bench.metrics import find_knee, overhead, path_metrics, pipeline_cpu, prefix_cache_delta
+from bench.metrics import (
+    find_knee,
+    overhead,
+    path_metrics,
+    pipeline_cpu,
+    prefix_cache_delta,
+    routing_metrics,
+)
 from bench.paths import DirectPath, PipelinePath, StepClock
 from bench.records import RequestRecord
 from bench.store import RunStore
@@ -262,6 +269,20 @@ async def _cpu_snapshot(settings: Settings) -> dict[str, procstats.ProcReport] |
         await r.aclose()
 
 
+async def _live_nodes(settings: Settings) -> list[str] | None:
+    """Nodes with a live heartbeat that take jobs (``up``) now; None if Redis cannot be read."""
+    keys = Keys(settings.redis_prefix)
+    r = redis_client(settings)
+    try:
+        names = sorted(await r.smembers(keys.nodes))
+        states = [await r.hget(keys.node(n), "state") for n in names]
+        return [n for n, st in zip(names, states, strict=True) if st is not None and st != "draining"]
+    except REDIS_DOWN:
+        return None
+    finally:
+        await r.aclose()
+
+
 async def _check_pipeline(settings: Settings) -> None:
     url = f"{settings.ingestion_url}/readyz"
     try:
@@ -332,6 +353,7 @@ async def run_benchmark(
                 if any(ld.concurrency is None for ld in loads)
                 else 2 * max(ld.concurrency or 0 for ld in loads) + 16
             ),
+            routing=cfg.routing,
         )
         if "pipeline" in pnames
         else None
@@ -366,6 +388,7 @@ async def run_benchmark(
             await _phase(cfg, paths, loads[0], "warmup", cfg.warmup, "warmup", dataset, prog, 0)
 
         cpu_before = await _cpu_snapshot(s) if pipeline is not None else None
+        live_nodes = await _live_nodes(s) if pipeline is not None else None
         before = await _scrape(engine)
         t_start_ns = now_ns()
         steps: list[dict[str, Any]] = []
@@ -405,6 +428,9 @@ async def run_benchmark(
             procstats.cpu_between(cpu_before, cpu_after) if cpu_before and cpu_after else None,
             all_records,
             (t_end_ns - t_start_ns) / 1e9,
+        )
+        summary["routing"] = routing_metrics(
+            all_records, live_nodes, policy=cfg.routing, prefix_groups=cfg.prefix_groups
         )
         if pipeline is not None and summary["pipeline_cpu"] is None:
             warnings.append("the pipeline's CPU was not measured: no process reported it in Redis")
@@ -567,6 +593,8 @@ def build_summary(
         "prefix_share": cfg.prefix_share,
         "range_ratio": cfg.range_ratio,
         "dataset": cfg.dataset,
+        "prefix_groups": cfg.prefix_groups,
+        "routing_policy": cfg.routing,
         "seed": cfg.seed,
         "warmup": cfg.warmup,
         "goodput_slo_ms": cfg.goodput or None,

@@ -45,6 +45,8 @@ class WorkItem:
     input_tokens: int | None = None  # None: a literal prompt from a dataset
     prompt: str | None = None
     seeds: dict[str, int] = field(default_factory=dict)  # path → suffix seed
+    #: The item's prefix group (``--prefix-groups``): its shared prefix is the group's own.
+    prefix_group: int | None = None
 
     def seed_for(self, path: str) -> int:
         """The suffix seed of this item on ``path``."""
@@ -103,6 +105,16 @@ def load_dataset(path: str | Path) -> list[DatasetPrompt]:
     return out
 
 
+def assign_groups(n: int, groups: int, seed: int) -> list[int]:
+    """Prefix groups of ``n`` requests: each group ``n / groups`` times (±1), in a seeded random order.
+
+    As SGLang's generated-shared-prefix and vLLM's prefix_repetition datasets: every group
+    equally often, shuffled, so a group's requests arrive spread over the run.
+    """
+    order = np.random.default_rng(seed).permutation(n)
+    return [int(i) % groups for i in order]
+
+
 def build_workload(
     cfg: BenchConfig,
     n: int,
@@ -133,6 +145,11 @@ def build_workload(
     assert cfg.input_tokens is not None
     ins = sample_lengths(n, cfg.input_tokens, cfg.range_ratio, derive_seed(cfg.seed, "input-lengths"))
     outs = sample_lengths(n, cfg.output_tokens, cfg.range_ratio, derive_seed(cfg.seed, "output-lengths"))
+    groups: list[int | None] = (
+        list(assign_groups(n, cfg.prefix_groups, derive_seed(cfg.seed, namespace, "groups")))
+        if cfg.prefix_groups
+        else [None] * n
+    )
     for i in range(n):
         items.append(
             WorkItem(
@@ -141,6 +158,7 @@ def build_workload(
                 output_tokens=outs[i],
                 prefix_share=cfg.prefix_share,
                 seeds={p: derive_seed(cfg.seed, namespace, i, p) for p in ("pipeline", "direct")},
+                prefix_group=groups[i],
             )
         )
     return items

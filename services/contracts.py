@@ -289,6 +289,9 @@ class JobView(BaseModel):
     result: InferResult | None = None
     error: str | None = None
     worker: str | None = None
+    #: The node the last attempt was routed to, and the policy that chose it.
+    node: str | None = None
+    policy: str | None = None
 
 
 class JobAccepted(BaseModel):
@@ -576,6 +579,8 @@ def job_hash_to_view(h: dict[str, str]) -> JobView:
         result=result,
         error=h.get("error") or None,
         worker=h.get("worker") or None,
+        node=h.get(JOB_NODE_FIELD) or None,
+        policy=h.get(JOB_POLICY_FIELD) or None,
     )
 
 
