@@ -24,7 +24,7 @@ from typing import Any
 from fastapi import Depends, FastAPI, Header, HTTPException, Request
 from fastapi.responses import JSONResponse, Response
 
-from services import procstats, prom, telemetry
+from services import procstats, prom, runtime, telemetry
 from services.contracts import NODE_TTL_S, InferRequest, InferResult, Keys, now_ns
 from services.engine_client import EngineClient, EngineError
 from services.prompts import PromptBuilder, prefix_seed_for_run, split_tokens
@@ -65,7 +65,7 @@ class WorkerState:
             self.engine_name = f"vllm{'-cpu' if kind == 'cpu' else ''} {version}".strip()
 
 
-def _require_key(request: Request, authorization: str | None = Header(None)) -> None:
+async def _require_key(request: Request, authorization: str | None = Header(None)) -> None:
     state: WorkerState = request.app.state.worker
     key = state.settings.api_key.get_secret_value()
     if not key:
@@ -286,7 +286,7 @@ def main() -> None:
     import uvicorn
 
     s = get_settings()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    runtime.setup_logging()
     uvicorn.run(
         create_app(s),
         host=s.worker_host,

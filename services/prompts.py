@@ -1,14 +1,18 @@
 """Exact-token prompt builder: a fixed per-run prefix plus a random suffix.
 
-The prompt is built on the engine's own tokenizer (its ``/tokenize``) and sent
-to the engine as token ids, so ``usage.prompt_tokens`` equals the requested
-length by construction, whatever the tokenizer's merge rules do at the joint
-between prefix and suffix. The prefix ids of a run are identical across its
-jobs, so the engine's prefix cache really hits.
+The prompt is sent to the engine as token ids, so ``usage.prompt_tokens``
+equals the requested length by construction, whatever the tokenizer's merge
+rules would do at the joint between prefix and suffix. The ids are drawn from
+a pool of plain word tokens learned once per engine with one ``/tokenize``
+call (random lowercase words, no special tokens): after that, building a
+prompt costs no HTTP call, only a seeded random draw (tens of microseconds for
+a thousand tokens). The prefix ids of a run are identical across its jobs, so
+the engine's prefix cache really hits; suffixes of different seeds differ.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import random
 from collections import OrderedDict
@@ -17,6 +21,10 @@ from dataclasses import dataclass
 from services.engine_client import EngineClient
 
 _LETTERS = "abcdefghijklmnopqrstuvwxyz"
+#: Words tokenized once to learn the pool, and the seed that draws them (fixed: every client of
+#: the same engine learns the same pool, so the bench's direct path builds the pipeline's prompts).
+_POOL_WORDS = 2000
+_POOL_SEED = 0x11C0
 
 
 def prefix_seed_for_run(run_id: str | None, prefix_group: int | None = None) -> int:
@@ -60,37 +68,56 @@ class PromptBuilder:
     def __init__(self, engine: EngineClient, cache_size: int = 64) -> None:
         self.engine = engine
         self._special: list[int] | None = None
+        self._pool: list[int] | None = None
+        self._learning: asyncio.Lock | None = None
         self._cache: OrderedDict[tuple[int, int], list[int]] = OrderedDict()
         self._cache_size = cache_size
 
-    async def special_prefix(self) -> list[int]:
-        """Ids the tokenizer adds in front of every prompt (e.g. ``<bos>``)."""
-        if self._special is None:
+    async def _learn(self) -> None:
+        """Learn the special leading ids and the word-token pool (once, two /tokenize calls)."""
+        if self._learning is None:
+            self._learning = asyncio.Lock()
+        async with self._learning:  # concurrent first jobs learn once
+            if self._pool is not None:
+                return
             with_special = await self.engine.tokenize("hello", add_special_tokens=True)
             without = await self.engine.tokenize("hello", add_special_tokens=False)
             n = len(with_special) - len(without)
             # Only leading specials count: trailing ones (rare) are not prompt text.
-            self._special = with_special[:n] if n > 0 and with_special[n:] == without else []
+            special = with_special[:n] if n > 0 and with_special[n:] == without else []
+            ids = await self.engine.tokenize(
+                " " + random_words(_POOL_SEED, _POOL_WORDS), add_special_tokens=False
+            )
+            pool = sorted(set(ids) - set(special))
+            if not pool:
+                raise ValueError("the engine's tokenizer gave no token ids for plain words")
+            self._special, self._pool = special, pool
+
+    async def special_prefix(self) -> list[int]:
+        """Ids the tokenizer adds in front of every prompt (e.g. ``<bos>``)."""
+        if self._special is None:
+            await self._learn()
+        assert self._special is not None
         return self._special
 
-    async def _ids(self, seed: int, n: int) -> list[int]:
-        """At least ``n`` token ids of random words from ``seed``, cut to ``n``."""
-        if n <= 0:
-            return []
-        words = n
-        for _ in range(8):
-            ids = await self.engine.tokenize(" " + random_words(seed, words), add_special_tokens=False)
-            if len(ids) >= n:
-                return ids[:n]
-            words = words * 2 + 8
-        raise ValueError(f"could not produce {n} tokens from random words")
+    async def pool(self) -> list[int]:
+        """The plain word-token ids prompts are drawn from (learned once)."""
+        if self._pool is None:
+            await self._learn()
+        assert self._pool is not None
+        return self._pool
 
-    async def _prefix_ids(self, seed: int, n: int) -> list[int]:
+    def _draw(self, seed: int, n: int) -> list[int]:
+        """``n`` ids drawn from the pool with ``seed`` (deterministic)."""
+        assert self._pool is not None
+        return random.Random(seed).choices(self._pool, k=n) if n > 0 else []
+
+    def _prefix_ids(self, seed: int, n: int) -> list[int]:
         key = (seed, n)
         if key in self._cache:
             self._cache.move_to_end(key)
             return self._cache[key]
-        ids = await self._ids(seed, n)
+        ids = self._draw(seed, n)
         self._cache[key] = ids
         if len(self._cache) > self._cache_size:
             self._cache.popitem(last=False)
@@ -104,18 +131,18 @@ class PromptBuilder:
         The tokenizer's special leading tokens count towards the length and
         the prefix, as they do in vLLM's ``usage.prompt_tokens``.
         """
-        special = await self.special_prefix()
         if input_tokens < 1:
             raise ValueError("input_tokens must be at least 1")
+        if self._pool is None:
+            await self._learn()
+        special = self._special or []
         if input_tokens <= len(special):
             # As short as the tokenizer's own leading tokens (``<bos>`` alone): all of it is shared.
             return BuiltPrompt(special[:input_tokens], input_tokens)
         prefix_tokens = max(len(special), min(prefix_tokens, input_tokens))
         body_prefix = prefix_tokens - len(special)
         suffix = input_tokens - prefix_tokens
-        ids = (
-            special + await self._prefix_ids(prefix_seed, body_prefix) + await self._ids(suffix_seed, suffix)
-        )
+        ids = special + self._prefix_ids(prefix_seed, body_prefix) + self._draw(suffix_seed, suffix)
         return BuiltPrompt(ids, prefix_tokens)
 
 

@@ -34,7 +34,7 @@ from typing import Any, TypeVar
 
 import httpx
 
-from services import procstats, prom
+from services import procstats, prom, runtime
 from services.contracts import InferRequest, InferResult, JobSpec, JobState, Keys, new_id, now_ns
 from services.queue import REDIS_DOWN, Delivery, JobQueue, raise_if_cancelling, redis_client
 from services.settings import Settings, get_settings
@@ -418,8 +418,8 @@ async def amain(settings: Settings | None = None) -> None:
 
 def main() -> None:
     """Entry point: ``python -m services.proxy_worker``."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    asyncio.run(amain())
+    runtime.setup_logging()
+    runtime.run(amain())
 
 
 if __name__ == "__main__":

@@ -1,0 +1,34 @@
+"""Process start-up shared by the services: logging and the event loop.
+
+Kept apart so every service starts the same way, and so the per-request cost
+of a chatty library logger cannot creep back into one of them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Coroutine
+from typing import Any
+
+#: Libraries that log every request at INFO: a formatted line per HTTP call is per-job CPU
+#: (a few percent of the inference worker's, measured with py-spy) and fills the logs.
+_QUIET = ("httpx", "httpcore", "aiohttp.access")
+
+
+def setup_logging() -> None:
+    """INFO logging for llmconsole's own loggers; per-request library chatter at WARNING."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    for name in _QUIET:
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def run(main: Coroutine[Any, Any, None]) -> None:
+    """Run ``main`` on uvloop where installed (uvicorn's own choice), else asyncio's loop."""
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop ships with uvicorn[standard] on Linux
+        asyncio.run(main)
+        return
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        runner.run(main)
