@@ -11,10 +11,15 @@ Layout (all under the stack's key prefix):
     live progress ``done`` / ``failed`` / ``total`` / ``phase`` / ``step`` /
     ``steps`` / ``load`` (updated about twice a second while running),
     ``summary`` (the summary JSON, when finished), ``error`` (when failed),
-    ``engine``, ``model``.
-``Keys.run_jobs(run_id)`` (list)
-    One JSON :class:`~bench.records.RequestRecord` per measured request, in
-    completion order.
+    ``engine``, ``model``, ``records`` (how many per-request records the run's
+    folder holds).
+
+Redis keeps only that: the per-request records (ITLs and all) live in the run's
+folder (``out_dir``: ``requests.jsonl``), read from there by
+:func:`load_stored_run`. The hash expires after ``RUN_RETENTION_S``, and the
+proxy worker's retention (``services.retention``) prunes the oldest runs beyond
+``RUN_RETENTION_MAX``. ``Keys.run_jobs`` lists of older versions are deleted
+with their run.
 
 Storing is best effort: a benchmark of the direct path needs no Redis, so
 when Redis cannot be reached the run goes on and only the folder is written.
@@ -24,6 +29,7 @@ from __future__ import annotations
 
 import json
 import logging
+from pathlib import Path
 from typing import Any
 
 from redis.exceptions import RedisError
@@ -35,8 +41,8 @@ from services.settings import Settings
 
 log = logging.getLogger("llmconsole.bench.store")
 
-#: Records are pushed in batches of this many (one round trip each).
-_BATCH = 500
+#: The file of a run folder that holds its per-request records (as ``bench.report`` writes it).
+RECORDS_FILE = "requests.jsonl"
 
 
 class RunStore:
@@ -44,6 +50,7 @@ class RunStore:
 
     def __init__(self, settings: Settings, enabled: bool = True) -> None:
         self.keys = Keys(settings.redis_prefix)
+        self.ttl_s = settings.run_retention_s
         self.r = redis_client(settings) if enabled else None
         self.ok = enabled
         self.warning: str | None = None
@@ -89,6 +96,7 @@ class RunStore:
             assert self.r is not None
             async with self.r.pipeline(transaction=True) as p:
                 p.hset(self.keys.run(run_id), mapping=fields)
+                p.expire(self.keys.run(run_id), self.ttl_s)
                 p.delete(self.keys.run_jobs(run_id))
                 p.zadd(self.keys.runs, {run_id: t / 1e9})
                 await p.execute()
@@ -104,13 +112,10 @@ class RunStore:
         )
 
     async def add_records(self, run_id: str, records: list[RequestRecord]) -> None:
-        """Append per-request records to the run's list."""
+        """Note how many per-request records the run has; they stay in its folder, not in Redis."""
         if self.r is None or not records:
             return
-        for i in range(0, len(records), _BATCH):
-            chunk = [json.dumps(r.to_dict()) for r in records[i : i + _BATCH]]
-            if not await self._do("records", self.r.rpush(self.keys.run_jobs(run_id), *chunk)):
-                return
+        await self._do("records", self.r.hset(self.keys.run(run_id), "records", str(len(records))))
 
     async def finish(self, run_id: str, summary: dict[str, Any]) -> None:
         """Mark the run finished with its summary."""
@@ -124,7 +129,14 @@ class RunStore:
             "engine": summary.get("engine") or "",
             "model": summary.get("model_id") or "",
         }
-        await self._do("finish", self.r.hset(self.keys.run(run_id), mapping=fields))
+        await self._do("finish", self._final(run_id, fields))
+
+    async def _final(self, run_id: str, fields: dict[str, str]) -> None:
+        assert self.r is not None
+        async with self.r.pipeline(transaction=True) as p:
+            p.hset(self.keys.run(run_id), mapping=fields)
+            p.expire(self.keys.run(run_id), self.ttl_s)
+            await p.execute()
 
     async def fail(self, run_id: str, error: str) -> None:
         """Mark the run failed (or cancelled) with a reason."""
@@ -136,7 +148,7 @@ class RunStore:
             "error": error[:2000],
             "phase": "done",
         }
-        await self._do("fail", self.r.hset(self.keys.run(run_id), mapping=fields))
+        await self._do("fail", self._final(run_id, fields))
 
 
 async def list_stored_runs(settings: Settings, limit: int = 50) -> list[dict[str, Any]]:
@@ -155,10 +167,35 @@ async def list_stored_runs(settings: Settings, limit: int = 50) -> list[dict[str
         await r.aclose()
 
 
+def records_note(run_id: str, out_dir: str | None) -> str:
+    """The sentence shown when a run's per-request records are not at hand."""
+    where = f"its folder {out_dir}" if out_dir else "its results folder"
+    return (
+        f"run {run_id}: per-request records are not kept in Redis (only the summary, for "
+        f"RUN_RETENTION_S); they live in {where}, which is not readable here"
+    )
+
+
+def read_folder_records(out_dir: str | Path | None) -> list[RequestRecord] | None:
+    """The records in a run folder's ``requests.jsonl``, or None when the file is not there."""
+    if not out_dir:
+        return None
+    path = Path(out_dir) / RECORDS_FILE
+    try:
+        with path.open(encoding="utf-8") as fh:
+            return [RequestRecord.from_dict(json.loads(line)) for line in fh if line.strip()]
+    except (OSError, ValueError):
+        return None
+
+
 async def load_stored_run(
     settings: Settings, run_id: str
 ) -> tuple[dict[str, Any], list[RequestRecord]] | None:
-    """A run's hash (``summary`` and ``params`` decoded) and its records, or None if unknown."""
+    """A run's hash (``summary`` and ``params`` decoded) and its records, or None if unknown.
+
+    The records come from the run's folder (``out_dir``); when it cannot be read they are empty
+    and ``records_missing`` in the hash says why (:func:`records_note`).
+    """
     keys = Keys(settings.redis_prefix)
     r = redis_client(settings)
     try:
@@ -168,7 +205,13 @@ async def load_stored_run(
         for k in ("summary", "params"):
             if h.get(k):
                 h[k] = json.loads(h[k])
-        raw = await r.lrange(keys.run_jobs(run_id), 0, -1)
-        return h, [RequestRecord.from_dict(json.loads(x)) for x in raw]
+        raw = await r.lrange(keys.run_jobs(run_id), 0, -1)  # a run stored by an older version
     finally:
         await r.aclose()
+    if raw:
+        return h, [RequestRecord.from_dict(json.loads(x)) for x in raw]
+    records = read_folder_records(h.get("out_dir"))
+    if records is None:
+        h["records_missing"] = records_note(run_id, h.get("out_dir"))
+        records = []
+    return h, records

@@ -625,7 +625,8 @@ class LibraryBench:
             config = BenchConfig.model_validate(h.get("params") or {})
         except ValueError:
             config = BenchConfig()
-        return RunResult(run_id, config, summary, records, None)
+        notes = [h["records_missing"]] if h.get("records_missing") else []
+        return RunResult(run_id, config, summary, records, None, warnings=notes)
 
 
 # ---------------------------------------------------------------------------

@@ -7,7 +7,9 @@ bench and console import these; nothing re-declares them.
 
 from __future__ import annotations
 
+import base64
 import hashlib
+import json
 import re
 import time
 import uuid
@@ -362,6 +364,11 @@ class Keys:
         """List of the most recent job ids (newest first), capped."""
         return f"{self.prefix}recent"
 
+    @property
+    def finished(self) -> str:
+        """Sorted set of final job ids by finish time (s): the retention index, oldest pruned first."""
+        return f"{self.prefix}finished"
+
     def idempotency(self, key: str) -> str:
         """Idempotency key → job id, with a TTL."""
         return f"{self.prefix}idem:{key}"
@@ -377,7 +384,8 @@ class Keys:
         return f"{self.prefix}run:{run_id}"
 
     def run_jobs(self, run_id: str) -> str:
-        """List of per-request records of a run (JSON lines)."""
+        """Legacy list of a run's per-request records: no longer written (they live in the run's
+        folder); retention deletes any left by older versions together with their run."""
         return f"{self.prefix}run:{run_id}:requests"
 
     @property
@@ -564,11 +572,82 @@ class VllmMetric:
     PREEMPTIONS = "vllm:num_preemptions_total"
 
 
+# ---------------------------------------------------------------------------
+# The compact job result: what a finished job keeps in Redis
+# ---------------------------------------------------------------------------
+
+#: Characters of the generated text kept with a finished job (a preview, not the output).
+RESULT_TEXT_HEAD_MAX = 80
+#: Fields of :class:`InferResult` the job hash already holds as its own timestamps.
+_RESULT_TS_FIELDS = ("t_worker_received", "t_engine_start", "t_first_token", "t_engine_end")
+
+
+def pack_itl(itl_s: list[float]) -> str:
+    """Inter-token latencies → whole microseconds as unsigned LEB128 varints, base64 (ASCII).
+
+    About 2 bytes a token for ITLs from 128 µs to 16 ms (2.7 characters of base64), against
+    9–10 characters for the JSON list of floats; exact to the microsecond the worker rounds to.
+    """
+    out = bytearray()
+    for v in itl_s:
+        n = max(round(v * 1_000_000), 0)
+        while n > 0x7F:
+            out.append((n & 0x7F) | 0x80)
+            n >>= 7
+        out.append(n)
+    return base64.b64encode(bytes(out)).decode("ascii")
+
+
+def unpack_itl(packed: str) -> list[float]:
+    """Inverse of :func:`pack_itl`: the ITLs in seconds (rounded to µs)."""
+    data = base64.b64decode(packed)
+    out: list[float] = []
+    n = shift = 0
+    for b in data:
+        n |= (b & 0x7F) << shift
+        if b & 0x80:
+            shift += 7
+            continue
+        out.append(n / 1_000_000)
+        n = shift = 0
+    return out
+
+
+def encode_result(result: InferResult) -> str:
+    """The compact JSON a finished job keeps in its hash's ``result`` field.
+
+    ITLs packed (:func:`pack_itl`, key ``itl_us``), the text preview cut to
+    :data:`RESULT_TEXT_HEAD_MAX` characters, and the engine timestamps left out (the hash holds
+    them as ``t_*`` fields). :func:`decode_result` gives the full :class:`InferResult` back.
+    """
+    d = result.model_dump(mode="json", exclude={"itl_s", *_RESULT_TS_FIELDS})
+    d["text_head"] = result.text_head[:RESULT_TEXT_HEAD_MAX]
+    if d.get("gpu") is not None:
+        d["gpu"] = {k: v for k, v in d["gpu"].items() if v is not None}
+    d["itl_us"] = pack_itl(result.itl_s)
+    return json.dumps(d, separators=(",", ":"))
+
+
+def decode_result(raw: str, ts: dict[str, int | None]) -> InferResult:
+    """A job hash's ``result`` field (compact, or the full JSON of older versions) → InferResult.
+
+    The one decoder of stored results: ingestion's API, the console and the bench read jobs
+    through :func:`job_hash_to_view`, which calls it.
+    """
+    d = json.loads(raw)
+    if "itl_us" in d:
+        d["itl_s"] = unpack_itl(d.pop("itl_us"))
+    for k in _RESULT_TS_FIELDS:
+        if d.get(k) is None:
+            d[k] = ts.get(k) or 0
+    return InferResult.model_validate(d)
+
+
 def job_hash_to_view(h: dict[str, str]) -> JobView:
     """Decode a job hash (as read from Redis, decoded strings) into a JobView."""
     ts: dict[str, int | None] = {k: (int(h[k]) if h.get(k) else None) for k in TIMESTAMPS}
     spec = JobSpec.model_validate_json(h["spec"]) if h.get("spec") else None
-    result = InferResult.model_validate_json(h["result"]) if h.get("result") else None
+    result = decode_result(h["result"], ts) if h.get("result") else None
     return JobView(
         job_id=h.get("job_id", spec.job_id if spec else ""),
         state=JobState(h.get("state", JobState.QUEUED)),

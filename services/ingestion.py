@@ -43,6 +43,7 @@ from services.contracts import (
     now_ns,
 )
 from services.queue import REDIS_DOWN, JobQueue, redis_client
+from services.retention import MemoryGauge
 from services.settings import Settings, get_settings
 
 log = logging.getLogger("llmconsole.ingestion")
@@ -122,10 +123,11 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     reporter = asyncio.create_task(
         procstats.publish_forever(app.state.redis, app.state.keys, "ingestion", s.effective_node_id)
     )
+    gauge = asyncio.create_task(app.state.memory.run_forever())
     try:
         yield
     finally:
-        for task in (listener, reporter):
+        for task in (listener, reporter, gauge):
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
@@ -289,6 +291,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.queue = JobQueue(app.state.redis, app.state.keys)
     app.state.waiters = Waiters()
     app.state.context_limit = None
+    #: Redis's used/max memory, read every 200 ms in the background (not per submit).
+    app.state.memory = MemoryGauge(app.state.redis, settings)
 
     app.add_middleware(BodyLimit)
 
@@ -347,6 +351,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         s: Settings = app.state.settings
         if idempotency_key is not None and not _IDEM_RE.match(idempotency_key):
             raise HTTPException(422, f"Idempotency-Key must match {IDEMPOTENCY_PATTERN}")
+        full = app.state.memory.refusal()
+        if full is not None:
+            # Redis near its maxmemory: refuse before it would refuse the results of accepted jobs.
+            return JSONResponse({"detail": full}, status_code=503, headers={"Retry-After": "2"})
         input_tokens = None if job.prompt is not None else (job.input_tokens or s.input_tokens)
         output_tokens = job.output_tokens or s.output_tokens
         try:

@@ -33,10 +33,21 @@ from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 import httpx
+from redis.exceptions import OutOfMemoryError
 
 from services import procstats, prom, runtime
-from services.contracts import InferRequest, InferResult, JobSpec, JobState, Keys, new_id, now_ns
+from services.contracts import (
+    InferRequest,
+    InferResult,
+    JobSpec,
+    JobState,
+    Keys,
+    encode_result,
+    new_id,
+    now_ns,
+)
 from services.queue import REDIS_DOWN, Delivery, JobQueue, raise_if_cancelling, redis_client
+from services.retention import Retention
 from services.settings import Settings, get_settings
 
 T = TypeVar("T")
@@ -82,6 +93,7 @@ class ProxyWorker:
         loops = [
             asyncio.create_task(self._trim_loop()),
             asyncio.create_task(self._heartbeat_loop()),
+            asyncio.create_task(Retention(self.r, self.keys, self.s).run_forever(self.stopping)),
             asyncio.create_task(
                 procstats.publish_forever(self.r, self.keys, "proxy_worker", self.s.effective_node_id)
             ),
@@ -298,7 +310,9 @@ class ProxyWorker:
         while True:
             try:
                 return await call()
-            except REDIS_DOWN as e:
+            except (*REDIS_DOWN, OutOfMemoryError) as e:
+                # OOM: Redis at its maxmemory refuses writes until retention frees space; the
+                # result waits here instead of being lost (ingestion stops accepting before that).
                 self._redis_trouble()
                 if delay == 0.1:
                     log.warning("Redis did not answer (%s: %s); retrying until it does", what, e)
@@ -353,7 +367,7 @@ class ProxyWorker:
             if status == 200 and resp is not None:
                 result = InferResult.model_validate_json(resp.content)
                 fields = {
-                    "result": result.model_dump_json(),
+                    "result": encode_result(result),
                     "t_dispatched": t_dispatched,
                     "t_worker_received": result.t_worker_received,
                     "t_engine_start": result.t_engine_start,

@@ -172,7 +172,7 @@ return 1
 """
 
 _FINISH = """
--- KEYS: job, stream, active, stats, dead
+-- KEYS: job, stream, active, stats, dead, finished (retention index)
 -- ARGV: attempt, state, group, ttl, channel, job_id, reason, then field/value pairs
 if redis.call('HGET', KEYS[1], 'attempt') ~= ARGV[1] then return 0 end
 local st = redis.call('HGET', KEYS[1], 'state')
@@ -192,6 +192,8 @@ if ARGV[2] == 'dead' then
     'attempt', ARGV[1])
 end
 redis.call('EXPIRE', KEYS[1], tonumber(ARGV[4]))
+-- The retention index (services/retention.py prunes the oldest final jobs by age, count, bytes).
+redis.call('ZADD', KEYS[6], tonumber(now[1]) + tonumber(now[2]) / 1e6, ARGV[6])
 redis.call('PUBLISH', ARGV[5], cjson.encode({job_id=ARGV[6], state=ARGV[2]}))
 return 1
 """
@@ -412,6 +414,7 @@ class JobQueue:
                 self.keys.active,
                 self.keys.stats,
                 self.keys.dead,
+                self.keys.finished,
             ],
             args=[d.attempt, state.value, self.group, ttl_s, self.keys.events, d.job_id, reason, *flat],
         )

@@ -130,7 +130,25 @@ class Settings(BaseSettings):
     retry_base_ms: int = Field(200, ge=1)
     retry_max_ms: int = Field(10_000, ge=1)
     job_timeout_s: float = Field(1800.0, gt=0)
+    #: Longest a final job is kept (its hash and full result); retention may prune it sooner (below).
     result_ttl_s: int = Field(7 * 24 * 3600, ge=60)
+    # --- retention and Redis memory (services/retention.py) ------------------
+    #: Most final jobs kept in Redis; the oldest go first.
+    job_retention_max: int = Field(1_000_000, ge=1)
+    #: Bytes final jobs may take in Redis (MiB, estimated from sampled MEMORY USAGE); 0 = half of
+    #: Redis's maxmemory.
+    job_retention_mb: int = Field(0, ge=0)
+    #: Most benchmark runs kept in Redis (summary + index; records live in the run's folder).
+    run_retention_max: int = Field(1000, ge=1)
+    #: Longest a benchmark run is kept in Redis.
+    run_retention_s: int = Field(30 * 24 * 3600, ge=60)
+    #: How often the proxy worker's retention pass runs.
+    retention_interval_s: float = Field(1.0, gt=0)
+    #: Redis's maxmemory in MiB (with noeviction); 0 = a quarter of this machine's RAM.
+    redis_maxmemory_mb: int = Field(0, ge=0)
+    #: Ingestion refuses new jobs (503) once Redis uses this share of its maxmemory, keeping the
+    #: rest for the results of jobs already accepted; retention prunes old jobs from this level.
+    redis_memory_refuse_pct: float = Field(90.0, gt=0, le=100)
     idempotency_ttl_s: int = Field(24 * 3600, ge=60)
     stream_trim_interval_s: float = Field(10.0, gt=0)
     shutdown_grace_s: float = Field(20.0, ge=0)
