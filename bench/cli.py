@@ -27,6 +27,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from bench.config import BenchConfig, ProgressEvent, parse_goodput, parse_percentiles, parse_sweep
+from bench.datasets import add_vllm_args, apply_vllm_args, check_dataset
 from services.contracts import ROUTING_POLICIES
 from services.settings import Settings, load_settings
 
@@ -110,7 +111,9 @@ def run_parser(settings: Settings) -> argparse.ArgumentParser:
         help="vary lengths uniformly by ±ratio (default 0)",
     )
     w.add_argument(
-        "--dataset", metavar="JSONL", help='prompts file: {"prompt": ..., "output_tokens": N} per line'
+        "--dataset",
+        metavar="FILE",
+        help='prompts file: JSONL {"prompt": ..., "output_tokens": N} per line, or ShareGPT JSON',
     )
     w.add_argument(
         "--requests",
@@ -136,6 +139,7 @@ def run_parser(settings: Settings) -> argparse.ArgumentParser:
         metavar="N",
         help="seed of lengths, prompts and arrivals (default 0)",
     )
+    add_vllm_args(p, _positive_int)
     ld = p.add_argument_group("load")
     ld.add_argument(
         "--concurrency",
@@ -209,8 +213,9 @@ def run_parser(settings: Settings) -> argparse.ArgumentParser:
     return p
 
 
-def config_from_args(ns: argparse.Namespace) -> BenchConfig:
+def config_from_args(ns: argparse.Namespace, settings: Settings | None = None) -> BenchConfig:
     """A :class:`BenchConfig` from parsed run arguments (ValueError/ValidationError if inconsistent)."""
+    apply_vllm_args(ns, settings or load_settings())
     sweep = None
     if ns.sweep:
         sweep = parse_sweep(ns.sweep).model_copy(
@@ -230,6 +235,7 @@ def config_from_args(ns: argparse.Namespace) -> BenchConfig:
         prefix_share=ns.prefix_share,
         range_ratio=ns.range_ratio,
         dataset=ns.dataset,
+        dataset_name=ns.dataset_name,
         requests=ns.requests,
         warmup=ns.warmup,
         seed=ns.seed,
@@ -304,7 +310,8 @@ def cmd_run(argv: list[str], out: Console, err: Console) -> int:
     settings = load_settings()
     ns = run_parser(settings).parse_args(argv)
     try:
-        cfg = config_from_args(ns)
+        cfg = config_from_args(ns, settings)
+        check_dataset(cfg)  # a malformed dataset file is a usage error (exit 2), before anything runs
     except ValidationError as e:
         raise UsageError(_validation_message(e)) from None
     except ValueError as e:
@@ -434,7 +441,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return cmd(args, out, err)
     except UsageError as e:
-        err.print(str(e), markup=False, highlight=False)
+        err.print(str(e), markup=False, highlight=False, soft_wrap=True)  # one line per line, never wrapped
         return 2
     except ValidationError as e:  # settings from the environment / env file
         err.print(f"invalid settings: {e}", markup=False)

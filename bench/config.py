@@ -20,6 +20,8 @@ from services.contracts import ID_PATTERN, MAX_INPUT_TOKENS, MAX_LABEL_CHARS, MA
 from services.settings import Settings
 
 PathName = Literal["pipeline", "direct", "both"]
+#: vLLM's ``--dataset-name`` values this benchmark reads (see :mod:`bench.datasets`).
+DatasetName = Literal["random", "sharegpt", "prefix_repetition", "custom"]
 SweepParam = Literal["concurrency", "rate"]
 
 #: Names of the service level objectives vLLM's ``--goodput`` accepts (milliseconds).
@@ -97,7 +99,15 @@ class BenchConfig(BaseModel):
         description="Lengths vary uniformly in [n·(1−r), n·(1+r)], as vLLM's random dataset.",
     )
     dataset: str | None = Field(
-        None, description="JSONL file of prompts: one {'prompt': str, 'output_tokens': int?} per line."
+        None,
+        description="Dataset file (vLLM's --dataset-path): JSONL of {'prompt': str, 'output_tokens': int?} "
+        "lines (custom), or ShareGPT JSON (sharegpt).",
+    )
+    dataset_name: DatasetName | None = Field(
+        None,
+        description="vLLM's --dataset-name: random and prefix_repetition are synthetic (prefix_repetition = "
+        "prefix groups), sharegpt and custom (JSONL) read the dataset file. None: random without a file, "
+        "else guessed from the file (a JSON list is sharegpt).",
     )
     requests: int = Field(
         100, ge=1, le=1_000_000, description="Measured requests (per path, per sweep step)."
@@ -167,6 +177,11 @@ class BenchConfig(BaseModel):
     def _consistent(self) -> BenchConfig:
         if self.dataset is not None and (self.input_tokens is not None or self.range_ratio):
             raise ValueError("a dataset brings its own prompts: drop input_tokens / range_ratio")
+        name = self.dataset_name
+        if name in ("sharegpt", "custom") and self.dataset is None:
+            raise ValueError(f"dataset_name {name} reads a file: give it with --dataset-path FILE")
+        if name in ("random", "prefix_repetition") and self.dataset is not None:
+            raise ValueError(f"dataset_name {name} generates its prompts: drop the dataset file")
         if self.dataset is not None and self.prefix_groups is not None:
             raise ValueError("prefix groups are a synthetic workload: drop the dataset or prefix_groups")
         if self.routing is not None and self.path == "direct":

@@ -34,6 +34,7 @@ import httpx
 from bench import gpu as gpu_window
 from bench.arrivals import arrival_offsets
 from bench.config import BenchConfig, ProgressEvent
+from bench.datasets import load_prompts
 from bench.metrics import (
     find_knee,
     overhead,
@@ -45,7 +46,7 @@ from bench.metrics import (
 from bench.paths import DirectPath, PipelinePath, StepClock
 from bench.records import RequestRecord
 from bench.store import RunStore
-from bench.workload import DatasetPrompt, WorkItem, build_workload, derive_seed, interleave, load_dataset
+from bench.workload import DatasetPrompt, WorkItem, build_workload, derive_seed, interleave
 from services import procstats
 from services.contracts import Keys, RunState, new_id, now_ns
 from services.engine_client import EngineClient, EngineError, Sample, parse_prometheus
@@ -328,12 +329,10 @@ async def run_benchmark(
     run_id = cfg.run_id or new_id("run-")
     cfg = cfg.model_copy(update={"run_id": run_id})
     out_dir = Path(cfg.out) if cfg.out else Path(s.results_dir) / run_id
-    dataset: list[DatasetPrompt] | None = None
-    if cfg.dataset is not None:
-        try:
-            dataset = load_dataset(cfg.dataset)
-        except ValueError as e:
-            raise BenchError(str(e)) from None
+    try:  # literal prompts (custom, sharegpt, prefix_repetition); None: synthetic
+        dataset = await load_prompts(config, s, cfg.requests + cfg.warmup)
+    except ValueError as e:
+        raise BenchError(str(e)) from None
     try:  # fail before the run, not after it, when the folder cannot be written
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:

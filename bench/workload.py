@@ -29,10 +29,12 @@ from services.contracts import MAX_OUTPUT_TOKENS, MAX_PROMPT_CHARS
 
 @dataclass(frozen=True)
 class DatasetPrompt:
-    """One line of a JSONL prompt file."""
+    """One prompt of a dataset file (a JSONL line, a ShareGPT conversation, a generated prompt)."""
 
     prompt: str
     output_tokens: int | None = None
+    #: The prompt's length on the engine's tokenizer, where it was measured (None: unknown).
+    input_tokens: int | None = None
 
 
 @dataclass(frozen=True)
@@ -42,8 +44,9 @@ class WorkItem:
     index: int
     output_tokens: int
     prefix_share: float
-    input_tokens: int | None = None  # None: a literal prompt from a dataset
-    prompt: str | None = None
+    #: Synthetic: the length to build; with a literal ``prompt``: its measured length, or None.
+    input_tokens: int | None = None
+    prompt: str | None = None  # a literal prompt from a dataset
     seeds: dict[str, int] = field(default_factory=dict)  # path → suffix seed
     #: The item's prefix group (``--prefix-groups``): its shared prefix is the group's own.
     prefix_group: int | None = None
@@ -78,30 +81,36 @@ def load_dataset(path: str | Path) -> list[DatasetPrompt]:
     if not p.is_file():
         raise ValueError(f"dataset {p}: no such file")
     out: list[DatasetPrompt] = []
-    with p.open(encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"dataset {p} line {lineno}: not JSON ({e.msg})") from None
-            if not isinstance(obj, dict) or not isinstance(obj.get("prompt"), str) or not obj["prompt"]:
-                raise ValueError(f"dataset {p} line {lineno}: needs a non-empty string 'prompt'")
-            if len(obj["prompt"]) > MAX_PROMPT_CHARS:
-                raise ValueError(f"dataset {p} line {lineno}: prompt over {MAX_PROMPT_CHARS} characters")
-            out_tok = obj.get("output_tokens")
-            if out_tok is not None and (
-                not isinstance(out_tok, int)
-                or isinstance(out_tok, bool)
-                or not 1 <= out_tok <= MAX_OUTPUT_TOKENS
-            ):
-                raise ValueError(
-                    f"dataset {p} line {lineno}: 'output_tokens' must be an integer from 1 to {MAX_OUTPUT_TOKENS}"
-                )
-            out.append(DatasetPrompt(obj["prompt"], out_tok))
+    try:
+        lines = p.read_text(encoding="utf-8").split("\n")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"dataset {p}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    for lineno, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            hint = ""
+            if not out and line.lstrip().startswith("["):
+                hint = "; a JSON list of conversations is --dataset-name sharegpt"
+            raise ValueError(
+                f"dataset {p} line {lineno}: not a JSON object per line ({e.msg}){hint}"
+            ) from None
+        if not isinstance(obj, dict) or not isinstance(obj.get("prompt"), str) or not obj["prompt"]:
+            raise ValueError(f"dataset {p} line {lineno}: needs a non-empty string 'prompt'")
+        if len(obj["prompt"]) > MAX_PROMPT_CHARS:
+            raise ValueError(f"dataset {p} line {lineno}: prompt over {MAX_PROMPT_CHARS} characters")
+        out_tok = obj.get("output_tokens")
+        if out_tok is not None and (
+            not isinstance(out_tok, int) or isinstance(out_tok, bool) or not 1 <= out_tok <= MAX_OUTPUT_TOKENS
+        ):
+            raise ValueError(
+                f"dataset {p} line {lineno}: 'output_tokens' must be an integer from 1 to {MAX_OUTPUT_TOKENS}"
+            )
+        out.append(DatasetPrompt(obj["prompt"], out_tok))
     if not out:
-        raise ValueError(f"dataset {p}: no prompts")
+        raise ValueError(f"dataset {p}: the file is empty; expected one JSON object with a 'prompt' per line")
     return out
 
 
@@ -130,13 +139,17 @@ def build_workload(
     assert cfg.output_tokens is not None and cfg.prefix_share is not None, "resolve the config first"
     items: list[WorkItem] = []
     if dataset is not None:
+        # Warm-up prompts come after the measured ones, so a measured prompt is never a cache replay
+        # of a warm-up one (when the dataset has enough prompts for both).
+        offset = cfg.requests if namespace == "warmup" else 0
         for i in range(n):
-            d = dataset[i % len(dataset)]
+            d = dataset[(offset + i) % len(dataset)]
             items.append(
                 WorkItem(
                     index=i,
                     output_tokens=d.output_tokens or cfg.output_tokens,
                     prefix_share=cfg.prefix_share,
+                    input_tokens=d.input_tokens,
                     prompt=d.prompt,
                     seeds={p: derive_seed(cfg.seed, namespace, i, p) for p in ("pipeline", "direct")},
                 )
