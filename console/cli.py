@@ -48,7 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="llmconsole",
         description="Operator console of the llmconsole inference stack: live queue, GPUs, engine, services "
         "and jobs; service control; benchmark runs. `llmconsole bench --help` for the headless benchmark, "
-        "`llmconsole gpu` for what NVML reads on this host.",
+        "`llmconsole gpu` for what NVML reads on this host, `llmconsole ctl status|restart NAME|tail -f NAME` "
+        "for this stack's supervisorctl.",
     )
     p.add_argument(
         "--readonly", action="store_true", help="hide every action (service control, benchmark launch)"
@@ -96,11 +97,35 @@ def run_bench_cli(argv: Sequence[str]) -> int:
     return int(bench_main(list(argv)) or 0)
 
 
+def run_ctl(argv: Sequence[str]) -> int:
+    """``llmconsole ctl ...``: this stack's ``supervisorctl`` (its supervisord.conf and socket), args passed on.
+
+    The form that works wherever another ``supervisorctl`` (Debian's) comes first on PATH.
+    """
+    from supervisor import supervisorctl
+
+    from services.settings import REPO_ROOT, load_settings
+
+    try:
+        sock = load_settings().supervisor_socket
+    except ValidationError as e:
+        print(f"llmconsole ctl: the settings are not valid:\n{e}", file=sys.stderr)
+        return 2
+    args = ["-c", str(REPO_ROOT / "supervisord.conf"), "-s", f"unix://{sock}", *argv]
+    try:
+        supervisorctl.main(args)
+    except SystemExit as e:
+        return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``llmconsole`` console script."""
     args_in = list(sys.argv[1:] if argv is None else argv)
     if args_in and args_in[0] == "bench":
         return run_bench_cli(args_in[1:])
+    if args_in and args_in[0] == "ctl":
+        return run_ctl(args_in[1:])
     if args_in and args_in[0] == "gpu":
         from services.telemetry import main as gpu_main
 
