@@ -7,6 +7,10 @@
 #   ./install.sh --engine gpu    vLLM on NVIDIA GPUs
 #   ./install.sh --no-bench      start everything, skip the benchmark
 #   ./install.sh --setup-only    install everything (packages, venvs, model, env file), start nothing
+#   ./install.sh --join HOST:PORT   a node: only an engine + inference worker, registered in the
+#                                head's Redis at HOST:PORT (copy the head's var/node.env here first)
+#   ./install.sh --leave         a node leaves: drain, stop, deregister
+#   ./install.sh --listen ADDR   a head: its Redis listens on ADDR too, for nodes (install/node.sh)
 #   ./install.sh --stop          stop everything (the commands on PATH stay)
 #   ./install.sh --uninstall     stop everything and remove the commands on PATH
 #   ./install.sh --launchers-only   only put `llmconsole` and `supervisorctl` on PATH
@@ -31,6 +35,9 @@ ENGINE=""
 RUN_BENCH=1
 STOP=0
 SETUP_ONLY=0
+JOIN=""
+LEAVE=0
+LISTEN=""
 UNINSTALL=0
 LAUNCHERS_ONLY=0
 while [[ $# -gt 0 ]]; do
@@ -40,6 +47,10 @@ while [[ $# -gt 0 ]]; do
     --no-bench) RUN_BENCH=0; shift ;;
     --stop) STOP=1; shift ;;
     --setup-only) SETUP_ONLY=1; shift ;;
+    --join) JOIN="${2:-}"; shift 2 ;;
+    --join=*) JOIN="${1#*=}"; shift ;;
+    --leave) LEAVE=1; shift ;;
+    --listen) LISTEN="${2:-}"; shift 2 ;;
     --uninstall) STOP=1; UNINSTALL=1; shift ;;
     --launchers-only) LAUNCHERS_ONLY=1; shift ;;
     -h|--help) sed -n '2,/^[^#]/{/^#/p}' "$0"; exit 0 ;;
@@ -60,6 +71,12 @@ if [[ $LAUNCHERS_ONLY -eq 1 ]]; then
 fi
 
 supervisord_running() { [[ -S "$VAR/supervisor.sock" ]] && "${CTL[@]}" pid >/dev/null 2>&1; }
+# shellcheck source=install/node.sh
+source "$ROOT/install/node.sh"
+SUP_CONF="$ROOT/supervisord.conf"
+if [[ -n "$JOIN" ]] || is_node; then SUP_CONF="$ROOT/supervisord.node.conf"; fi
+CTL=("$VENV/bin/supervisorctl" -c "$SUP_CONF")
+if [[ $LEAVE -eq 1 ]]; then node_leave; exit 0; fi
 
 if [[ $STOP -eq 1 ]]; then
   step "Stopping llmconsole"
@@ -143,6 +160,8 @@ set_env() {  # set_env NAME VALUE: replace or append one line of the env file (o
   fi
 }
 get_env() { grep -E "^$1=" "$ENV_FILE" | tail -1 | cut -d= -f2- || true; }
+if [[ -n "$JOIN" ]]; then node_join "$JOIN"; elif ! is_node; then write_node_env; fi
+if [[ -n "$LISTEN" ]]; then set_env REDIS_BIND "$LISTEN"; fi
 
 # shellcheck source=install/engine.sh
 source "$ROOT/install/engine.sh"
@@ -194,17 +213,18 @@ if supervisord_running; then
     "${CTL[@]}" start all >/dev/null || true
   fi
 else
-  "$VENV/bin/supervisord" -c "$ROOT/supervisord.conf"
+  "$VENV/bin/supervisord" -c "$SUP_CONF"
   info "supervisord started"
 fi
 
 # --- 6. wait until every service is ready ---------------------------------------
 step "Waiting for the stack"
-"$PY" -m services.readiness --timeout "$([[ $ENGINE == sim ]] && echo 60 || echo 1800)" \
+if is_node; then READY=(-m services.node wait); else READY=(-m services.readiness); fi
+"$PY" "${READY[@]}" --timeout "$([[ $ENGINE == sim ]] && echo 60 || echo 1800)" \
   || { "${CTL[@]}" status || true; die "the stack did not become ready (logs: var/log/)"; }
 
 # --- 7. the main job: a benchmark through the whole pipeline ---------------------
-if [[ $RUN_BENCH -eq 1 ]]; then
+if [[ $RUN_BENCH -eq 1 ]] && ! is_node; then
   step "Main job: a benchmark through the whole pipeline"
   case "$ENGINE" in
     sim) BENCH_ARGS=(--requests 20 --concurrency 4 --input-tokens 1000 --output-tokens 500) ;;
@@ -225,3 +245,10 @@ info "submit a job:   curl -s -H \"Authorization: Bearer \$(grep ^API_KEY= var/l
 info "                  -d '{\"input_tokens\":100,\"output_tokens\":20}' -H 'Content-Type: application/json' \\"
 info "                  http://127.0.0.1:$(get_env INGESTION_PORT | grep . || echo 8080)/v1/jobs"
 info "stop:           ./install.sh --stop"
+if is_node; then
+  info "this is node $(get_env NODE_ID) of the head at $(get_env REDIS_HOST):$(get_env REDIS_PORT); leave: ./install.sh --leave"
+else
+  info "add a node:     copy var/node.env (0600) to the new machine's llmconsole/var/node.env, then there:"
+  info "                  ./install.sh --join THIS_HOST:$(get_env REDIS_PORT | grep . || echo 6379)"
+  info "                (here first: ./install.sh --listen THIS_HOST, and open that port to the nodes only)"
+fi

@@ -14,18 +14,19 @@ timeout, connection), 503 = the engine is overloaded or not ready
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import hmac
 import logging
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any
 
 from fastapi import Depends, FastAPI, Header, HTTPException, Request
 from fastapi.responses import JSONResponse, Response
 
 from services import procstats, prom, runtime, telemetry
-from services.contracts import NODE_TTL_S, InferRequest, InferResult, Keys, now_ns
+from services.contracts import InferRequest, InferResult, Keys, NodeHeartbeat, NodeState, now_ns
 from services.engine_client import EngineClient, EngineError
 from services.prompts import PromptBuilder, prefix_seed_for_run, split_tokens
 from services.queue import REDIS_DOWN, raise_if_cancelling, redis_client
@@ -47,6 +48,12 @@ class WorkerState:
         self.engine_name = ""
         self.model = ""
         self.max_model_len: int | None = None
+        #: The engine's batch limit: what engine_launch passes as --max-num-seqs, or what the
+        #: simulator reports.
+        self.max_num_seqs = (
+            settings.sim_max_num_seqs if settings.engine_kind == "sim" else settings.max_num_seqs
+        )
+        self.started = now_ns()
         self.in_flight = 0
         self.tasks: list[asyncio.Task[None]] = []
 
@@ -57,6 +64,9 @@ class WorkerState:
         self.model = str(first.get("id", ""))
         mml = first.get("max_model_len")
         self.max_model_len = int(mml) if isinstance(mml, int) else None
+        seqs = first.get("max_num_seqs")  # the simulator says it; vLLM runs with our --max-num-seqs
+        if isinstance(seqs, int) and seqs > 0:
+            self.max_num_seqs = seqs
         version = await self.engine.version()
         kind = self.settings.engine_kind
         if first.get("owned_by") == "llmconsole-simulator" or first.get("simulator"):
@@ -67,47 +77,79 @@ class WorkerState:
 
 async def _require_key(request: Request, authorization: str | None = Header(None)) -> None:
     state: WorkerState = request.app.state.worker
-    key = state.settings.api_key.get_secret_value()
+    key = state.settings.effective_worker_api_key
     if not key:
         return
     given = (authorization or "").removeprefix("Bearer ").strip()
     if not hmac.compare_digest(given.encode(), key.encode()):
-        raise HTTPException(401, "missing or wrong API key (Authorization: Bearer <API_KEY>)")
+        raise HTTPException(
+            401, "missing or wrong API key (Authorization: Bearer <WORKER_API_KEY, else API_KEY>)"
+        )
+
+
+def _gpus_summary(state: WorkerState) -> str:
+    """The node's GPUs in words ("2× NVIDIA H100 80GB HBM3"), "" without NVML."""
+    if not state.gpu.available():
+        return ""
+    try:
+        names = collections.Counter(g.name for g in state.gpu.sample())
+    except Exception:  # NVML trouble: the heartbeat goes on without it
+        return ""
+    return ", ".join(f"{n}× {name}" for name, n in names.items())
 
 
 async def _heartbeat(state: WorkerState) -> None:
-    """Register this node in Redis every few seconds; wait for the engine first."""
+    """Register this node in Redis every ``NODE_TTL_S / 5`` seconds (the key lives ``NODE_TTL_S``).
+
+    The beat says whether the engine is ready and whether an operator asked the node to drain;
+    routers send jobs only to ready nodes that are up. A graceful stop removes the beat at once.
+    """
     s = state.settings
     r = redis_client(s)
+    key = state.keys.node(state.node)
+    gpus = _gpus_summary(state)
+    interval = max(s.node_ttl_s / 5, 0.1)
     try:
         while True:
             try:
-                if not state.model and await state.engine.health():
+                ready = await state.engine.health()
+                if ready and not state.model:
                     await state.describe_engine()
-                info: dict[str, Any] = {
-                    "node": state.node,
-                    "url": s.worker_url,
-                    "engine_kind": s.engine_kind,
-                    "engine": state.engine_name,
-                    "model": state.model,
-                    "max_model_len": state.max_model_len or "",
-                    "engine_url": s.engine_url,
-                    "in_flight": state.in_flight,
-                    "gpu": "yes" if state.gpu.available() else f"no: {state.gpu.reason}",
-                    "t": now_ns(),
-                }
+                draining = bool(await r.exists(state.keys.node_drain(state.node)))
+                beat = NodeHeartbeat(
+                    node=state.node,
+                    url=s.worker_url,
+                    engine_kind=s.engine_kind,
+                    engine=state.engine_name,
+                    model=state.model,
+                    max_model_len=state.max_model_len,
+                    max_num_seqs=state.max_num_seqs,
+                    capacity_factor=s.node_capacity_factor,
+                    capacity=max(1, int(state.max_num_seqs * s.node_capacity_factor)),
+                    state=NodeState.DRAINING if draining else NodeState.UP,
+                    ready=ready and bool(state.model),
+                    gpu="yes" if state.gpu.available() else f"no: {state.gpu.reason}",
+                    gpus=gpus,
+                    in_flight=state.in_flight,
+                    worker_cpu_s=round(time.process_time(), 3),
+                    engine_url=s.engine_url,
+                    t=now_ns(),
+                    started=state.started,
+                )
                 async with r.pipeline(transaction=True) as p:
                     p.sadd(state.keys.nodes, state.node)
-                    p.hset(state.keys.node(state.node), mapping={k: str(v) for k, v in info.items()})
-                    p.expire(state.keys.node(state.node), NODE_TTL_S)
+                    p.hset(key, mapping=beat.to_redis())
+                    p.pexpire(key, int(s.node_ttl_s * 1000))
                     await p.execute()
                 raise_if_cancelling()
             except REDIS_DOWN:
                 pass  # Redis is back soon; the TTL marks us gone meanwhile
             except EngineError as e:
                 log.info("engine not ready yet: %s", e)
-            await asyncio.sleep(2.0)
+            await asyncio.sleep(interval)
     finally:
+        with contextlib.suppress(*REDIS_DOWN):
+            await r.delete(key)  # stopping: no new jobs here (a crash lets the TTL say it)
         await r.aclose()
 
 

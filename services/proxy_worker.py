@@ -48,6 +48,9 @@ from services.contracts import (
 )
 from services.queue import REDIS_DOWN, Delivery, JobQueue, raise_if_cancelling, redis_client
 from services.retention import Retention
+from services.routing.capacity import Capacity, slot_member
+from services.routing.policies import Guards, choose
+from services.routing.registry import Registry, encode_owners
 from services.settings import Settings, get_settings
 
 T = TypeVar("T")
@@ -57,6 +60,41 @@ log = logging.getLogger("llmconsole.proxy_worker")
 
 class Superseded(Exception):
     """This attempt was reclaimed by another consumer; stop working on it."""
+
+
+class Slots:
+    """Jobs this proxy worker may hold at once; the limit follows the live nodes' capacity."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
+        self._changed = asyncio.Event()
+
+    def free(self) -> int:
+        """Slots free now."""
+        return max(self.limit - self.used, 0)
+
+    async def acquire(self) -> None:
+        """Wait for a free slot and take it."""
+        while self.used >= self.limit:
+            self._changed.clear()
+            await self._changed.wait()
+        self.used += 1
+
+    def take(self) -> None:
+        """Take a slot without waiting (for entries already claimed: they must start now)."""
+        self.used += 1
+
+    def release(self) -> None:
+        """Give a slot back."""
+        self.used -= 1
+        self._changed.set()
+
+    def set_limit(self, limit: int) -> None:
+        """Change the limit (waiters re-check)."""
+        if limit != self.limit:
+            self.limit = limit
+            self._changed.set()
 
 
 class ProxyWorker:
@@ -70,17 +108,36 @@ class ProxyWorker:
         self.q = JobQueue(self.r, self.keys)
         self.http = httpx.AsyncClient(
             timeout=httpx.Timeout(settings.job_timeout_s, connect=3.0),
-            limits=httpx.Limits(max_connections=settings.proxy_concurrency * 2),
-            headers={"Authorization": f"Bearer {settings.api_key.get_secret_value()}"}
-            if settings.api_key.get_secret_value()
+            limits=httpx.Limits(
+                max_connections=settings.proxy_concurrency * 2 if settings.proxy_concurrency else None,
+                max_keepalive_connections=None,
+            ),
+            headers={"Authorization": f"Bearer {settings.effective_worker_api_key}"}
+            if settings.effective_worker_api_key
             else {},
         )
-        self.slots = asyncio.Semaphore(settings.proxy_concurrency)
+        # The limit follows the live nodes' capacity (PROXY_CONCURRENCY, if set, bounds it).
+        self.slots = Slots(0)
+        self.cap = Capacity(self.r, self.keys)
+        self.registry = Registry(self.r, self.keys, settings, self.cap)
+        self.guards = Guards(
+            settings.routing_balance_abs,
+            settings.routing_balance_rel,
+            settings.routing_fair_share,
+            settings.routing_fair_share_abs,
+        )
+        #: node → slot members this proxy holds there (their leases are renewed in one batch).
+        self.held: dict[str, set[str]] = {}
+        #: Set when this proxy gives a node slot back (a job waiting for room looks again).
+        self._freed = asyncio.Event()
         self.running: dict[str, tuple[Delivery, asyncio.Task[None]]] = {}
         #: Every launched job task, from launch (before its attempt starts) to its end.
         self.tasks: set[asyncio.Task[None]] = set()
         self.stopping = asyncio.Event()
-        self._rr = 0
+        #: Turn counter of round robin (and of tie breaks between equally loaded nodes).
+        self._turn = 0
+        #: Slot releases still being written to Redis.
+        self._releases: set[asyncio.Task[None]] = set()
         #: Loop time before which no reclaim pass runs (set when Redis stops answering).
         self._hold_reclaim_until = 0.0
 
@@ -93,6 +150,7 @@ class ProxyWorker:
         loops = [
             asyncio.create_task(self._trim_loop()),
             asyncio.create_task(self._heartbeat_loop()),
+            asyncio.create_task(self._registry_loop()),
             asyncio.create_task(Retention(self.r, self.keys, self.s).run_forever(self.stopping)),
             asyncio.create_task(
                 procstats.publish_forever(self.r, self.keys, "proxy_worker", self.s.effective_node_id)
@@ -140,7 +198,7 @@ class ProxyWorker:
         next_reclaim = 0.0  # the first pass runs at start
         while not self.stopping.is_set():
             await self.slots.acquire()
-            free = min(1 + self.slots._value, 64)  # Semaphore has no public "free count"
+            free = min(1 + self.slots.free(), 64)
             entries: list[tuple[str, str]] = []
             try:
                 if loop.time() >= max(next_reclaim, self._hold_reclaim_until):
@@ -164,7 +222,7 @@ class ProxyWorker:
                 continue
             self._launch(*entries[0])
             for entry_id, job_id in entries[1:]:
-                await self.slots.acquire()  # free: nothing else takes slots
+                self.slots.take()  # claimed already: it starts now, whatever the limit
                 self._launch(entry_id, job_id)
 
     async def _reclaim(self, count: int) -> list[tuple[str, str]]:
@@ -198,6 +256,93 @@ class ProxyWorker:
                 await self.r.set(key, json.dumps({"in_flight": len(self.running), "t": now_ns()}), ex=15)
             raise_if_cancelling()
             await asyncio.sleep(5)
+
+    async def _registry_loop(self) -> None:
+        """Re-read the live nodes, follow their capacity, renew this proxy's node slots."""
+        renew_every = max(self.s.lease_ms / 3000, 0.05)
+        loop = asyncio.get_running_loop()
+        next_renew = loop.time() + renew_every
+        while not self.stopping.is_set():
+            try:
+                await self.registry.refresh()
+                total = self.registry.total_capacity()
+                pc = self.s.proxy_concurrency
+                self.slots.set_limit(min(pc, total) if pc else total)
+                self._freed.set()  # counts changed: jobs waiting for room look again
+                if loop.time() >= next_renew:
+                    next_renew = loop.time() + renew_every
+                    await self.cap.renew(self.held, self.s.lease_ms)
+                raise_if_cancelling()
+            except REDIS_DOWN:
+                self._redis_trouble()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("node registry refresh failed")
+            await asyncio.sleep(self.s.registry_refresh_s)
+
+    async def _route(self, d: Delivery, spec: JobSpec, deadline: float) -> tuple[str, str] | None:
+        """Pick a node by policy and take one of its slots: (node, worker URL).
+
+        Waits while every node is full; None once ``deadline`` (loop time) passed.
+        """
+        policy = spec.routing or self.s.routing
+        loop = asyncio.get_running_loop()
+        member = slot_member(d.job_id, d.attempt)
+        while True:
+            self._turn += 1
+            views = self.registry.views()
+            job = self.registry.job_info(spec, policy)
+            dec = choose(policy, job, views, self._turn, self.guards)
+            node = self.registry.nodes.get(dec.node) if dec else None
+            if dec is not None and node is not None:
+                mem_key = self.registry.remember(job.prefix, dec.owners)
+                got = await self._until_redis_answers(
+                    f"acquire a slot for {d.job_id}",
+                    functools.partial(
+                        self.cap.acquire,
+                        dec.node,
+                        node.capacity,
+                        job_id=d.job_id,
+                        attempt=d.attempt,
+                        lease_ms=self.s.lease_ms,
+                        policy=policy,
+                        prefix=job.prefix,
+                        owners=encode_owners(dec.owners),
+                        prefixes_key=mem_key,
+                        prefixes_ttl_s=self.registry.prefix_ttl_s,
+                    ),
+                )
+                if got.stale:
+                    raise Superseded(d.job_id)
+                self.registry.in_flight[dec.node] = got.in_flight if got.ok else node.capacity
+                if got.ok:
+                    self.held.setdefault(dec.node, set()).add(member)
+                    prom.ROUTING_DECISIONS.labels(dec.node, policy).inc()
+                    return dec.node, node.url
+                continue  # full meanwhile (another proxy took the room): choose again
+            if loop.time() >= deadline:
+                return None
+            self._freed.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._freed.wait(), self.s.registry_refresh_s)
+
+    def _release_slot(self, node: str, d: Delivery) -> None:
+        """Give the node slot of this attempt back (in the background: nothing waits on it)."""
+        member = slot_member(d.job_id, d.attempt)
+        held = self.held.get(node)
+        if held is None or member not in held:
+            return
+        held.discard(member)
+        self.registry.adjust(node, -1)
+        self._freed.set()
+        task = asyncio.create_task(self._release_in_redis(node, d))
+        self._releases.add(task)
+        task.add_done_callback(self._releases.discard)
+
+    async def _release_in_redis(self, node: str, d: Delivery) -> None:
+        with contextlib.suppress(*REDIS_DOWN):
+            await self.cap.release(node, d.job_id, d.attempt)
 
     async def _drain(self) -> None:
         """Let running jobs finish within the grace period, then hand the rest back."""
@@ -328,11 +473,6 @@ class ProxyWorker:
             raise Superseded(d.job_id)
         prom.JOBS.labels(state.value).inc()
 
-    def _next_worker(self) -> str:
-        urls = self.s.worker_url_list
-        self._rr = (self._rr + 1) % len(urls)
-        return urls[self._rr]
-
     def _backoff(self, n: int) -> float:
         base = self.s.retry_base_ms / 1000 * (2 ** max(n - 1, 0))
         return random.uniform(0, min(base, self.s.retry_max_ms / 1000)) + 0.01
@@ -352,18 +492,28 @@ class ProxyWorker:
         deadline = loop.time() + self.s.job_timeout_s
         body = InferRequest(spec=spec, attempt=d.attempt).model_dump(mode="json")
         while True:
+            routed = await self._route(d, spec, deadline)
             t_dispatched = now_ns()
-            url = self._next_worker()
             status: int | None
-            try:
-                resp = await self.http.post(f"{url}/v1/infer", json=body)
-                status = resp.status_code
-            except httpx.ConnectError as e:
-                # Nobody listens (worker restarting, or not started yet): like an overloaded
-                # engine this is backpressure, not the job's fault, so no attempt is used up.
-                status, resp, err = 503, None, f"inference worker {url} unreachable: {e!r}"
-            except httpx.HTTPError as e:
-                status, resp, err = None, None, f"inference worker {url} failed mid-request: {e!r}"
+            if routed is None:
+                status, resp, err = None, None, "no node had room before the job's timeout"
+            else:
+                node, url = routed
+                try:
+                    resp = await self.http.post(f"{url}/v1/infer", json=body)
+                    status = resp.status_code
+                except httpx.ConnectError as e:
+                    # Nobody listens (worker restarting, or its node gone): like an overloaded
+                    # engine this is backpressure, not the job's fault, so no attempt is used up;
+                    # the node gets no new job for a while.
+                    self.registry.suspect(node)
+                    status, resp, err = 503, None, f"inference worker {url} unreachable: {e!r}"
+                except httpx.HTTPError as e:
+                    if isinstance(e, httpx.TransportError) and not isinstance(e, httpx.TimeoutException):
+                        self.registry.suspect(node)  # the connection broke: the worker died
+                    status, resp, err = None, None, f"inference worker {url} failed mid-request: {e!r}"
+                finally:
+                    self._release_slot(node, d)
             if status == 200 and resp is not None:
                 result = InferResult.model_validate_json(resp.content)
                 fields = {

@@ -45,7 +45,7 @@ def memory_config(s: Settings) -> dict[str, str]:
 def redis_config(s: Settings, data_dir: Path) -> str:
     """The redis.conf text for these settings."""
     lines = [
-        f"bind {s.redis_host}",
+        f"bind {s.redis_host} {s.redis_bind}".rstrip(),
         f"port {s.redis_port}",
         "protected-mode yes",
         f"dir {data_dir}",

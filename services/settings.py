@@ -72,6 +72,9 @@ class Settings(BaseSettings):
     redis_host: str = "127.0.0.1"
     redis_port: int = Field(6379, ge=1, le=65535)
     redis_password: SecretStr = SecretStr("")
+    #: More addresses Redis listens on besides REDIS_HOST (space-separated): a head's LAN address
+    #: for nodes that join it (``install.sh --listen``). Open that port to the nodes only.
+    redis_bind: str = Field("", pattern=r"^[0-9A-Za-z.:\- ]{0,200}$")
     redis_db: int = Field(0, ge=0, le=15)
     #: Prefix for every Redis key, so several stacks can share one Redis.
     redis_prefix: str = Field("llmc:", pattern=r"^[A-Za-z0-9_.:-]{1,32}$")
@@ -177,7 +180,6 @@ class Settings(BaseSettings):
     routing_prefix_ttl_s: int = Field(120, ge=1)
     #: How often a proxy worker re-reads the node registry and in-flight counts.
     registry_refresh_s: float = Field(0.5, gt=0, le=60)
-
     #: Where the proxy worker serves Prometheus ``/metrics`` (its only HTTP port); port 0 = off.
     proxy_metrics_host: str = "127.0.0.1"
     proxy_metrics_port: int = Field(8002, ge=0, le=65535)

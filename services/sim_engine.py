@@ -1094,6 +1094,8 @@ class SimServer:
             "root": f"{OWNER}/{self.profile or 'settings'}",
             "parent": None,
             "max_model_len": self.max_model_len,
+            # Not in vLLM's card: the simulator's batch limit, which routers size a node by.
+            "max_num_seqs": self.config.max_num_seqs,
             "permission": [],
             "simulator": True,
             "profile": self.profile or None,

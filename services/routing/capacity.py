@@ -1,0 +1,165 @@
+"""Per-node job slots shared by every proxy worker, in Redis, changed atomically (Lua).
+
+A node's slots are a sorted set (:meth:`services.contracts.Keys.node_inflight`): one member
+``job_id:attempt`` per job in flight, scored by its lease expiry in ms on Redis's clock. Every
+acquire first drops the members whose lease ran out, then adds one only while fewer than the
+node's capacity remain. So any number of proxy workers never overfill a node, never drift apart
+(there is one count, in Redis), and the slots of a proxy worker killed while holding them come
+back by themselves one lease later, when its jobs are reclaimed too.
+
+The acquire also records the node and the policy on the job hash (fenced by the attempt) and
+the prefix's owners in the routing memory: one round trip per routed job. Holders renew their
+slots' leases in one batch per node (:meth:`Capacity.renew`), not per job.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from services.contracts import JOB_NODE_FIELD, JOB_POLICY_FIELD, Keys
+
+_ACQUIRE = """
+-- KEYS: inflight (zset), job (hash), prefixes (hash, '' = none)
+-- ARGV: member, capacity, lease_ms, node, policy, attempt, prefix, owners, prefixes_ttl_s,
+--       node field, policy field
+if redis.call('HGET', KEYS[2], 'attempt') ~= ARGV[6] then return {-1, 0} end
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+local n = redis.call('ZCARD', KEYS[1])
+if not redis.call('ZSCORE', KEYS[1], ARGV[1]) then
+  -- (a member already there is this very call sent again: it holds its slot already)
+  if n >= tonumber(ARGV[2]) then return {0, n} end
+  n = n + 1
+end
+redis.call('ZADD', KEYS[1], now + tonumber(ARGV[3]), ARGV[1])
+redis.call('HSET', KEYS[2], ARGV[10], ARGV[4], ARGV[11], ARGV[5])
+if KEYS[3] ~= '' then
+  redis.call('HSET', KEYS[3], ARGV[7], ARGV[8])
+  redis.call('EXPIRE', KEYS[3], tonumber(ARGV[9]))
+end
+return {1, n}
+"""
+
+_RENEW = """
+-- KEYS: inflight (zset) ; ARGV: lease_ms, members... Only members still held are renewed.
+local t = redis.call('TIME')
+local exp = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) + tonumber(ARGV[1])
+local renewed = 0
+for i = 2, #ARGV do
+  renewed = renewed + redis.call('ZADD', KEYS[1], 'XX', 'CH', exp, ARGV[i])
+end
+return renewed
+"""
+
+_COUNT = """
+-- KEYS: inflight zsets ; returns the unexpired members of each (expired ones are dropped)
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local out = {}
+for i = 1, #KEYS do
+  redis.call('ZREMRANGEBYSCORE', KEYS[i], '-inf', now)
+  out[i] = redis.call('ZCARD', KEYS[i])
+end
+return out
+"""
+
+
+def slot_member(job_id: str, attempt: int) -> str:
+    """The in-flight set member of one attempt of a job."""
+    return f"{job_id}:{attempt}"
+
+
+@dataclass(frozen=True, slots=True)
+class Acquired:
+    """Outcome of :meth:`Capacity.acquire`."""
+
+    #: True if the slot is held now.
+    ok: bool
+    #: The node's jobs in flight after the call (including this one when ok).
+    in_flight: int
+    #: True when the attempt is no longer current (another consumer took the job over).
+    stale: bool = False
+
+
+class Capacity:
+    """Atomic per-node slot operations on one Redis."""
+
+    def __init__(self, redis: Any, keys: Keys) -> None:
+        self.r = redis
+        self.keys = keys
+        self._acquire = redis.register_script(_ACQUIRE)
+        self._renew = redis.register_script(_RENEW)
+        self._count = redis.register_script(_COUNT)
+
+    async def acquire(
+        self,
+        node: str,
+        capacity: int,
+        *,
+        job_id: str,
+        attempt: int,
+        lease_ms: int,
+        policy: str,
+        prefix: str = "",
+        owners: str = "",
+        prefixes_key: str = "",
+        prefixes_ttl_s: int = 0,
+    ) -> Acquired:
+        """Take one slot on ``node`` if fewer than ``capacity`` are held; record node and policy.
+
+        With ``prefixes_key``, the prefix's owners (text) are written to the routing memory too.
+        """
+        ok, n = await self._acquire(
+            keys=[self.keys.node_inflight(node), self.keys.job(job_id), prefixes_key],
+            args=[
+                slot_member(job_id, attempt),
+                capacity,
+                lease_ms,
+                node,
+                policy,
+                attempt,
+                prefix,
+                owners,
+                prefixes_ttl_s,
+                JOB_NODE_FIELD,
+                JOB_POLICY_FIELD,
+            ],
+        )
+        return Acquired(int(ok) == 1, int(n), stale=int(ok) == -1)
+
+    async def release(self, node: str, job_id: str, attempt: int) -> bool:
+        """Give the slot back; False if it was not held (expired, or released already)."""
+        return bool(await self.r.zrem(self.keys.node_inflight(node), slot_member(job_id, attempt)))
+
+    async def renew(self, held: dict[str, Iterable[str]], lease_ms: int) -> int:
+        """Push the lease of every held member (``node → members``) out by ``lease_ms``.
+
+        One pipelined round trip for all nodes; returns how many members were still held.
+        """
+        items = [(node, list(members)) for node, members in held.items()]
+        items = [(node, members) for node, members in items if members]
+        if not items:
+            return 0
+        async with self.r.pipeline(transaction=False) as p:
+            for node, members in items:
+                await self._renew(keys=[self.keys.node_inflight(node)], args=[lease_ms, *members], client=p)
+            res = await p.execute()
+        return sum(int(x) for x in res)
+
+    async def in_flight(self, nodes: list[str]) -> dict[str, int]:
+        """Unexpired jobs in flight per node (dropping expired members on the way)."""
+        if not nodes:
+            return {}
+        counts = await self._count(keys=[self.keys.node_inflight(n) for n in nodes])
+        return {n: int(c) for n, c in zip(nodes, counts, strict=True)}
+
+    async def queue_count(self, pipe: Any, nodes: list[str]) -> None:
+        """Queue the in-flight count of ``nodes`` on a pipeline (its result: a list of counts)."""
+        await self._count(keys=[self.keys.node_inflight(n) for n in nodes], client=pipe)
+
+    async def holders(self, node: str) -> list[str]:
+        """Members (``job_id:attempt``) holding slots on ``node`` now (expired ones included)."""
+        return [str(m) for m in await self.r.zrange(self.keys.node_inflight(node), 0, -1)]
