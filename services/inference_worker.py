@@ -196,14 +196,26 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
         await state.engine.aclose()
 
 
+def _exposed(settings: Settings) -> bool:
+    """True when the worker listens beyond loopback."""
+    return settings.worker_host not in ("127.0.0.1", "localhost", "::1")
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     """The inference worker's FastAPI app."""
     settings = settings or get_settings()
+    # Bound beyond loopback (a node that joined a head), every request needs the worker key:
+    # health and docs too, which would otherwise tell anyone the engine and model.
+    exposed = _exposed(settings)
     app = FastAPI(
         title="llmconsole inference worker",
         version="0.1.0",
         lifespan=_lifespan,
         description="Builds exact-length prompts, calls the engine, measures engine time per job.",
+        dependencies=[Depends(_require_key)] if exposed else None,
+        docs_url=None if exposed else "/docs",
+        redoc_url=None if exposed else "/redoc",
+        openapi_url=None if exposed else "/openapi.json",
     )
     app.state.worker = WorkerState(settings)
     prom.track(prom.WORKER_IN_FLIGHT, lambda: app.state.worker.in_flight, node=app.state.worker.node)
@@ -329,6 +341,11 @@ def main() -> None:
 
     s = get_settings()
     runtime.setup_logging()
+    if _exposed(s) and not s.effective_worker_api_key:
+        raise SystemExit(
+            f"WORKER_HOST={s.worker_host} is reachable from other machines: set WORKER_API_KEY "
+            "(install.sh --join takes it from var/node.env) so that only proxy workers are served"
+        )
     uvicorn.run(
         create_app(s),
         host=s.worker_host,
