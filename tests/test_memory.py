@@ -1,0 +1,179 @@
+"""Redis memory: a finished job's footprint, and a full Redis that refuses new jobs, then recovers.
+
+Both run the real pipeline on the simulator against a Redis of their own, configured with the
+memory settings ``services.redis_launch`` gives the production Redis.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+import redis
+
+from bench.config import BenchConfig
+from bench.runner import run_benchmark
+from services.contracts import Keys
+from services.redis_launch import memory_config
+from services.settings import Settings
+from tests.stackutil import RedisServer, Stack, wait_until
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(400)]
+
+#: The issue's bound on one finished 500-token job, its share of run records included.
+JOB_BYTES_MAX = 4096
+PASSWORD = "mem-test-pw"
+
+
+@pytest.fixture
+def own_redis(tmp_path: Path) -> Iterator[RedisServer]:
+    """A redis-server of this test's own (maxmemory is server-wide), with production memory settings."""
+    srv = RedisServer(tmp_path / "redis", password=PASSWORD)
+    srv.start()
+    r = redis.Redis(port=srv.port, password=PASSWORD)
+    for k, v in memory_config(Settings(_env_file=None, redis_maxmemory_mb=256)).items():  # type: ignore[call-arg]
+        r.config_set(k, v)
+    r.close()
+    yield srv
+    srv.stop()
+
+
+def _redis(st: Stack) -> redis.Redis:
+    return redis.Redis(port=st.redis.port, password=PASSWORD, decode_responses=True)
+
+
+def _usage(r: redis.Redis, key: str) -> int:
+    return int(r.memory_usage(key, samples=0) or 0)
+
+
+async def test_finished_500_token_job_takes_at_most_4_kb(
+    own_redis: RedisServer, make_stack: Callable[..., Stack], tmp_path: Path
+) -> None:
+    st = make_stack(redis=own_redis, proxy_concurrency=16)
+    n = 20
+    cfg = BenchConfig(input_tokens=1000, output_tokens=500, requests=n, concurrency=10, path="pipeline",
+                      plots=False, out=str(tmp_path / "run"))  # fmt: skip
+    res = await run_benchmark(cfg, settings=st.settings)
+    assert res.summary["completed"] == n, res.summary
+    # The API still gave every job's full result: 499 ITLs each, decoded from the compact form.
+    assert all(len(rec.itl_s) == 499 and rec.completion_tokens == 500 for rec in res.records)
+
+    keys = Keys(st.settings.redis_prefix)
+    r = _redis(st)
+    try:
+        job_bytes = [_usage(r, keys.job(rec.job_id or "")) for rec in res.records]
+        assert all(job_bytes), "every job is still retained"
+        run_bytes = _usage(r, keys.run(res.run_id)) + _usage(r, keys.run_jobs(res.run_id))
+        assert not r.exists(keys.run_jobs(res.run_id)), "per-request records are not kept in Redis"
+        # Each job's share of the indexes that name it: the retention index and the recent list.
+        index_share = _usage(r, keys.finished) / r.zcard(keys.finished) + _usage(r, keys.recent) / r.llen(
+            keys.recent
+        )
+        runs_share = _usage(r, keys.runs) / max(r.zcard(keys.runs), 1)
+    finally:
+        r.close()
+    per_job = max(job_bytes) + (run_bytes + runs_share) / n + index_share
+    print(
+        f"job hash max {max(job_bytes)} B (min {min(job_bytes)}), run hash {run_bytes} B over {n} jobs, "
+        f"index share {index_share:.0f} B: {per_job:.0f} B a job"
+    )
+    assert per_job <= JOB_BYTES_MAX, f"{per_job:.0f} B a job (job hashes {job_bytes})"
+
+
+class _Events:
+    """Collects the ids of jobs whose 'succeeded' event went out on the job-event channel."""
+
+    def __init__(self, r: redis.Redis, channel: str) -> None:
+        self.ps = r.pubsub(ignore_subscribe_messages=True)
+        self.ps.subscribe(channel)
+        self.succeeded: set[str] = set()
+        self.other_final: dict[str, str] = {}
+        self._stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                msg = self.ps.get_message(timeout=0.2)
+            except (redis.RedisError, OSError, TypeError):
+                return  # Redis gone at teardown
+            if msg is None:
+                continue
+            ev = json.loads(msg["data"])
+            if ev.get("state") == "succeeded":
+                self.succeeded.add(ev["job_id"])
+            elif ev.get("state") in ("failed", "dead"):
+                self.other_final[ev["job_id"]] = ev["state"]
+
+    def close(self) -> None:
+        self._stop.set()
+        self.thread.join(5)
+        self.ps.close()
+
+
+def test_full_redis_refuses_new_jobs_finishes_accepted_ones_and_recovers(
+    own_redis: RedisServer, make_stack: Callable[..., Stack]
+) -> None:
+    st = make_stack(redis=own_redis, proxy_concurrency=8, sim_itl_ms=0, retention_interval_s=0.2)
+    keys = Keys(st.settings.redis_prefix)
+    r = _redis(st)
+    events = _Events(_redis(st), keys.events)
+    url = f"{st.settings.ingestion_url}/v1/jobs"
+    try:
+        limit = int(r.info("memory")["used_memory"]) + 6 * 1024 * 1024
+        r.config_set("maxmemory", limit)
+        with httpx.Client(timeout=30) as c:
+            # Finished jobs first: what retention may prune when Redis fills up.
+            early = [st.submit(c, input_tokens=32, output_tokens=40, seed=i) for i in range(100)]
+            wait_until(lambda: set(early) <= events.succeeded, 120, "the first jobs to succeed")
+
+            # With the proxy worker frozen, accepted jobs pile up (30 KB prompts) until ingestion refuses.
+            st.procs["proxy_worker"].signal(signal.SIGSTOP)
+            accepted: list[str] = []
+            refusal: httpx.Response | None = None
+            for i in range(2000):
+                resp = c.post(
+                    url, json={"prompt": "w" * 30_000, "output_tokens": 4, "seed": i}, headers=st.headers
+                )
+                if resp.status_code == 503:
+                    refusal = resp
+                    break
+                assert resp.status_code == 202, resp.text
+                accepted.append(resp.json()["job_id"])
+            assert refusal is not None, f"no refusal after {len(accepted)} jobs of 30 KB"
+            detail = refusal.json()["detail"]
+            assert "maxmemory" in detail and f"{limit / 2**20:.1f} MiB" in detail, detail
+            assert refusal.headers.get("Retry-After")
+            used = int(r.info("memory")["used_memory"])
+            assert used < limit, "ingestion refused before Redis itself would have"
+
+            # Every accepted job still finishes, and retention makes room: submits are accepted again.
+            st.procs["proxy_worker"].signal(signal.SIGCONT)
+            wait_until(
+                lambda: set(accepted) <= events.succeeded, 180, f"{len(accepted)} accepted jobs to succeed"
+            )
+            later: list[str] = []
+
+            def accepted_again() -> bool:
+                resp = c.post(url, json={"input_tokens": 32, "output_tokens": 4}, headers=st.headers)
+                if resp.status_code == 202:
+                    later.append(resp.json()["job_id"])
+                return resp.status_code == 202
+
+            wait_until(accepted_again, 120, "a submit to be accepted again", interval=0.2)
+            wait_until(lambda: set(later) <= events.succeeded, 60, "the new job to succeed")
+        assert not events.other_final, events.other_final
+        stats = r.hgetall(keys.stats)
+        assert int(stats.get("failed", 0)) == int(stats.get("dead", 0)) == 0, stats
+        # Written once each: the counter equals the distinct jobs seen succeeding.
+        assert int(stats["succeeded"]) == len(events.succeeded) == len(early) + len(accepted) + len(later)
+        assert int(r.info("memory")["used_memory"]) < limit
+    finally:
+        events.close()
+        r.close()
