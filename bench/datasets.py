@@ -358,6 +358,10 @@ def apply_vllm_args(ns: argparse.Namespace, settings: Settings) -> None:
         if value is not None:
             raise ValueError(f"--dataset-name prefix_repetition sets {flag} itself: drop {flag}")
     v = {k: PREFIX_REPETITION_DEFAULTS[k] if x is None else x for k, x in rep.items()}
+    if v["num_prefixes"] > ns.requests:
+        raise ValueError(
+            f"--prefix-repetition-num-prefixes ({v['num_prefixes']}) must not exceed --num-prompts ({ns.requests})"
+        )
     ns.input_tokens = v["prefix_len"] + v["suffix_len"]
     ns.prefix_share = v["prefix_len"] / ns.input_tokens
     ns.prefix_groups = v["num_prefixes"]

@@ -169,6 +169,10 @@ def test_vllm_prefix_repetition_flags_map_to_prefix_groups() -> None:
     [
         (["--dataset-name", "prefix_repetition", "--input-tokens", "5"], "sets --input-tokens itself"),
         (["--prefix-repetition-prefix-len", "5"], "belong to --dataset-name prefix_repetition"),
+        (
+            ["--dataset-name", "prefix_repetition", "--num-prompts", "5"],
+            "(10) must not exceed --num-prompts (5)",
+        ),
         (["--random-prefix-len", "5", "--prefix-share", "0.1"], "drop --prefix-share"),
         (
             ["--dataset-name", "sharegpt", "--dataset-path", "x.json", "--random-prefix-len", "5"],
@@ -302,3 +306,25 @@ async def test_sharegpt_prompts_fit_the_engines_context(stack: Stack, tmp_path: 
             await sample_sharegpt(engine, ds, 5, seed=0, output_tokens=None, context=8)
     finally:
         await engine.aclose()
+
+
+@pytest.mark.slow
+def test_prefix_repetition_runs_as_prefix_groups(
+    stack: Stack, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("LLMC_ENV_FILE", "/nonexistent/llmconsole.env")
+    for k, v in stack.values.items():
+        monkeypatch.setenv(k.upper(), str(v))
+    out = tmp_path / "rep"
+    code = main(["--dataset-name", "prefix_repetition", "--prefix-repetition-prefix-len", "32",
+                 "--prefix-repetition-suffix-len", "16", "--prefix-repetition-num-prefixes", "3",
+                 "--prefix-repetition-output-len", "4", "--num-prompts", "9", "--path", "both",
+                 "--out", str(out), "--no-plots", "--no-store", "-q", "--json"])  # fmt: skip
+    assert code == 0
+    summary = json.loads((out / "summary.json").read_text())
+    recs = [json.loads(line) for line in (out / "requests.jsonl").read_text().splitlines()]
+    assert (
+        summary["config"]["prefix_groups"] == 3 and summary["config"]["dataset_name"] == "prefix_repetition"
+    )
+    assert len(recs) == 18 and summary["token_mismatches"] == 0
+    assert {(r["prompt_tokens"], r["completion_tokens"]) for r in recs} == {(48, 4)}
