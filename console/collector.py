@@ -18,7 +18,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, TypeVar
 
 from console.model import (
@@ -35,7 +35,7 @@ from console.model import (
 )
 from console.sources import LocalGpuReading, NodeInfo, SourceDown, Sources
 from console.supervisor import ProcessInfo
-from services.contracts import GpuSample, VllmMetric
+from services.contracts import GpuSample, JobState, JobView, VllmMetric
 from services.engine_client import Sample, metric_sum
 
 log = logging.getLogger("llmconsole.console")
@@ -142,6 +142,8 @@ class Collector:
         t = self.clock()
         services = self._services(procs_r)
         gpus = await self._gpus(local_r, nodes_r, services)
+        if not isinstance(jobs_r, str):
+            gpus = replace(gpus, nodes=node_job_figures(gpus.nodes, jobs_r))
         self._seq += 1
         events_per_s = None
         if isinstance(events_r, int):
@@ -317,21 +319,52 @@ def _node_view(info: NodeInfo, now_ns: int) -> NodeView:
     age: float | None = None
     if f.get("t", "").isdigit():
         age = max(0.0, (now_ns - int(f["t"])) / 1e9)
-    try:
-        in_flight = int(f.get("in_flight") or 0)
-    except ValueError:
-        in_flight = 0
+    # The heartbeat hash expires after NODE_TTL_S: its presence is the liveness
+    # (comparing clocks across hosts would add skew to it).
+    if not info.alive:
+        state = "lost"
+    elif info.draining or f.get("state") == "draining":
+        state = "draining"
+    else:
+        state = "up"
     return NodeView(
         node=info.node,
         engine=f.get("engine", ""),
         model=f.get("model", ""),
         gpu=f.get("gpu", ""),
-        in_flight=in_flight,
-        # The heartbeat hash expires after NODE_TTL_S: its presence is the liveness
-        # (comparing clocks across hosts would add skew to it).
+        in_flight=_int(f.get("in_flight")),
         alive=info.alive,
         age_s=age,
+        gpus=f.get("gpus", ""),
+        capacity=_int(f.get("capacity")),
+        state=state,
     )
+
+
+def _int(text: str | None) -> int:
+    try:
+        return int(text or 0)
+    except ValueError:
+        return 0
+
+
+def node_job_figures(nodes: tuple[NodeView, ...], jobs: list[JobView]) -> tuple[NodeView, ...]:
+    """Each node's share of the recent succeeded jobs and its prefix-cache hit rate over them."""
+    done: dict[str, list[JobView]] = {}
+    for j in jobs:
+        if j.state == JobState.SUCCEEDED and j.result is not None:
+            done.setdefault(j.node or j.result.node, []).append(j)
+    total = sum(len(v) for v in done.values())
+    out = []
+    for n in nodes:
+        mine = done.get(n.node, [])
+        if not mine:
+            out.append(n)
+            continue
+        prompt = sum(j.result.prompt_tokens for j in mine if j.result is not None)
+        cached = sum(j.result.cached_tokens or 0 for j in mine if j.result is not None)
+        out.append(replace(n, share=len(mine) / total, hit_rate=cached / prompt if prompt else None))
+    return tuple(out)
 
 
 class BackgroundLoop:

@@ -39,6 +39,8 @@ from services.queue import QueueStats
 T0_NS = 1_764_590_400_000_000_000
 #: The fake node's name.
 FAKE_NODE = "gpu-node-1"
+#: The nodes of the fake cluster (``fake_sources(cluster=True)``): up, up, draining, lost.
+CLUSTER_NODES = ("sim-node-a", "sim-node-b", "sim-node-c", "sim-node-d")
 #: A wave the fake queue depth follows, one value per call.
 DEPTH_WAVE = (3, 5, 8, 12, 18, 25, 31, 28, 22, 17, 12, 9, 6, 4, 2, 1, 2, 4, 7, 11)
 
@@ -68,8 +70,10 @@ def make_job(
     input_tokens: int = 512,
     output_tokens: int = 128,
     run_id: str | None = "run-demo",
+    node: str = FAKE_NODE,
+    cached_share: float = 0.5,
 ) -> JobView:
-    """A complete fake job number ``n`` with plausible per-stage timestamps."""
+    """A complete fake job number ``n`` with plausible per-stage timestamps (run on ``node``)."""
     job_id = f"job{n:04d}demo"
     # Stage lengths in ms, varied a little by n (deterministic).
     ms = {
@@ -106,12 +110,12 @@ def make_job(
         result = InferResult(
             engine="sim (llmconsole simulator 0.1)",
             model="sim-model",
-            node=FAKE_NODE,
+            node=node,
             requested_input_tokens=input_tokens,
             requested_output_tokens=output_tokens,
             prompt_tokens=input_tokens,
             completion_tokens=output_tokens,
-            cached_tokens=input_tokens // 2,
+            cached_tokens=int(input_tokens * cached_share),
             prefix_tokens=input_tokens // 2,
             finish_reason="length",
             ttft_s=ttft,
@@ -157,11 +161,12 @@ def make_job(
         result=result,
         error=error,
         worker="proxy-1" if state != JobState.QUEUED else None,
+        node=node if state != JobState.QUEUED else None,
     )
 
 
-def demo_jobs() -> list[JobView]:
-    """A fixed list of recent jobs (newest first) covering every state."""
+def demo_jobs(nodes: tuple[str, ...] = (FAKE_NODE,)) -> list[JobView]:
+    """A fixed list of recent jobs (newest first) covering every state, spread over ``nodes``."""
     jobs = [make_job(40, JobState.QUEUED), make_job(39, JobState.RUNNING), make_job(38, JobState.RUNNING)]
     for n in range(37, 20, -1):
         state = JobState.SUCCEEDED
@@ -169,7 +174,18 @@ def demo_jobs() -> list[JobView]:
             state = JobState.FAILED
         elif n == 27:
             state = JobState.DEAD
-        jobs.append(make_job(n, state, input_tokens=256 * (1 + n % 4), output_tokens=64 * (1 + n % 3)))
+        # Several nodes: job n runs on node n mod k, each node with its own cache hit rate.
+        i = n % len(nodes)
+        jobs.append(
+            make_job(
+                n,
+                state,
+                input_tokens=256 * (1 + n % 4),
+                output_tokens=64 * (1 + n % 3),
+                node=nodes[i],
+                cached_share=0.5 if len(nodes) == 1 else (0.8, 0.25, 0.5)[i % 3],
+            )
+        )
     return jobs
 
 
@@ -177,13 +193,22 @@ class FakeStack:
     """Queue, jobs and nodes (the three Redis-backed Protocols), fixed data."""
 
     def __init__(
-        self, *, down: bool = False, gpu_node: bool = True, jobs: list[JobView] | None = None
+        self,
+        *,
+        down: bool = False,
+        gpu_node: bool = True,
+        jobs: list[JobView] | None = None,
+        cluster: bool = False,
     ) -> None:
         self.down = down
         self.gpu_node = gpu_node
-        self.jobs = demo_jobs() if jobs is None else jobs
+        #: Four nodes (:data:`CLUSTER_NODES`: two up, one draining, one lost) instead of one.
+        self.cluster = cluster
+        self.jobs = (demo_jobs(CLUSTER_NODES[:3]) if cluster else demo_jobs()) if jobs is None else jobs
         self.calls = 0
         self.events = 0
+        #: Nodes asked to drain, in order.
+        self.drained: list[str] = []
 
     def _check(self) -> None:
         if self.down:
@@ -228,23 +253,48 @@ class FakeStack:
         return self.events
 
     async def nodes(self) -> list[NodeInfo]:
-        """One live node."""
+        """One live node (or the four of :data:`CLUSTER_NODES`)."""
         self._check()
         gpu = "yes" if self.gpu_node else "no: NVML library not found (libnvidia-ml.so.1)"
-        return [
-            NodeInfo(
-                FAKE_NODE,
-                {
-                    "node": FAKE_NODE,
-                    "engine": "vllm 0.32.0",
-                    "model": "gemma-3-270m",
-                    "gpu": gpu,
-                    "in_flight": "4",
-                    "t": str(T0_NS - 1_000_000_000),
-                },
-                True,
-            )
-        ]
+        if not self.cluster:
+            return [
+                NodeInfo(
+                    FAKE_NODE,
+                    {
+                        "node": FAKE_NODE,
+                        "engine": "vllm 0.32.0",
+                        "model": "gemma-3-270m",
+                        "gpu": gpu,
+                        "gpus": "1× NVIDIA H200" if self.gpu_node else "",
+                        "in_flight": "4",
+                        "capacity": "128",
+                        "state": "up",
+                        "t": str(T0_NS - 1_000_000_000),
+                    },
+                    True,
+                    FAKE_NODE in self.drained,
+                )
+            ]
+        out = []
+        for i, name in enumerate(CLUSTER_NODES):
+            lost = i == 3
+            fields = {
+                "node": name,
+                "engine": "sim (llmconsole simulator 0.1)",
+                "model": "sim-model",
+                "gpu": "no: NVML library not found (libnvidia-ml.so.1)",
+                "in_flight": str(5 * (3 - i)),
+                "capacity": "128",
+                "state": "draining" if i == 2 else "up",
+                "t": str(T0_NS - 1_000_000_000),
+            }
+            out.append(NodeInfo(name, {} if lost else fields, not lost, name in self.drained))
+        return out
+
+    async def drain(self, node: str) -> None:
+        """Remember the request (the node shows as draining from the next refresh)."""
+        self._check()
+        self.drained.append(node)
 
     async def latest_gpu_samples(self, node: str) -> list[GpuSample]:
         """The node publishes no samples of its own in the fake (local NVML covers it)."""
@@ -406,9 +456,10 @@ def fake_sources(
     redis_down: bool = False,
     engine_down: bool = False,
     gpus: int = 1,
+    cluster: bool = False,
 ) -> Sources:
-    """A full set of fake sources (the switches turn single backends off)."""
-    stack = FakeStack(down=redis_down, gpu_node=gpu)
+    """A full set of fake sources (the switches turn single backends off; ``cluster``: four nodes)."""
+    stack = FakeStack(down=redis_down, gpu_node=gpu, cluster=cluster)
     return Sources(
         queue=stack,
         jobs=stack,

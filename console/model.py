@@ -82,7 +82,7 @@ class GpuView:
 
 @dataclass(frozen=True)
 class NodeView:
-    """An inference worker node from its Redis heartbeat."""
+    """An inference worker node from its Redis heartbeat, with its share of the recent jobs."""
 
     node: str
     engine: str = ""
@@ -91,6 +91,16 @@ class NodeView:
     in_flight: int = 0
     alive: bool = True
     age_s: float | None = None
+    #: GPUs in words ("2× NVIDIA H100 80GB HBM3"), "" when none or unknown.
+    gpus: str = ""
+    #: Jobs routers may have in flight on it (engine max_num_seqs × factor); 0 = unknown.
+    capacity: int = 0
+    #: up (takes jobs), draining (finishes its own, takes none) or lost (heartbeat expired).
+    state: str = "up"
+    #: Of the recent jobs that finished on a node: this node's share, and its prefix-cache
+    #: hit rate (Σ cached / Σ prompt tokens); None when it finished none of them.
+    share: float | None = None
+    hit_rate: float | None = None
 
 
 @dataclass(frozen=True)

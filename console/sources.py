@@ -29,6 +29,7 @@ from console.supervisor import LogChunk, ProcessInfo, SupervisorClient, Supervis
 from services.contracts import GpuSample, JobState, JobView, Keys, job_hash_to_view
 from services.engine_client import Sample, parse_prometheus
 from services.queue import REDIS_DOWN, JobQueue, QueueStats, redis_client
+from services.routing.registry import set_draining
 from services.settings import Settings
 from services.telemetry import make_backend, read_gpu_samples
 
@@ -76,6 +77,8 @@ class NodeInfo:
     fields: dict[str, str]
     #: False once the heartbeat hash expired (the node stopped beating).
     alive: bool
+    #: An operator asked it to drain (the flag ``install.sh --leave`` and the console set).
+    draining: bool = False
 
 
 @runtime_checkable
@@ -88,6 +91,10 @@ class NodeSource(Protocol):
 
     async def latest_gpu_samples(self, node: str) -> list[GpuSample]:
         """The newest sample of each GPU of ``node`` (empty if it publishes none)."""
+        ...
+
+    async def drain(self, node: str) -> None:
+        """Ask ``node`` to drain: it finishes its running jobs and takes no new ones."""
         ...
 
 
@@ -324,16 +331,27 @@ class RedisStack:
 
     # NodeSource
     async def nodes(self) -> list[NodeInfo]:
-        """SMEMBERS nodes, then each heartbeat hash."""
+        """SMEMBERS nodes, then each heartbeat hash and drain flag (one pipelined round trip)."""
         try:
             names = sorted(await self.r.smembers(self.keys.nodes))
             async with self.r.pipeline(transaction=False) as p:
                 for n in names:
                     p.hgetall(self.keys.node(n))
-                beats = await p.execute() if names else []
+                    p.exists(self.keys.node_drain(n))
+                res = await p.execute() if names else []
         except _REDIS_ERRORS as e:
             raise _redis_down(self.settings, e) from e
-        return [NodeInfo(n, dict(h), bool(h)) for n, h in zip(names, beats, strict=True)]
+        return [
+            NodeInfo(n, dict(h), bool(h), bool(flag))
+            for n, h, flag in zip(names, res[0::2], res[1::2], strict=True)
+        ]
+
+    async def drain(self, node: str) -> None:
+        """Set the node's drain flag (as ``install.sh --leave`` does); its worker reports it."""
+        try:
+            await set_draining(self.r, self.keys, node)
+        except _REDIS_ERRORS as e:
+            raise _redis_down(self.settings, e) from e
 
     async def latest_gpu_samples(self, node: str) -> list[GpuSample]:
         """The node's newest tick of GPU samples (one entry holds every GPU of the node)."""

@@ -23,6 +23,7 @@ from console.model import (
     GpusView,
     GpuView,
     JobsView,
+    NodeView,
     QueueView,
     ServicesView,
     ServiceView,
@@ -264,8 +265,35 @@ def _gpu_lines(g: GpuView, compact: bool) -> list[str]:
     return lines
 
 
+#: How each node state is drawn.
+NODE_STATE_MARKUP = {
+    "up": "[$success]up[/]",
+    "draining": "[$warning]draining[/]",
+    "lost": "[$error]lost[/]",
+}
+
+
+def node_lines(n: NodeView, sampled: bool) -> list[str]:
+    """Two lines for a node: name, state, in flight / capacity, share of the recent jobs; then
+    engine, prefix-cache hit rate and (when its GPUs publish no samples) its GPUs in words."""
+    state = NODE_STATE_MARKUP.get(n.state, escape(n.state))
+    if n.state == "lost":
+        return [f"[b]{escape(n.node)}[/] {state}", "  [dim]no heartbeat: gets no jobs[/]"]
+    cap = f"/{n.capacity}" if n.capacity else ""
+    share = DASH if n.share is None else f"{n.share * 100:.0f}%"
+    head = f"[b]{escape(n.node)}[/] {state} [b]{n.in_flight}{cap}[/] · {share} jobs"
+    engine = n.engine.replace("(llmconsole simulator ", "").removesuffix(")") if n.engine else DASH
+    detail = [f"hit {fmt_pct(n.hit_rate)}", escape(engine)]
+    if n.gpus and not sampled:
+        detail.append(escape(n.gpus))
+    return [head, "  [dim]" + " · ".join(detail) + "[/]"]
+
+
 class GpuPanel(Panel):
-    """Per GPU: name, utilisation, temperature, power, VRAM, and the services holding it."""
+    """Every node (state, in flight / capacity, engine, hit rate, share of jobs) and its GPUs.
+
+    Per GPU: name, utilisation, temperature, power, VRAM, and the services holding it.
+    """
 
     def __init__(self, **kw: Any) -> None:
         super().__init__("GPUs", **kw)
@@ -278,28 +306,31 @@ class GpuPanel(Panel):
             yield Static(id="gpu-text")
 
     def show(self, g: GpusView) -> None:
-        """Draw ``g``."""
+        """Draw ``g``: every node (state, in flight / capacity, engine, hit rate, share), its GPUs."""
         text = self.query_one("#gpu-text", Static)
-        nodes_alive = sum(1 for n in g.nodes if n.alive)
-        self.subtitle(f"{nodes_alive}/{len(g.nodes)} nodes" if g.nodes else "")
-        if not g.gpus:
-            lines = [f"[$warning]No GPU[/]: {escape(g.no_gpu_reason or 'no samples')}"]
-            if g.error:
-                lines.append(error_markup(g.error))
-            for n in g.nodes[:3]:
-                state = "[$success]up[/]" if n.alive else "[$error]gone[/]"
-                lines.append(f"node [b]{escape(n.node)}[/] {state} {escape(n.engine)}")
-            set_text(text, "\n".join(lines))
-            return
-        compact = len(g.gpus) > 1
-        by_node = len({x.node for x in g.gpus}) > 1
-        lines = []
+        nodes_up = sum(1 for n in g.nodes if n.state == "up")
+        self.subtitle(f"{nodes_up}/{len(g.nodes)} nodes up" if g.nodes else "")
+        lines: list[str] = []
+        compact = len(g.gpus) > 1 or len(g.nodes) > 1
+        shown: set[str] = set()
+        for n in g.nodes:
+            own = [gpu for gpu in g.gpus if gpu.node == n.node]
+            lines += node_lines(n, bool(own))
+            lines += [line for gpu in own for line in _gpu_lines(gpu, compact)]
+            shown.add(n.node)
+        # GPUs of no registered node (this host's NVML before its worker registers).
         last_node = None
-        for gpu in g.gpus:
-            if by_node and gpu.node != last_node:
+        for gpu in (x for x in g.gpus if x.node not in shown):
+            if g.nodes and gpu.node != last_node:
                 lines.append(f"[dim]{escape(gpu.node)}[/]")
                 last_node = gpu.node
             lines += _gpu_lines(gpu, compact)
+        if not g.gpus:
+            lines.append(f"[$warning]No GPU[/]: {escape(g.no_gpu_reason or 'no samples')}")
+            if g.error:
+                lines.append(error_markup(g.error))
+            set_text(text, "\n".join(lines))
+            return
         if compact:
             # One summary line per service across GPUs instead of per-GPU process lists.
             per: dict[str, int] = {}

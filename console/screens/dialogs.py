@@ -7,7 +7,8 @@ from textual.binding import Binding
 from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.markup import escape
 from textual.screen import ModalScreen
-from textual.widgets import Button, Static
+from textual.widgets import Button, OptionList, Static
+from textual.widgets.option_list import Option
 
 from console.commands import KeyAction
 
@@ -15,7 +16,9 @@ PANELS_HELP = """\
 [b]Queue[/]     waiting (not yet delivered), in flight, done, failed/dead, done/s and in/s (over the last 5 s); sparkline = depth from zero
 [b]Engine[/]    the engine's /metrics: running/waiting requests, KV cache use, prefix cache hit rate
           (hits/queries over the last 5 s), prompt and generation tokens per second
-[b]GPUs[/]      per GPU: utilisation, temperature, power, VRAM, and which service holds the memory
+[b]GPUs[/]      every node: up, draining or lost, in flight / capacity, share of the recent jobs,
+          engine, prefix-cache hit rate (d drains one); per GPU: utilisation, temperature,
+          power, VRAM, and which service holds the memory
 [b]Services[/]  supervisord programs: state, pid, uptime (select one for r/s/S/l)
 [b]Jobs[/]      recent jobs: tokens in/out, queue wait, engine (GPU) time, TTFT, end-to-end; Enter opens one
 """
@@ -53,6 +56,27 @@ class ConfirmScreen(ModalScreen[bool]):
     def action_answer(self, yes: bool) -> None:
         """A key answers."""
         self.dismiss(yes)
+
+
+class PickScreen(ModalScreen[str | None]):
+    """Pick one of a few names (e.g. the node to drain); dismisses with it, or None."""
+
+    BINDINGS = [Binding("escape", "dismiss(None)", "Cancel")]  # noqa: RUF012
+
+    def __init__(self, title: str, names: list[str]) -> None:
+        super().__init__()
+        self.title_text = title
+        self.names = names
+
+    def compose(self) -> ComposeResult:
+        """The title and the list."""
+        with Vertical(id="pick-box"):
+            yield Static(escape(self.title_text), id="pick-title")
+            yield OptionList(*(Option(escape(n), id=n) for n in self.names), id="pick-list")
+
+    def on_option_list_option_selected(self, event: OptionList.OptionSelected) -> None:
+        """Enter (or a click) picks."""
+        self.dismiss(event.option.id)
 
 
 class HelpScreen(ModalScreen[None]):

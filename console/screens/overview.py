@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from textual import events, on
+from textual import events, on, work
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Grid
@@ -13,6 +13,8 @@ from textual.widgets import DataTable, Footer, Header, Input
 
 from console.model import Snapshot
 from console.rowtable import RowTable
+from console.screens.dialogs import ConfirmScreen, PickScreen
+from console.sources import SourceDown
 from console.widgets import EnginePanel, GpuPanel, JobsPanel, QueuePanel, ServicesPanel
 
 if TYPE_CHECKING:
@@ -23,7 +25,7 @@ WIDE_COLUMNS = 150
 TALL_ROWS = 36
 
 #: Actions that change something; ``--readonly`` removes them everywhere.
-CONTROL_ACTIONS = frozenset({"restart", "stop", "start"})
+CONTROL_ACTIONS = frozenset({"restart", "stop", "start", "drain"})
 
 
 class OverviewScreen(Screen[None]):
@@ -37,6 +39,8 @@ class OverviewScreen(Screen[None]):
         Binding("s", "stop", "Stop"),
         Binding("S", "start", "Start", key_display="S"),
         Binding("l", "logs", "Logs"),
+        # Not in the footer (80 columns are full); the help's GPUs line names it.
+        Binding("d", "drain", "Drain node", show=False),
     ]
 
     def __init__(self) -> None:
@@ -172,3 +176,40 @@ class OverviewScreen(Screen[None]):
         """Tail the selected program's log."""
         if (svc := self._service()) is not None:
             self.capp.open_logs(svc.full_name)
+
+    # -- nodes -------------------------------------------------------------------
+    def action_drain(self) -> None:
+        """Drain a node (pick it when several are up), after asking."""
+        snap = self.capp.snapshot
+        up = [n.node for n in snap.gpus.nodes if n.state == "up"] if snap is not None else []
+        if not up:
+            self.notify("No node to drain: none is up", severity="warning")
+        elif len(up) == 1:
+            self._confirm_drain(up[0])
+        else:
+            self.app.push_screen(
+                PickScreen("Drain which node?", up), lambda node: self._confirm_drain(node) if node else None
+            )
+
+    def _confirm_drain(self, node: str) -> None:
+        def answered(yes: bool | None) -> None:
+            if yes:
+                self._drain(node)
+
+        self.app.push_screen(
+            ConfirmScreen(f"Drain {node}? It finishes its running jobs and takes no new ones."), answered
+        )
+
+    @work(group="control", exit_on_error=False)
+    async def _drain(self, node: str) -> None:
+        if self.capp.readonly:
+            self.notify("read-only console: node control is off", severity="warning")
+            return
+        try:
+            await self.capp.bg.run(self.capp.sources.nodes.drain(node))
+        except SourceDown as e:
+            self.notify(f"drain {node} failed: {e}", severity="error", timeout=8)
+            return
+        self.notify(f"{node}: draining (no new jobs)", timeout=3)
+        if not self.capp.paused:
+            await self.capp.collect_now()
