@@ -57,14 +57,20 @@ install_launchers() {
     mv -f "$tmp" "$target"
     LAUNCHERS_DONE+=("$name")
   done
-  # Another program of the same name earlier on PATH would win over ours: say so.
+  # Another program of the same name earlier on PATH would win over ours: say so (not "works as typed").
+  local shadowed=()
   for name in "${LAUNCHERS_DONE[@]}"; do
     found="$(PATH="$(_login_path)" command -v "$name" || true)"
     if [[ -n "$found" && "$found" != "$dir/$name" ]]; then
       info "$found comes before $dir on PATH: '$name' runs that one."
       [[ $name == supervisorctl ]] && info "  This stack's form that always works: llmconsole ctl ..."
+      shadowed+=("$name")
     fi
   done
+  for name in "${shadowed[@]}"; do
+    LAUNCHERS_DONE=("${LAUNCHERS_DONE[@]/#$name/}")
+  done
+  read -r -a LAUNCHERS_DONE <<< "${LAUNCHERS_DONE[*]}"
 }
 
 _login_path() {  # PATH as a new login shell will have it (Debian's ~/.profile adds ~/.local/bin once it exists)
@@ -86,7 +92,12 @@ print_launchers() {
   fi
   info "commands:       ${LAUNCHERS_DONE[*]}  (launchers in $dir)"
   for name in "${LAUNCHER_NAMES[@]}"; do
-    [[ " ${LAUNCHERS_DONE[*]} " == *" $name "* ]] || info "                $name: another program; use llmconsole ctl ..."
+    [[ " ${LAUNCHERS_DONE[*]} " == *" $name "* ]] && continue
+    if [[ $name == supervisorctl ]]; then
+      info "                supervisorctl: another program; use llmconsole ctl ..."
+    else
+      info "                $name: another program; use $ROOT/.venv/bin/$name"
+    fi
   done
   if [[ ":$(_login_path):" != *":$dir:"* ]]; then
     info "                $dir is not on PATH: add it (export PATH=\"$dir:\$PATH\" in ~/.profile)"

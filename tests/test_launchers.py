@@ -31,9 +31,11 @@ def checkout(workdir: Path) -> Path:
     return workdir
 
 
-def install_sh(root: Path, bindir: Path, home: Path, *args: str) -> subprocess.CompletedProcess[str]:
+def install_sh(
+    root: Path, bindir: Path, home: Path, *args: str, path: str = "/usr/bin:/bin"
+) -> subprocess.CompletedProcess[str]:
     """``ROOT/install.sh ARGS`` with the launcher folder at ``bindir``."""
-    env = {"PATH": "/usr/bin:/bin", "HOME": str(home), "LLMC_BIN_DIR": str(bindir)}
+    env = {"PATH": path, "HOME": str(home), "LLMC_BIN_DIR": str(bindir)}
     return subprocess.run(
         [str(root / "install.sh"), *args], env=env, cwd=root, capture_output=True, text=True, timeout=120
     )
@@ -193,3 +195,21 @@ def test_stop_keeps_the_launchers_and_uninstall_removes_only_ours(tmp_path: Path
         assert "not running" in again.stdout and f"no launchers of this checkout in {bindir}" in again.stdout
     finally:
         st.stop()
+
+
+def test_a_supervisorctl_earlier_on_path_is_named_and_not_claimed(tmp_path: Path) -> None:
+    bindir, home, first = tmp_path / "bin", tmp_path / "home", tmp_path / "first"
+    first.mkdir()
+    home.mkdir()
+    (first / "supervisorctl").write_text(FOREIGN)
+    (first / "supervisorctl").chmod(0o755)
+    res = install_sh(REPO_ROOT, bindir, home, "--launchers-only", path=f"{first}:{bindir}:/usr/bin:/bin")
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert (
+        f"{first}/supervisorctl comes before {bindir} on PATH: 'supervisorctl' runs that one." in res.stdout
+    )
+    assert f"commands:       llmconsole  (launchers in {bindir})" in res.stdout
+    assert "supervisorctl: another program; use llmconsole ctl ..." in res.stdout
+    assert (first / "supervisorctl").read_text() == FOREIGN
+    # ours is written all the same (for a PATH that puts it first), and it is this checkout's
+    assert (bindir / "supervisorctl").read_text().splitlines()[1] == f"{MARK}{REPO_ROOT}"
