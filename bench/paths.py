@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import secrets
 import time
 from dataclasses import dataclass, field
@@ -145,6 +146,111 @@ class DirectPath:
         )
 
 
+class RunFollower:
+    """Follows a run's finished jobs over one connection: ``GET /v1/runs/{id}/results`` (SSE).
+
+    One stream for the whole run instead of a long poll per job, so the client stage measures
+    the pipeline rather than the client's own event loop. Events that arrive before their
+    submit's answer are kept until asked for; a cut connection resumes after the last event id.
+    """
+
+    def __init__(self, client: httpx.AsyncClient, base: str, run_id: str) -> None:
+        self.client = client
+        self.url = f"{base}/v1/runs/{run_id}/results"
+        self._last = "0"
+        self._early: dict[str, str] = {}
+        self._waiters: dict[str, asyncio.Future[str]] = {}
+        self._task: asyncio.Task[None] | None = None
+        #: False once ingestion said it has no such endpoint (an older one): callers long-poll.
+        self.available = True
+
+    def start(self) -> None:
+        """Begin following (idempotent; needs a running loop)."""
+        if self._task is None:
+            self._task = asyncio.create_task(self._follow())
+
+    async def aclose(self) -> None:
+        """Stop following."""
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+    async def wait(self, job_id: str, within_s: float) -> str | None:
+        """The JSON view of ``job_id`` once it finished, or None after ``within_s`` seconds."""
+        raw = self._early.pop(job_id, None)
+        if raw is not None or not self.available:
+            return raw
+        fut: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        self._waiters[job_id] = fut
+        try:
+            async with asyncio.timeout(within_s):
+                return await fut
+        except TimeoutError:
+            return self._early.pop(job_id, None)
+        finally:
+            self._waiters.pop(job_id, None)
+
+    async def _follow(self) -> None:
+        backoff = 0.1
+        while True:
+            try:
+                async with self.client.stream(
+                    "GET",
+                    self.url,
+                    params={"after": self._last},
+                    # keepalives come every 15 s: a minute of silence is a dead connection
+                    timeout=httpx.Timeout(60.0, connect=5.0),
+                ) as resp:
+                    if resp.status_code in (404, 405):
+                        self.available = False
+                        for fut in self._waiters.values():
+                            if not fut.done():
+                                fut.set_exception(TimeoutError())
+                        return
+                    if resp.status_code != 200:
+                        await resp.aread()
+                        raise httpx.TransportError(f"results stream answered {resp.status_code}")
+                    backoff = 0.1
+                    event_id, data = "", ""
+                    async for line in resp.aiter_lines():
+                        if line.startswith("data:"):
+                            data = line[5:].strip()
+                        elif line.startswith("id:"):
+                            event_id = line[3:].strip()
+                        elif not line and data:
+                            self._deliver(event_id, data)
+                            data = ""
+            except httpx.TransportError:
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 2.0)
+
+    def _deliver(self, event_id: str, data: str) -> None:
+        if event_id:
+            self._last = event_id
+        try:
+            job_id = str(json.loads(data)["job_id"])
+        except (ValueError, KeyError, TypeError):
+            return
+        fut = self._waiters.pop(job_id, None)
+        if fut is not None and not fut.done():
+            fut.set_result(data)
+        else:
+            # Finished before its submit answered (or a warm-up job nobody waits for any more):
+            # kept, bounded, until asked for.
+            self._early[job_id] = data
+            if len(self._early) > _EARLY_MAX:
+                self._early.pop(next(iter(self._early)))
+
+
+#: Finished-job events kept for jobs nobody waits on yet.
+_EARLY_MAX = 100_000
+#: How long a job waits on the results stream before it is also read once directly (a safety net
+#: for an event that never came: the job is final but its stream entry was trimmed or lost).
+_FOLLOW_CHECK_S = 30.0
+
+
 class PipelinePath:
     """Jobs through ingestion → Redis → proxy worker → inference worker → engine."""
 
@@ -170,6 +276,7 @@ class PipelinePath:
         self._nonce = secrets.token_hex(4)
         key = settings.api_key.get_secret_value()
         self._own = client is None
+        self.follower: RunFollower | None = None
         self.client = client or httpx.AsyncClient(
             timeout=httpx.Timeout(self.poll_wait_s + 15.0, connect=5.0),
             limits=httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections),
@@ -177,7 +284,9 @@ class PipelinePath:
         )
 
     async def aclose(self) -> None:
-        """Close the HTTP client (if this path owns it)."""
+        """Stop following the run's results and close the HTTP client (if this path owns it)."""
+        if self.follower is not None:
+            await self.follower.aclose()
         if self._own:
             await self.client.aclose()
 
@@ -224,7 +333,7 @@ class PipelinePath:
             rec.latency_s = clock.now() - rec.sent_s
             return
         rec.job_id = job_id
-        view = await self._wait(job_id, rec, clock, deadline_s)
+        view = await self._result(job_id, rec, clock, deadline_s)
         rec.latency_s = clock.now() - rec.sent_s
         if view is None:
             return
@@ -267,6 +376,34 @@ class PipelinePath:
                 continue
             rec.error = f"ingestion refused the job ({resp.status_code}): {_detail(resp)}"
             return None
+
+    async def _result(
+        self, job_id: str, rec: RequestRecord, clock: StepClock, deadline_s: float
+    ) -> JobView | None:
+        """The job's final view: from the run's results stream, else by long-polling it."""
+        if self.follower is None:
+            self.follower = RunFollower(self.client, self.base, self.run_id)
+            self.follower.start()
+        while self.follower.available:
+            remaining = deadline_s - clock.now()
+            if remaining <= 0:
+                rec.error = f"timed out waiting for job {job_id}"
+                return None
+            raw = await self.follower.wait(job_id, min(remaining, _FOLLOW_CHECK_S))
+            if raw is not None:
+                try:
+                    view = JobView.model_validate_json(raw)
+                except ValueError:  # an "expired" marker: the job is gone from Redis already
+                    break
+                rec.error = ""
+                return view
+            if not self.follower.available:
+                break
+            # No event yet: read the job once (cheap), in case its event was lost.
+            view = await self._wait(job_id, rec, clock, min(deadline_s, clock.now() + 0.001))
+            if view is not None:
+                return view
+        return await self._wait(job_id, rec, clock, deadline_s)
 
     async def _wait(
         self, job_id: str, rec: RequestRecord, clock: StepClock, deadline_s: float

@@ -383,6 +383,12 @@ class Keys:
         """Hash of one benchmark run (summary JSON, state, params)."""
         return f"{self.prefix}run:{run_id}"
 
+    def run_done(self, run_id: str) -> str:
+        """Stream of a run's finished jobs (job id, state), in finish order: what
+        ``GET /v1/runs/{id}/results`` relays. Capped at :data:`RUN_DONE_MAXLEN` entries and
+        expiring :data:`RUN_DONE_TTL_S` after the run's last finish."""
+        return f"{self.prefix}run:{run_id}:done"
+
     def run_jobs(self, run_id: str) -> str:
         """Legacy list of a run's per-request records: no longer written (they live in the run's
         folder); retention deletes any left by older versions together with their run."""
@@ -439,6 +445,10 @@ class Keys:
 # Node heartbeat and GPU samples (published by inference workers)
 # ---------------------------------------------------------------------------
 
+#: A run's finished-jobs stream keeps this many entries at most (a reader further behind falls
+#: back to reading each job), and lives this long after the run's last finish.
+RUN_DONE_MAXLEN = 50_000
+RUN_DONE_TTL_S = 3600
 NODE_TTL_S = 15
 GPU_SAMPLES_MAXLEN = 3600
 RECENT_JOBS_MAX = 1000

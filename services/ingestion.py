@@ -22,7 +22,7 @@ from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, Header, HTTPException, Path, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, StreamingResponse
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -239,6 +239,54 @@ async def _no_receive() -> Message:
     return {"type": "http.disconnect"}
 
 
+#: Result streams one ingestion process serves at once (each holds a blocking Redis read).
+MAX_RESULT_STREAMS = 256
+#: A Redis stream entry id, or '0' (from the start).
+STREAM_ID_PATTERN = r"^(0|[0-9]{1,20}-[0-9]{1,20})$"
+#: How long one blocking read waits before a keepalive comment goes out.
+_RESULTS_BLOCK_MS = 15_000
+
+
+async def _run_events(app: FastAPI, run_id: str, start: str) -> AsyncIterator[bytes]:
+    """SSE bytes of a run's finished jobs after ``start``: one blocking XREAD per batch, one
+    pipelined read of the batch's job hashes."""
+    keys: Keys = app.state.keys
+    stream = keys.run_done(run_id)
+    last = start
+    app.state.result_streams += 1
+    r = redis_client(app.state.settings, blocking=True)
+    try:
+        while True:
+            try:
+                resp = await r.xread({stream: last}, count=256, block=_RESULTS_BLOCK_MS)
+                if not resp:
+                    yield b": keepalive\n\n"
+                    continue
+                entries = resp[0][1]
+                async with app.state.redis.pipeline(transaction=False) as p:
+                    for _eid, fields in entries:
+                        p.hgetall(keys.job(fields.get("job_id", "")))
+                    hashes = await p.execute()
+            except REDIS_DOWN:
+                yield b": redis unavailable, retrying\n\n"
+                await asyncio.sleep(0.5)
+                continue
+            out = []
+            for (eid, fields), h in zip(entries, hashes, strict=True):
+                last = eid
+                if h:
+                    data = job_hash_to_view(h).model_dump_json()
+                else:  # retention already removed it: say so rather than skip it
+                    data = json.dumps(
+                        {"job_id": fields.get("job_id"), "state": fields.get("state"), "expired": True}
+                    )
+                out.append(f"id: {eid}\nevent: job\ndata: {data}\n\n")
+            yield "".join(out).encode()
+    finally:
+        app.state.result_streams -= 1
+        await r.aclose()
+
+
 def _redis_down() -> JSONResponse:
     return JSONResponse(
         {"detail": "Redis is unavailable; the job was not accepted. Retry shortly."},
@@ -290,6 +338,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.redis = redis_client(settings)
     app.state.queue = JobQueue(app.state.redis, app.state.keys)
     app.state.waiters = Waiters()
+    app.state.result_streams = 0
     app.state.context_limit = None
     #: Redis's used/max memory, read every 200 ms in the background (not per submit).
     app.state.memory = MemoryGauge(app.state.redis, settings)
@@ -455,6 +504,51 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         finally:
             if ev is not None:
                 waiters.remove(job_id, ev)
+
+    @app.get(
+        "/v1/runs/{run_id}/results",
+        dependencies=[Depends(_require_key)],
+        tags=["runs"],
+        response_class=StreamingResponse,
+        responses={
+            200: {"description": "Server-sent events: one `job` event per finished job (a JobView)"},
+            429: {"description": "Too many result streams open on this ingestion process"},
+        },
+    )
+    async def run_results(
+        run_id: Annotated[
+            str, Path(pattern=ID_PATTERN, description="The run_id the jobs were submitted with")
+        ],
+        after: Annotated[
+            str,
+            Query(pattern=STREAM_ID_PATTERN, description="Start after this event id ('0': from the start)."),
+        ] = "0",
+        last_event_id: Annotated[
+            str | None,
+            Header(pattern=STREAM_ID_PATTERN, description="Resume after this event id (SSE reconnect)."),
+        ] = None,
+    ) -> Response:
+        """Follow a run's finished jobs over one connection (server-sent events).
+
+        Each finished job of the run arrives once, in finish order, as ``event: job`` with its
+        full view (state, timestamps, result) and ``id:`` its place in the run's stream, so a
+        client follows thousands of jobs without a request per job and resumes after a cut with
+        ``Last-Event-ID``. Comments (``: keepalive``) come every 15 s. The stream stays open until
+        the client closes it; the run's stream keeps its last 50,000 entries for an
+        hour after its last finish.
+        """
+        if app.state.result_streams >= MAX_RESULT_STREAMS:
+            return JSONResponse(
+                {"detail": f"too many result streams open ({MAX_RESULT_STREAMS}); close one or retry later"},
+                status_code=429,
+                headers={"Retry-After": "1"},
+            )
+        start = last_event_id or after
+        return StreamingResponse(
+            _run_events(app, run_id, start),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
 
     @app.get("/v1/queue", dependencies=[Depends(_require_key)], tags=["jobs"])
     async def queue_stats() -> dict[str, Any]:

@@ -480,6 +480,7 @@ class ProxyWorker:
     async def _run_attempt(self, d: Delivery) -> None:
         h = await self._until_redis_answers(f"read {d.job_id}", lambda: self.q.get_job(d.job_id))
         spec = JobSpec.model_validate_json(h["spec"])
+        d.run_id = spec.run_id
         # Deliveries that ended in a crash (not a graceful hand-back) count against the job.
         crashed = d.attempt - 1 - int(h.get("handbacks") or 0)
         if crashed >= self.s.max_attempts:

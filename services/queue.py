@@ -29,6 +29,8 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from services.contracts import (
     JOB_GROUP,
     RECENT_JOBS_MAX,
+    RUN_DONE_MAXLEN,
+    RUN_DONE_TTL_S,
     STREAM_FIELD,
     JobSpec,
     JobState,
@@ -172,14 +174,15 @@ return 1
 """
 
 _FINISH = """
--- KEYS: job, stream, active, stats, dead, finished (retention index)
--- ARGV: attempt, state, group, ttl, channel, job_id, reason, then field/value pairs
+-- KEYS: job, stream, active, stats, dead, finished (retention index), run's done stream ('' = none)
+-- ARGV: attempt, state, group, ttl, channel, job_id, reason, run_done_maxlen, run_done_ttl,
+--       then field/value pairs
 if redis.call('HGET', KEYS[1], 'attempt') ~= ARGV[1] then return 0 end
 local st = redis.call('HGET', KEYS[1], 'state')
 -- Already finished by this very attempt: the same call sent again after a timeout.
 if st == ARGV[2] and redis.call('HEXISTS', KEYS[1], 't_finished') == 1 then return 1 end
 if st ~= 'running' then return 0 end
-for i = 8, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
+for i = 10, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
 -- t_finished is the moment of this write, on Redis's clock (where the event happens).
 local now = redis.call('TIME')
 redis.call('HSET', KEYS[1], 'state', ARGV[2], 't_finished', now[1] .. string.format('%06d', now[2]) .. '000')
@@ -195,6 +198,11 @@ redis.call('EXPIRE', KEYS[1], tonumber(ARGV[4]))
 -- The retention index (services/retention.py prunes the oldest final jobs by age, count, bytes).
 redis.call('ZADD', KEYS[6], tonumber(now[1]) + tonumber(now[2]) / 1e6, ARGV[6])
 redis.call('PUBLISH', ARGV[5], cjson.encode({job_id=ARGV[6], state=ARGV[2]}))
+-- One entry per finished job of a run: clients follow a whole run over one stream.
+if KEYS[7] ~= '' then
+  redis.call('XADD', KEYS[7], 'MAXLEN', '~', ARGV[8], '*', 'job_id', ARGV[6], 'state', ARGV[2])
+  redis.call('EXPIRE', KEYS[7], tonumber(ARGV[9]))
+end
 return 1
 """
 
@@ -240,6 +248,8 @@ class Delivery:
     entry_id: str
     job_id: str
     attempt: int
+    #: The job's run, once its spec was read: its finish is also announced on the run's stream.
+    run_id: str | None = None
 
 
 @dataclass
@@ -415,8 +425,20 @@ class JobQueue:
                 self.keys.stats,
                 self.keys.dead,
                 self.keys.finished,
+                self.keys.run_done(d.run_id) if d.run_id else "",
             ],
-            args=[d.attempt, state.value, self.group, ttl_s, self.keys.events, d.job_id, reason, *flat],
+            args=[
+                d.attempt,
+                state.value,
+                self.group,
+                ttl_s,
+                self.keys.events,
+                d.job_id,
+                reason,
+                RUN_DONE_MAXLEN,
+                RUN_DONE_TTL_S,
+                *flat,
+            ],
         )
         return bool(ok)
 
