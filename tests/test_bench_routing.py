@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from collections import Counter
+from pathlib import Path
 
 import pytest
 from pydantic import ValidationError
 from rich.console import Console
 
+from bench import load_run, run_benchmark
 from bench.cli import UsageError, config_from_args, run_parser
 from bench.compare import compare_summaries
 from bench.config import BenchConfig
@@ -18,6 +20,7 @@ from bench.render import routing_table
 from bench.workload import assign_groups, build_workload
 from services.contracts import JobSpec, prefix_key
 from services.settings import Settings
+from tests.stackutil import Stack
 
 
 def _settings() -> Settings:
@@ -138,3 +141,38 @@ def test_compare_shows_two_policies_side_by_side() -> None:
     assert rows["hit_rate"].verdict == "better"
     assert rows["hotspot"].verdict == "worse"
     assert rows["hit_rate_of_allowed"].ratio == pytest.approx(3.8)
+
+
+@pytest.mark.slow
+async def test_a_routed_prefix_group_run_through_the_stack(make_stack, tmp_path: Path) -> None:
+    st: Stack = make_stack(sim_block_size=16)
+    cfg = BenchConfig(
+        input_tokens=256,
+        output_tokens=4,
+        prefix_share=0.5,
+        prefix_groups=4,
+        requests=24,
+        concurrency=1,  # one at a time: a group's second job always finds its first one's blocks
+        routing="least_loaded",
+        out=str(tmp_path / "run"),
+        plots=False,
+    )
+    res = await run_benchmark(cfg, settings=st.settings)
+    assert res.summary["completed"] == 24, res.summary.get("errors")
+    node = st.values["node_id"]
+    # Every job went the way the run asked, and says so.
+    assert {(r.policy, r.node) for r in res.records} == {("least_loaded", node)}
+    assert Counter(r.prefix_group for r in res.records) == {0: 6, 1: 6, 2: 6, 3: 6}
+    routing = res.summary["routing"]
+    assert routing["policy"] == "least_loaded" and routing["prefix_groups"] == 4
+    assert routing["nodes"][node]["jobs"] == 24 and routing["nodes"][node]["share"] == 1.0
+    assert routing["hotspot"] == 1.0 and routing["nodes_live"] == 1
+    # Four groups, four prefixes: each group's first job misses, the other 20 hit their prefix
+    # (128 tokens, whole 16-token blocks), as many as the workload allows.
+    assert routing["hit_rate_allowed"] == pytest.approx(20 * 128 / (24 * 256))
+    assert routing["cached_tokens"] == 20 * 128
+    assert routing["hit_rate_of_allowed"] == pytest.approx(1.0)
+    # The summary and the saved run carry it; `bench show` prints the nodes table.
+    again = load_run(tmp_path / "run")
+    assert again.summary["routing"] == routing
+    assert again.summary["routing_policy"] == "least_loaded"
