@@ -211,13 +211,19 @@ async def sample_sharegpt(
 
     async def measure(c: Conversation) -> DatasetPrompt | None:
         if len(c.prompt) > MAX_PROMPT_CHARS:
-            skipped[f"prompt over {SHAREGPT_MAX_PROMPT_LEN} tokens"] += 1
+            skipped[f"prompt over {MAX_PROMPT_CHARS} characters"] += 1
             return None
         async with sem:
-            prompt_len = len(await engine.tokenize(c.prompt))
-            out = output_tokens
-            if out is None:  # vLLM: len(tokenizer(completion).input_ids)
-                out = len(await engine.tokenize(c.reply))
+            try:
+                prompt_len = len(await engine.tokenize(c.prompt))
+                out = output_tokens
+                if out is None:  # vLLM: len(tokenizer(completion).input_ids)
+                    out = len(await engine.tokenize(c.reply))
+            except EngineError as e:
+                if e.status not in (400, 413, 422):
+                    raise  # the engine is down or failing, not this conversation
+                skipped["refused by the engine's tokenizer"] += 1
+                return None
         if prompt_len < SHAREGPT_MIN_LEN or (output_tokens is None and out < SHAREGPT_MIN_LEN):
             skipped[f"prompt or reply under {SHAREGPT_MIN_LEN} tokens"] += 1
         elif prompt_len > SHAREGPT_MAX_PROMPT_LEN:

@@ -13,11 +13,18 @@ import pytest
 from bench.cli import config_from_args as _config_from_args
 from bench.cli import main, run_parser
 from bench.config import BenchConfig
-from bench.datasets import DatasetError, check_dataset, dataset_kind, read_sharegpt, sample_sharegpt
+from bench.datasets import (
+    DatasetError,
+    check_dataset,
+    dataset_kind,
+    load_prompts,
+    read_sharegpt,
+    sample_sharegpt,
+)
 from bench.workload import build_workload
 from services.engine_client import EngineClient
 from services.settings import REPO_ROOT, Settings
-from tests.stackutil import Stack, settings_env
+from tests.stackutil import Stack, free_port, settings_env
 
 LLMCONSOLE = REPO_ROOT / ".venv" / "bin" / "llmconsole"
 
@@ -199,6 +206,15 @@ def test_warmup_prompts_come_after_the_measured_ones() -> None:
     assert [it.prompt for it in run] == [f"p{i}" for i in range(6)]
     assert [it.prompt for it in warm] == ["p6", "p7", "p8"]
     assert {it.input_tokens for it in run} == {3}
+
+
+async def test_no_engine_to_measure_sharegpt_on_is_said(tmp_path: Path) -> None:
+    ds = tmp_path / "sg.json"
+    ds.write_text(json.dumps(sharegpt([[("human", "a b c d"), ("gpt", "e f g h")]])))
+    s = Settings(_env_file=None, engine_port=free_port())  # type: ignore[call-arg]
+    with pytest.raises(DatasetError, match=r"could not measure the sharegpt prompts on the engine's tokenizer: "
+                       r"engine not reachable"):  # fmt: skip
+        await load_prompts(BenchConfig(dataset=str(ds)), s, 5)
 
 
 # --- against the simulator: the pipeline, the engine's usage ---------------------------------------
