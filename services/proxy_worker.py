@@ -170,7 +170,8 @@ class ProxyWorker:
             await self.http.aclose()
             await self.r.aclose()
             if metrics_server is not None:
-                metrics_server.shutdown()
+                # shutdown() waits for the server thread's poll (up to 0.5 s): not on the loop.
+                await asyncio.to_thread(metrics_server.shutdown)
                 metrics_server.server_close()
 
     def stop(self) -> None:
