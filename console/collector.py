@@ -191,6 +191,10 @@ class Collector:
             done_per_s=done_per_s,
             submitted_per_s=sub_per_s,
             depth_history=tuple(self.depth_history),
+            redis_used=r.redis_used,
+            redis_limit=r.redis_limit,
+            retained=r.retained,
+            oldest_age_s=max(time.time() - r.oldest_finished, 0.0) if r.oldest_finished else None,
         )
 
     # -- engine ------------------------------------------------------------

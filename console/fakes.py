@@ -10,6 +10,7 @@ engine down.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -234,6 +235,10 @@ class FakeStack:
                 "refused": 0,
                 "redelivered": 2,
             },
+            redis_used=412 * 2**20,
+            redis_limit=6 * 2**30,
+            retained=48_210,
+            oldest_finished=time.time() - 7620,
         )
 
     async def recent_jobs(self, limit: int) -> list[JobView]:

@@ -33,6 +33,12 @@ class QueueView:
     submitted_per_s: float | None = None
     #: Recent values of ``waiting`` (oldest first) for the sparkline.
     depth_history: tuple[float, ...] = ()
+    #: Redis memory used and its maxmemory (0 = none), bytes.
+    redis_used: int | None = None
+    redis_limit: int | None = None
+    #: Final jobs Redis retains, and how long ago the oldest of them finished (s).
+    retained: int | None = None
+    oldest_age_s: float | None = None
     error: str | None = None
 
 

@@ -200,10 +200,37 @@ class QueuePanel(Panel):
             f"waiting [b]{q.waiting:>7,}[/]  in flight [b]{q.in_flight:>5,}[/]\n"
             f"done    [b $success]{q.succeeded:>7,}[/]  failed/dead "
             f"[b {'$error' if q.failed or q.dead else ''}]{q.failed:,}/{q.dead:,}[/]\n"
-            f"done/s  [b]{fmt_rate(q.done_per_s, ''):>7}[/]  in/s [b]{fmt_rate(q.submitted_per_s, '')}[/]",
+            f"done/s  [b]{fmt_rate(q.done_per_s, ''):>7}[/]  in/s [b]{fmt_rate(q.submitted_per_s, '')}[/]"
+            + _retention_lines(q),
         )
         peak = max(q.depth_history, default=0)
         self.subtitle(f"depth peak {peak:,.0f} · {q.consumers} consumers")
+
+
+def _retention_lines(q: QueueView) -> str:
+    """One line: Redis memory used/limit, final jobs retained and the oldest one's age."""
+    if q.redis_used is None:
+        return ""
+    share = q.redis_used / q.redis_limit if q.redis_limit else None
+    style = "$error" if share is not None and share >= 0.9 else "$warning" if share and share >= 0.75 else "b"
+    if q.redis_limit:
+        mem = fmt_bytes_pair(q.redis_used, q.redis_limit)
+    else:
+        mem = f"{fmt_bytes(q.redis_used)}/∞"
+    for unit in ("TiB", "GiB", "MiB", "KiB"):  # '0.4/6.0 GiB' → '0.4/6.0G': the line fits 32 columns
+        mem = mem.replace(f" {unit}", unit[0])
+    kept = DASH if q.retained is None else _count(q.retained)
+    age = f" [dim]{fmt_uptime(int(q.oldest_age_s))}[/]" if q.oldest_age_s is not None else ""
+    return f"\nredis [{style}]{mem}[/] kept [b]{kept}[/]{age}"
+
+
+def _count(n: int) -> str:
+    """48210 → '48.2k', 1234567 → '1.2M' (short, for one line)."""
+    if n < 10_000:
+        return f"{n:,}"
+    if n < 1_000_000:
+        return f"{n / 1000:.1f}k"
+    return f"{n / 1_000_000:.1f}M"
 
 
 class EnginePanel(Panel):

@@ -90,6 +90,7 @@ class SoakStack:
             "lease_ms": 5000,
             "proxy_concurrency": 64,
             "redis_maxmemory_mb": args.redis_maxmemory_mb,
+            "job_retention_max": args.job_retention_max,
             "node_id": "soak",
         }
         env_file = var / "llmconsole.env"
@@ -460,8 +461,13 @@ def plot(soak: Soak, path: Path, args: argparse.Namespace) -> None:
         ax2.plot(
             [t for t, _m in soak.memory], [m / 2**20 for _t, m in soak.memory], color="tab:red", label="used"
         )
-        if soak.maxmemory:
+        peak = max(m for _t, m in soak.memory) / 2**20
+        if soak.maxmemory and soak.maxmemory / 2**20 < peak * 4:
             ax2.axhline(soak.maxmemory / 2**20, color="black", ls="--", lw=0.8, label="maxmemory")
+        elif soak.maxmemory:  # far above: say it, keep the curve readable
+            ax2.set_ylim(0, peak * 1.4)
+            ax2.text(0.99, 0.95, f"maxmemory {soak.maxmemory / 2**20:,.0f} MiB (off the scale)",
+                     transform=ax2.transAxes, ha="right", va="top", fontsize=8)  # fmt: skip
     ax2.set_ylabel("Redis used_memory (MiB)")
     ax2.set_xlabel("seconds since start")
     colors = {f: c for f, c in zip(FAULTS, ("tab:purple", "tab:orange", "tab:brown", "tab:red"), strict=True)}
@@ -514,6 +520,9 @@ def main() -> None:
     p.add_argument("--fault-every", type=float, default=30.0, help="seconds between faults (30)")
     p.add_argument("--drain-s", type=float, default=600.0, help="longest wait for the last jobs (600)")
     p.add_argument("--redis-maxmemory-mb", type=int, default=1024, help="own stack's REDIS_MAXMEMORY_MB")
+    p.add_argument(
+        "--job-retention-max", type=int, default=20_000, help="own stack's JOB_RETENTION_MAX (20,000)"
+    )
     p.add_argument("--existing", action="store_true", help="use the stack of var/llmconsole.env")
     p.add_argument("--keep", action="store_true", help="leave the own stack running")
     p.add_argument("--run-id", default="soak-" + new_id()[-8:])

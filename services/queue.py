@@ -262,6 +262,12 @@ class QueueStats:
     stream_len: int
     consumers: int
     counters: dict[str, int]
+    #: Redis ``used_memory`` and ``maxmemory`` (0 = no limit), bytes.
+    redis_used: int | None = None
+    redis_limit: int | None = None
+    #: Final jobs in the retention index, and when the oldest of them finished (unix s).
+    retained: int | None = None
+    oldest_finished: float | None = None
 
 
 class JobQueue:
@@ -502,7 +508,23 @@ class JobQueue:
         stream_len = int(await self.r.xlen(self.keys.stream))
         active = int(await self.r.get(self.keys.active) or 0)
         counters = {k: int(v) for k, v in (await self.r.hgetall(self.keys.stats)).items()}
-        return QueueStats(waiting, in_flight, active, stream_len, consumers, counters)
+        memory = await self.r.info("memory")
+        async with self.r.pipeline(transaction=False) as p:
+            p.zcard(self.keys.finished)
+            p.zrange(self.keys.finished, 0, 0, withscores=True)
+            retained, oldest = await p.execute()
+        return QueueStats(
+            waiting,
+            in_flight,
+            active,
+            stream_len,
+            consumers,
+            counters,
+            redis_used=int(memory.get("used_memory", 0)),
+            redis_limit=int(memory.get("maxmemory", 0)),
+            retained=int(retained),
+            oldest_finished=float(oldest[0][1]) if oldest else None,
+        )
 
 
 def _entry_key(entry_id: str) -> tuple[int, int]:

@@ -68,7 +68,8 @@ async def test_finished_500_token_job_takes_at_most_4_kb(
     try:
         job_bytes = [_usage(r, keys.job(rec.job_id or "")) for rec in res.records]
         assert all(job_bytes), "every job is still retained"
-        run_bytes = _usage(r, keys.run(res.run_id)) + _usage(r, keys.run_jobs(res.run_id))
+        run_keys = (keys.run(res.run_id), keys.run_jobs(res.run_id), keys.run_done(res.run_id))
+        run_bytes = sum(_usage(r, k) for k in run_keys)
         assert not r.exists(keys.run_jobs(res.run_id)), "per-request records are not kept in Redis"
         # Each job's share of the indexes that name it: the retention index and the recent list.
         index_share = _usage(r, keys.finished) / r.zcard(keys.finished) + _usage(r, keys.recent) / r.llen(

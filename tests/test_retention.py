@@ -19,6 +19,8 @@ from bench.store import load_stored_run
 from services.contracts import (
     GPU_SAMPLES_MAXLEN,
     RECENT_JOBS_MAX,
+    RUN_DONE_MAXLEN,
+    RUN_DONE_TTL_S,
     InferResult,
     JobState,
     Keys,
@@ -246,6 +248,10 @@ async def test_every_key_family_is_bounded(make_stack: Callable[..., Stack], tmp
             "events": lambda: at_most("events", lambda k: 1, 0),  # a channel, never a key
             "run": lambda: ttl_bounded("run", s.run_retention_s),
             "run_jobs": lambda: at_most("run_jobs", lambda k: 1, 0),  # no longer written
+            "run_done": lambda: (
+                ttl_bounded("run_done", RUN_DONE_TTL_S),
+                at_most("run_done", r.xlen, RUN_DONE_MAXLEN + 200),  # MAXLEN ~
+            ),
             "runs": lambda: at_most("runs", r.zcard, s.run_retention_max),
             "nodes": lambda: at_most("nodes", r.scard, DEAD_NODES_KEPT + 1),
             "node": lambda: ttl_bounded("node"),

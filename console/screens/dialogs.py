@@ -14,6 +14,7 @@ from console.commands import KeyAction
 
 PANELS_HELP = """\
 [b]Queue[/]     waiting (not yet delivered), in flight, done, failed/dead, done/s and in/s (over the last 5 s); sparkline = depth from zero
+          redis = Redis memory used/maxmemory; kept = finished jobs Redis retains, then the oldest one's age
 [b]Engine[/]    the engine's /metrics: running/waiting requests, KV cache use, prefix cache hit rate
           (hits/queries over the last 5 s), prompt and generation tokens per second
 [b]GPUs[/]      every node: up, draining or lost, in flight / capacity, share of the recent jobs,
