@@ -10,6 +10,16 @@ import pytest
 
 from tests.stackutil import RedisServer, Stack
 
+#: Fixtures that start real processes: a test using any of them is ``slow`` (not in the fast part).
+PROCESS_FIXTURES = frozenset({"redis_server", "stack", "make_stack"})
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark ``slow`` every test that starts processes through a shared fixture."""
+    for item in items:
+        if PROCESS_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
+
 
 @pytest.fixture(scope="session")
 def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:

@@ -19,8 +19,9 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import redis
 
-from services.contracts import new_id
+from services.contracts import Keys, new_id
 from services.settings import REPO_ROOT, Settings
 
 PYTHON = sys.executable
@@ -33,17 +34,39 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def wait_until(pred: Callable[[], bool], timeout: float, what: str, interval: float = 0.05) -> None:
-    """Poll ``pred`` until true; fail with ``what`` after ``timeout`` seconds."""
+#: Errors that mean "not ready yet" while a service starts or restarts: connection refused or
+#: reset, a timeout, a socket or file not there yet. Anything else from a condition is a bug.
+NOT_READY: tuple[type[BaseException], ...] = (
+    OSError,
+    httpx.TransportError,
+    redis.exceptions.ConnectionError,
+    redis.exceptions.TimeoutError,
+)
+
+
+def wait_until(
+    pred: Callable[[], bool],
+    timeout: float,
+    what: str,
+    interval: float = 0.05,
+    not_ready: tuple[type[BaseException], ...] = NOT_READY,
+) -> None:
+    """Poll ``pred`` until true; fail with ``what`` after ``timeout`` seconds.
+
+    Only ``not_ready`` errors from ``pred`` count as "not yet" (the timeout names the last one);
+    any other exception is raised at once, so a bug in the condition is not a bare timeout.
+    """
     deadline = time.monotonic() + timeout
+    last: BaseException | None = None
     while time.monotonic() < deadline:
         try:
             if pred():
                 return
-        except Exception:
-            pass
+        except not_ready as e:
+            last = e
         time.sleep(interval)
-    raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}")
+    tail = f" (last error: {last!r})" if last is not None else ""
+    raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}{tail}")
 
 
 def http_ok(url: str, headers: dict[str, str] | None = None) -> bool:
@@ -55,18 +78,41 @@ def http_ok(url: str, headers: dict[str, str] | None = None) -> bool:
 
 
 class RedisServer:
-    """A real redis-server on a free port, in its own folder."""
+    """A real redis-server on a free port, in its own folder.
 
-    def __init__(self, workdir: Path, password: str = "", appendonly: bool = False) -> None:
+    ``launcher=True`` starts it the way production does, through ``python -m
+    services.redis_launch`` (its redis.conf: AOF with ``appendfsync`` from the settings,
+    ``noeviction``, the password in a 0600 file); the launcher execs redis-server, so
+    :attr:`proc` is the server itself and a SIGKILL is a real crash of Redis.
+    """
+
+    def __init__(
+        self,
+        workdir: Path,
+        password: str = "",
+        appendonly: bool = False,
+        *,
+        launcher: bool = False,
+        appendfsync: str = "everysec",
+    ) -> None:
         self.workdir = workdir
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
         self.password = password
-        self.appendonly = appendonly
+        self.appendonly = appendonly or launcher
+        self.launcher = launcher
+        self.appendfsync = appendfsync
         self.proc: subprocess.Popen[bytes] | None = None
 
-    def start(self) -> None:
-        """Start (or restart on the same port and data)."""
+    def _args(self) -> tuple[list[str], dict[str, str] | None]:
+        if self.launcher:
+            values = {
+                "redis_port": self.port,
+                "redis_password": self.password,
+                "redis_appendfsync": self.appendfsync,
+                "var_dir": str(self.workdir),
+            }
+            return [PYTHON, "-m", "services.redis_launch"], settings_env(values)
         exe = shutil.which("redis-server") or "/usr/bin/redis-server"
         args = [
             exe,
@@ -79,23 +125,30 @@ class RedisServer:
             "--save",
             "",
         ]
-        args += ["--appendonly", "yes" if self.appendonly else "no", "--appendfsync", "everysec"]
+        args += ["--appendonly", "yes" if self.appendonly else "no", "--appendfsync", self.appendfsync]
         args += ["--maxmemory-policy", "noeviction"]
         if self.password:
             args += ["--requirepass", self.password]
+        return args, None
+
+    def start(self) -> None:
+        """Start (or restart on the same port and data)."""
+        args, env = self._args()
         log = open(self.workdir / "redis.log", "ab")
-        self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO_ROOT)
         log.close()
         wait_until(self.ping, 10, f"redis on {self.port}")
 
+    def client(self) -> redis.Redis:
+        """A client of this server (strings decoded)."""
+        return redis.Redis(port=self.port, password=self.password or None, decode_responses=True)
+
     def ping(self) -> bool:
         """True if the server answers PING."""
-        import redis
-
         r = redis.Redis(port=self.port, password=self.password or None, socket_timeout=0.5)
         try:
             return bool(r.ping())
-        except Exception:
+        except redis.RedisError:  # refused, loading its AOF, or not yet up
             return False
         finally:
             r.close()
@@ -261,11 +314,28 @@ class Stack:
             "inference_worker": f"http://127.0.0.1:{s.worker_port}/readyz",
             "ingestion": f"{s.ingestion_url}/readyz",
         }.get(name)
-        if url is None:
-            time.sleep(0.5)
-            return
         proc = self.procs[name]
-        wait_until(lambda: http_ok(url), timeout, f"{name} ready (log: {proc.log_text()[-2000:]})")
+        if url is not None:
+            wait_until(lambda: http_ok(url), timeout, f"{name} ready (log: {proc.log_text()[-2000:]})")
+            return
+        if name != "proxy_worker":
+            raise ValueError(f"no readiness check for {name!r}")
+        self.wait_consumer(proc, timeout)
+
+    def consumer(self, proc: Proc) -> str:
+        """The consumer name a proxy worker process reads the stream under."""
+        return f"{socket.gethostname()[:40]}-{proc.pid}"
+
+    def wait_consumer(self, proc: Proc, timeout: float = 30) -> None:
+        """Wait until a proxy worker process has written its heartbeat (it is reading the stream)."""
+        key = Keys(self.values["redis_prefix"]).consumer_heartbeat(self.consumer(proc))
+        r = self.redis.client()
+        try:
+            wait_until(
+                lambda: r.exists(key) == 1, timeout, f"{proc.name} up (log: {proc.log_text()[-2000:]})"
+            )
+        finally:
+            r.close()
 
     def restart(self, name: str) -> None:
         """Graceful restart of one service."""

@@ -9,7 +9,6 @@ one to two minutes, so everything here shares one stack.
 from __future__ import annotations
 
 import os
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,6 +20,7 @@ from services.contracts import TIMESTAMPS, VllmMetric
 from services.engine_client import metric_sum, parse_prometheus
 from services.engine_launch import DEFAULT_CPU_MODEL_NAME, default_cpu_model_dir
 from services.settings import load_settings
+from tests.stackutil import wait_until
 from tests.supervisedstack import SupervisedStack
 
 pytestmark = [pytest.mark.cpu_engine, pytest.mark.timeout(900)]
@@ -80,10 +80,8 @@ def cpu(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SupervisedStack]:
     st.stop()
 
 
-def _run(c: httpx.Client, st: SupervisedStack, n: int, run_id: str, during: object = None) -> list[dict]:
+def _run(c: httpx.Client, st: SupervisedStack, n: int, run_id: str) -> list[dict]:
     ids = st.submit_jobs(c, n, run_id, input_tokens=300, output_tokens=12)
-    if callable(during):
-        during()
     return st.wait_jobs(c, ids)
 
 
@@ -109,20 +107,19 @@ def test_exact_tokens_and_prefix_cache_on_real_engine(cpu: SupervisedStack) -> N
     assert _prefix_hits(cpu) > hits_before
 
 
-def test_restart_inference_worker_during_run_loses_nothing(cpu: SupervisedStack) -> None:
-    done = threading.Event()
+def _state(c: httpx.Client, st: SupervisedStack, job_id: str) -> str:
+    r = c.get(f"{st.settings.ingestion_url}/v1/jobs/{job_id}", headers=st.headers)
+    return str(r.json()["state"])
 
-    def restart() -> None:
-        time.sleep(1.0)
+
+def test_restart_inference_worker_during_run_loses_nothing(cpu: SupervisedStack) -> None:
+    with httpx.Client(timeout=60) as c:
+        ids = cpu.submit_jobs(c, 6, "cpu-restart", input_tokens=300, output_tokens=12)
+        # The restart meets work in progress: it starts once a job is running.
+        wait_until(lambda: any(_state(c, cpu, j) == "running" for j in ids), 120, "a job running")
         res = cpu.ctl("restart", "inference_worker")
         assert "started" in res.stdout, res.stdout + res.stderr
-        done.set()
-
-    with httpx.Client(timeout=60) as c:
-        t = threading.Thread(target=restart)
-        jobs = _run(c, cpu, 6, "cpu-restart", during=t.start)
-        t.join(120)
-    assert done.is_set()
+        jobs = cpu.wait_jobs(c, ids)
     assert [j["state"] for j in jobs] == ["succeeded"] * 6
     assert all(j["result"]["completion_tokens"] == 12 for j in jobs)
 

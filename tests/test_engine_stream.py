@@ -29,11 +29,21 @@ USAGE = "data: " + json.dumps(
 DONE = "data: [DONE]"
 
 
+Step = str | float | threading.Event
+
+
 class ScriptedEngine:
-    """Serves ``/v1/models`` and plays ``script`` (SSE lines, or a float = sleep) for completions."""
+    """Serves ``/v1/models`` and plays ``script`` for completions.
+
+    A step is an SSE line, a float (sleep), or an event: the stream holds until the test sets it
+    (at most 10 s; :attr:`held` records whether it was set in time, and :attr:`sent_ns` when each
+    following line went out).
+    """
 
     def __init__(self) -> None:
-        self.script: list[str | float] = []
+        self.script: list[Step] = []
+        self.held: list[bool] = []
+        self.sent_ns: list[int] = []
         engine = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -57,6 +67,10 @@ class ScriptedEngine:
                     if isinstance(step, float):
                         time.sleep(step)
                         continue
+                    if isinstance(step, threading.Event):
+                        engine.held.append(step.wait(10))
+                        continue
+                    engine.sent_ns.append(time.time_ns())
                     self.wfile.write(f"{step}\n\n".encode())
                     self.wfile.flush()
                 self.close_connection = True
@@ -80,11 +94,11 @@ def engine() -> Iterator[ScriptedEngine]:
     e.server.server_close()
 
 
-async def _stream(engine: ScriptedEngine, script: list[str | float]) -> Any:
-    engine.script = script
+async def _stream(engine: ScriptedEngine, script: list[Step], on_first_token: Any = None) -> Any:
+    engine.script, engine.held, engine.sent_ns = script, [], []
     client = EngineClient(engine.url, timeout_s=10)
     try:
-        return await client.stream_completion([1, 2, 3], 4)
+        return await client.stream_completion([1, 2, 3], 4, on_first_token=on_first_token)
     finally:
         await client.aclose()
 
@@ -92,9 +106,14 @@ async def _stream(engine: ScriptedEngine, script: list[str | float]) -> Any:
 async def test_empty_text_chunks_are_tokens(engine: ScriptedEngine) -> None:
     # vLLM sends a chunk for a token whose text is empty (a special token under ignore_eos, half a
     # UTF-8 character); its benchmark counts it for TTFT and ITL, and so does this client.
-    res = await _stream(engine, [_tok(""), 0.05, _tok("a"), _tok(""), _tok("b", "length"), USAGE, DONE])
+    # The stream holds after the empty token until the client has taken its first token: the
+    # order of events, not a duration, shows which chunk started the clock.
+    first = threading.Event()
+    script: list[Step] = [_tok(""), first, _tok("a"), _tok(""), _tok("b", "length"), USAGE, DONE]
+    res = await _stream(engine, script, on_first_token=first.set)
+    assert engine.held == [True], "the first token was not taken at the empty chunk"
+    assert res.t_first_token < engine.sent_ns[1]  # before "a" was even sent
     assert res.chunks == 4 and len(res.itl_s) == 3 and res.text == "ab"
-    assert res.ttft_s < 0.04  # the first (empty) token, not the second
     assert (res.prompt_tokens, res.completion_tokens, res.finish_reason) == (7, 4, "length")
 
 
@@ -139,7 +158,7 @@ async def test_no_token_at_all_returns_zero_chunks_for_the_caller_to_refuse(engi
     [([DONE], "without any token"), ([_tok("a"), _tok("b", "length"), DONE], "without usage")],
 )
 async def test_the_worker_refuses_an_answer_without_tokens_or_usage(
-    engine: ScriptedEngine, script: list[str | float], why: str
+    engine: ScriptedEngine, script: list[Step], why: str
 ) -> None:
     # Such an answer must not become a succeeded job with 0 tokens: a retryable 502 instead.
     import httpx

@@ -10,6 +10,8 @@ import pytest
 from services.contracts import MAX_BODY_BYTES, MAX_HEADER_BYTES, TIMESTAMPS
 from tests.stackutil import Stack
 
+pytestmark = pytest.mark.slow  # a four-process stack on the simulator
+
 
 @pytest.fixture
 def client() -> Iterator[httpx.Client]:
@@ -177,5 +179,12 @@ def test_health_and_docs(stack: Stack, client: httpx.Client) -> None:
     spec = client.get(f"{base}/openapi.json").json()
     assert "/v1/jobs" in spec["paths"] and "/v1/jobs/{job_id}" in spec["paths"]
     assert client.get(f"{base}/docs").status_code == 200
-    q = client.get(f"{base}/v1/queue", headers=stack.headers).json()
-    assert q["counters"]["submitted"] >= 1
+
+
+def test_queue_counts_each_submitted_job(stack: Stack, client: httpx.Client) -> None:
+    # Alone or after the module's other tests: the counter moves by exactly one per accepted job.
+    url = f"{stack.settings.ingestion_url}/v1/queue"
+    before = client.get(url, headers=stack.headers).json()["counters"].get("submitted", 0)
+    stack.wait_job(client, stack.submit(client, input_tokens=8, output_tokens=1))
+    after = client.get(url, headers=stack.headers).json()["counters"]
+    assert after["submitted"] == before + 1

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from services import readiness
 from services.readiness import wait
 from services.settings import Settings
 from tests.stackutil import RedisServer, free_port
@@ -27,14 +28,28 @@ def _settings(tmp_path: Path, redis: RedisServer) -> Settings:
 
 
 def test_engine_failure_in_log_ends_the_wait(
-    tmp_path: Path, redis_server: RedisServer, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path,
+    redis_server: RedisServer,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     s = _settings(tmp_path, redis_server)
     log = tmp_path / "log" / "engine.log"
     log.write_text("an old start that failed: CUDA out of memory\n")  # before the wait: ignored
+    # The crash is written once the wait has checked the services once (it has taken the log's
+    # offset before that): after the wait began, whatever the machine's speed.
+    polled = threading.Event()
+
+    def checks_once_seen(settings: Settings) -> dict[str, bool]:
+        state = real_checks(settings)
+        polled.set()
+        return state
+
+    real_checks = readiness.checks
+    monkeypatch.setattr(readiness, "checks", checks_once_seen)
 
     def engine_crashes() -> None:
-        time.sleep(1.5)
+        assert polled.wait(30)
         with log.open("a") as f:
             f.write("Loading weights 40%\n")
             f.write("torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB\n")
