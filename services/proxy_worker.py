@@ -125,6 +125,7 @@ class ProxyWorker:
             settings.routing_balance_rel,
             settings.routing_fair_share,
             settings.routing_fair_share_abs,
+            settings.routing_spill_load or min(1.0, 1 / settings.node_capacity_factor),
         )
         #: node → slot members this proxy holds there (their leases are renewed in one batch).
         self.held: dict[str, set[str]] = {}

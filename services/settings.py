@@ -170,12 +170,15 @@ class Settings(BaseSettings):
     routing: RoutingPolicy = "prefix_affinity"
     #: Imbalance guard (vLLM router / SGLang gateway): when (max - min) in flight > ABS and
     #: max > REL × min, a job goes to the least loaded node whatever its prefix.
-    routing_balance_abs: int = Field(16, ge=0)
+    routing_balance_abs: int = Field(32, ge=0)
     routing_balance_rel: float = Field(1.5, ge=1.0)
     #: A prefix's node is passed over when it would be above FAIR_SHARE × its capacity-weighted
     #: share of all jobs in flight (+ ABS): one hot prefix then spreads to more nodes.
-    routing_fair_share: float = Field(1.5, ge=1.0)
+    routing_fair_share: float = Field(1.25, ge=1.0)
     routing_fair_share_abs: int = Field(4, ge=0)
+    #: ... and only once that node is above this share of its capacity; empty = 1 / capacity
+    #: factor, i.e. where its engine starts queueing (below it moving a job only costs its hits).
+    routing_spill_load: float | None = Field(None, gt=0, le=1)
     #: How long routers remember which node served a prefix (vLLM router: 120 s).
     routing_prefix_ttl_s: int = Field(120, ge=1)
     #: How often a proxy worker re-reads the node registry and in-flight counts.

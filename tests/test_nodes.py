@@ -4,6 +4,7 @@ var dir and ports, with the simulator; one ingestion and one proxy worker route 
 from __future__ import annotations
 
 import os
+import random
 import signal
 import subprocess
 import time
@@ -40,7 +41,7 @@ SHARED = {"node_ttl_s": 2, "lease_ms": 3000, "registry_refresh_s": 0.2, "node_su
 class Node:
     """One node: supervisord.node.conf with var/ moved to its own folder, its own ports and id."""
 
-    def __init__(self, workdir: Path, node_id: str, common: dict[str, Any]) -> None:
+    def __init__(self, workdir: Path, node_id: str, common: dict[str, Any], **sim: Any) -> None:
         self.var = workdir / "var"
         (self.var / "log").mkdir(parents=True, exist_ok=True)
         self.var.chmod(0o700)
@@ -52,6 +53,7 @@ class Node:
             **common,
             **SIM,
             **SHARED,
+            **sim,
             "engine_port": free_port(),
             "worker_port": free_port(),
             "engine_api_key": "ekey-" + new_id(),
@@ -116,9 +118,9 @@ class Node:
 
 
 class Cluster:
-    """Three nodes + ingestion + one proxy worker, sharing one Redis under one key prefix."""
+    """Nodes (three by default) + ingestion + one proxy worker, sharing one Redis and key prefix."""
 
-    def __init__(self, redis_server: RedisServer, workdir: Path) -> None:
+    def __init__(self, redis_server: RedisServer, workdir: Path, nodes: int = 3, **sim: Any) -> None:
         self.common: dict[str, Any] = {
             "redis_port": redis_server.port,
             "redis_password": redis_server.password,
@@ -127,7 +129,7 @@ class Cluster:
             "api_key": "key-" + new_id(),
         }
         self.keys = Keys(self.common["redis_prefix"])
-        self.nodes = [Node(workdir / f"n{i}", f"n{i}", self.common) for i in range(3)]
+        self.nodes = [Node(workdir / f"n{i}", f"n{i}", self.common, **sim) for i in range(nodes)]
         head = {
             **self.common,
             **SHARED,
@@ -147,15 +149,17 @@ class Cluster:
         self.headers = {"Authorization": f"Bearer {self.common['api_key']}"}
 
     def start(self) -> None:
-        """Start the nodes and the head; wait until all three nodes are ready in the registry."""
+        """Start the nodes and the head; wait until every node is ready in the registry."""
         for n in self.nodes:
             n.start()
         for p in self.procs:
             p.start()
         wait_until(lambda: http_ok(f"{self.head.ingestion_url}/readyz"), 60, "ingestion ready")
-        wait_until(
-            lambda: sorted(self.ready_nodes()) == ["n0", "n1", "n2"], 60, f"3 nodes ready: {self.diag()}"
-        )
+        names = sorted(n.node_id for n in self.nodes)
+        try:
+            wait_until(lambda: sorted(self.ready_nodes()) == names, 60, f"{names} ready")
+        except TimeoutError as e:
+            raise AssertionError(f"{e}\n{self.diag()}") from None
 
     def ready_nodes(self) -> list[str]:
         """Nodes whose heartbeat says up and ready."""
@@ -170,8 +174,11 @@ class Cluster:
         """Job ids holding a slot on ``node`` now (from Redis)."""
         return [m.rsplit(":", 1)[0] for m in self.r.zrange(self.keys.node_inflight(node), 0, -1)]
 
-    def submit(self, c: httpx.Client, n: int, run_id: str, groups: int = 6) -> list[str]:
-        """``n`` jobs of ``groups`` prefix groups; their ids."""
+    def submit(
+        self, c: httpx.Client, n: int, run_id: str, groups: int | list[int] = 6, **kw: Any
+    ) -> list[str]:
+        """``n`` jobs of ``groups`` prefix groups (or these groups, in order); their ids."""
+        order = groups if isinstance(groups, list) else [i % groups for i in range(n)]
         ids = []
         for i in range(n):
             body = {
@@ -179,8 +186,9 @@ class Cluster:
                 "output_tokens": 30,
                 "prefix_share": 0.5,
                 "run_id": run_id,
-                "prefix_group": i % groups,
+                "prefix_group": order[i],
                 "seed": i,
+                **kw,
             }
             r = c.post(f"{self.head.ingestion_url}/v1/jobs", json=body, headers=self.headers)
             assert r.status_code == 202, r.text
@@ -316,3 +324,53 @@ def test_a_drained_node_finishes_its_jobs_and_takes_no_more(cluster: Cluster) ->
         assert r.returncode == 0, r.stderr
         assert not cl.r.sismember(cl.keys.nodes, "n1")
         assert not cl.r.exists(cl.keys.node("n1"), cl.keys.node_drain("n1"))
+
+
+def hit_rates(jobs: list[dict[str, Any]], block: int) -> tuple[float, float]:
+    """(cached ÷ prompt tokens, the most the workload allows: every job's whole prefix blocks
+    cached but each group's first)."""
+    prompt = sum(j["result"]["prompt_tokens"] for j in jobs)
+    cached = sum(j["result"]["cached_tokens"] or 0 for j in jobs)
+    seen: set[int] = set()
+    allowed = 0
+    for j in jobs:
+        group = j["spec"]["prefix_group"]
+        if group in seen:
+            allowed += j["result"]["prefix_tokens"] // block * block
+        seen.add(group)
+    return cached / prompt, allowed / prompt
+
+
+def test_prefix_affinity_keeps_the_cache_hits_that_round_robin_loses(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    # 4 nodes, 16 prefix groups of 28 KV blocks each; a node's 240 blocks keep about 6 groups beside
+    # its running sequences, so only routing that keeps each group on one node keeps its hits.
+    sim = {
+        "sim_kv_blocks": 240,
+        "sim_block_size": 16,
+        "sim_itl_ms": 2,
+        "sim_max_num_seqs": 16,
+        "node_capacity_factor": 2,
+    }
+    cl = Cluster(redis_server, tmp_path, nodes=4, **sim)
+    try:
+        cl.start()
+        order = [i % 16 for i in range(256)]
+        random.Random(7).shuffle(order)
+        body = {"input_tokens": 512, "output_tokens": 8, "prefix_share": 0.9}
+        rates = {}
+        with httpx.Client(timeout=30) as c:
+            for policy in ("prefix_affinity", "round_robin"):
+                ids = cl.submit(c, len(order), f"hits-{policy}", order, routing=policy, **body)
+                jobs = cl.wait_final(c, ids)
+                assert [j["state"] for j in jobs] == ["succeeded"] * len(ids)
+                served = Counter(j["result"]["node"] for j in jobs)
+                rates[policy] = (*hit_rates(jobs, 16), 4 * max(served.values()) / len(jobs))
+
+        hit, allowed, hotspot = rates["prefix_affinity"]
+        assert hit >= 0.9 * allowed, rates
+        assert hotspot <= 1.5, rates
+        assert rates["round_robin"][0] < 0.5 * hit, rates
+    finally:
+        cl.stop()

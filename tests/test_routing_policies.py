@@ -74,13 +74,16 @@ def test_imbalance_sends_the_job_to_the_least_loaded_node_and_it_becomes_an_owne
 
 
 def test_fair_share_guard_spreads_a_hot_prefix() -> None:
-    g = Guards(balance_abs=1000, fair_share=1.5, fair_share_abs=2)
-    nodes = views(12, 2, 2, 2, cap=64)  # total 18+1 → fair 4.75 per node → limit 9.1
+    g = Guards(balance_abs=1000, fair_share=1.5, fair_share_abs=2, spill_load=0.1)
+    nodes = views(12, 2, 2, 2, cap=64)  # total 18+1 → fair 4.75 per node → limit 9.1; 13 > 6.4
     assert over_fair_share(nodes[0], nodes, g)
     assert not over_fair_share(nodes[1], nodes, g)
     d = prefix_affinity(JobInfo("hot", ("n0",)), nodes, 0, g)
     assert d is not None and d.reason == "fair_share" and d.node != "n0"
     assert d.owners == ("n0", d.node)
+    # Below spill_load × capacity the owner keeps the job (its engine runs it at once).
+    d = prefix_affinity(JobInfo("hot", ("n0",)), nodes, 0, Guards(balance_abs=1000, spill_load=0.5))
+    assert d is not None and (d.node, d.reason) == ("n0", "prefix_hit")
 
 
 def test_a_full_owner_is_passed_over() -> None:

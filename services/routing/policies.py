@@ -13,9 +13,10 @@ are tested as plain functions. The proxy worker feeds them from :mod:`services.r
     counts, the job goes to the least loaded node whatever its prefix;
   - a fair-share guard against hot prefixes: a prefix's node is passed over when taking the job
     would put it above ``fair_share ×`` its capacity-weighted share of all jobs in flight
-    (``+ fair_share_abs``); the job then goes to the least loaded node, which becomes one more
-    owner of the prefix, so one hot prefix spreads over as many nodes as its load needs while
-    cold prefixes stay on one.
+    (``+ fair_share_abs``) and above ``spill_load ×`` its capacity (where its engine starts
+    queueing); the job then goes to the least loaded node, which becomes one more owner of the
+    prefix, so one hot prefix spreads over as many nodes as its load needs while cold prefixes
+    stay on one.
 
   A prefix seen for the first time goes to the node that owns the fewest prefixes (then the
   least loaded), which spreads prefix groups evenly over the nodes.
@@ -67,10 +68,14 @@ class JobInfo:
 class Guards:
     """Thresholds of ``prefix_affinity`` (see the module docstring)."""
 
-    balance_abs: int = 16
+    balance_abs: int = 32
     balance_rel: float = 1.5
-    fair_share: float = 1.5
+    fair_share: float = 1.25
     fair_share_abs: int = 4
+    #: The fair-share guard acts only on a node above this share of its capacity: below it the
+    #: engine runs the job at once (capacity = max_num_seqs × factor, so 1 / factor is where the
+    #: engine starts queueing), and moving the job would only cost its prefix-cache hit.
+    spill_load: float = 0.5
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,10 +131,13 @@ def imbalanced(nodes: Sequence[NodeView], guards: Guards) -> bool:
 
 
 def over_fair_share(node: NodeView, nodes: Sequence[NodeView], guards: Guards) -> bool:
-    """True if one more job would put ``node`` above its allowed share of all jobs in flight."""
+    """True if one more job would put ``node`` above its allowed share of all jobs in flight
+    (and above ``spill_load`` of its own capacity)."""
     total_cap = sum(max(n.capacity, 0) for n in nodes)
     if total_cap <= 0:
         return True
+    if node.in_flight + 1 <= guards.spill_load * node.capacity:
+        return False
     total = sum(n.in_flight for n in nodes) + 1
     fair = total * node.capacity / total_cap
     return node.in_flight + 1 > guards.fair_share * fair + guards.fair_share_abs
