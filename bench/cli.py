@@ -20,6 +20,7 @@ import json
 import math
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from pydantic import ValidationError
@@ -345,16 +346,23 @@ def cmd_run(argv: list[str], out: Console, err: Console) -> int:
 def cmd_compare(argv: list[str], out: Console, err: Console) -> int:
     """Compare two run folders."""
     p = _Parser(prog="llmconsole bench compare", description="Two runs side by side: B − A and B / A.")
-    p.add_argument("a", metavar="DIR_A")
+    p.add_argument(
+        "a", metavar="DIR_A", help="a run folder, or a run id (under RESULTS_DIR, else from Redis)"
+    )
     p.add_argument("b", metavar="DIR_B")
     p.add_argument("--json", action="store_true", help="print the rows as JSON")
     ns = p.parse_args(argv)
-    from bench.compare import compare_runs
+    from bench.compare import Comparison, compare_summaries
+    from bench.store import find_run
 
+    settings = load_settings()
     try:
-        c = compare_runs(ns.a, ns.b)
+        a, b = find_run(ns.a, settings), find_run(ns.b, settings)
     except ValueError as e:
         raise UsageError(str(e)) from None
+    for note in [*a.warnings, *b.warnings] if a.out_dir is None or b.out_dir is None else []:
+        err.print(f"note: {note}", markup=False, highlight=False, soft_wrap=True)
+    c = Comparison(a, b, compare_summaries(a.summary, b.summary))
     if ns.json:
         out.print_json(json.dumps([r.__dict__ | {"verdict": r.verdict} for r in c.rows]))
     else:
@@ -378,6 +386,7 @@ def cmd_list(argv: list[str], out: Console, err: Console) -> int:
     runs = list_runs(ns.results_dir)
     if not runs:
         out.print(f"no runs under {ns.results_dir}")
+        _redis_only_runs(settings, set(), err)
         return 0
     t = Table(title=f"runs in {ns.results_dir}")
     for c in ("date", "run id", "label", "path", "ok", "failed", "req/s", "out tok/s"):
@@ -394,23 +403,50 @@ def cmd_list(argv: list[str], out: Console, err: Console) -> int:
             fmt(r.output_throughput),
         )
     out.print(t)
+    _redis_only_runs(settings, {r.run_id for r in runs}, err)
     return 0
+
+
+def _redis_only_runs(settings: Settings, on_disk: set[str], err: Console) -> None:
+    """Name the runs Redis still holds whose folder is gone (their records with it)."""
+    from bench.report import SUMMARY_FILE
+    from bench.store import list_stored_runs
+
+    try:
+        stored = asyncio.run(list_stored_runs(settings, settings.run_retention_max))
+    except Exception:  # Redis down or unreachable: the folders listed are the whole answer
+        return
+    for h in stored:
+        run_id, out_dir = h.get("run_id", ""), h.get("out_dir", "")
+        if run_id in on_disk or (out_dir and (Path(out_dir) / SUMMARY_FILE).is_file()):
+            continue
+        err.print(
+            f"note: run {run_id} ({h.get('state', '?')}) is in Redis without its folder {out_dir or '(none)'}: "
+            f"its per-request records are gone; `llmconsole bench show {run_id}` prints the summary Redis keeps",
+            markup=False,
+            highlight=False,
+            soft_wrap=True,
+        )
 
 
 def cmd_show(argv: list[str], out: Console, err: Console) -> int:
     """Print a saved run's summary tables."""
     p = _Parser(prog="llmconsole bench show", description="A saved run's summary again.")
-    p.add_argument("dir", metavar="DIR")
+    p.add_argument(
+        "dir", metavar="DIR", help="a run folder, or a run id (under RESULTS_DIR, else from Redis)"
+    )
     ns = p.parse_args(argv)
     from bench.render import summary_renderables
-    from bench.report import load_run
+    from bench.store import find_run
 
     try:
-        run = load_run(ns.dir)
+        run = find_run(ns.dir, load_settings())
     except ValueError as e:
         raise UsageError(str(e)) from None
     for r in summary_renderables(run.summary):
         out.print(r)
+    for note in run.warnings if run.out_dir is None else []:
+        err.print(f"note: {note}", markup=False, highlight=False, soft_wrap=True)
     return 0
 
 

@@ -215,3 +215,50 @@ async def load_stored_run(
         h["records_missing"] = records_note(run_id, h.get("out_dir"))
         records = []
     return h, records
+
+
+def find_run(arg: str, settings: Settings) -> Any:
+    """A run named on the command line: a folder, a run id under ``RESULTS_DIR``, or a run id
+    Redis still holds (its summary; records from its folder when readable).
+
+    Returns a :class:`bench.runner.RunResult` whose ``warnings`` say what is missing (records
+    pruned from Redis, folder gone). Raises ValueError with a sentence when the run is nowhere.
+    """
+    import asyncio
+
+    from bench.config import BenchConfig
+    from bench.report import SUMMARY_FILE, load_run
+    from bench.runner import RunResult
+    from services.contracts import valid_id
+
+    results_dir = Path(settings.results_dir)
+    for cand in (Path(arg), results_dir / arg):
+        if (cand / SUMMARY_FILE).is_file() or (cand.name == SUMMARY_FILE and cand.is_file()):
+            return load_run(cand)
+    nowhere = f"{arg}: not a run folder (no {SUMMARY_FILE}), and no run of that id under {results_dir}"
+    if not valid_id(arg):
+        raise ValueError(nowhere)
+    try:
+        stored = asyncio.run(load_stored_run(settings, arg))
+    except (*REDIS_DOWN, RedisError) as e:
+        raise ValueError(f"{nowhere}, and Redis could not be asked ({e.__class__.__name__})") from None
+    if stored is None:
+        raise ValueError(
+            f"{nowhere}, and Redis no longer holds it (it keeps the newest {settings.run_retention_max} "
+            f"runs for {settings.run_retention_s} s: RUN_RETENTION_MAX, RUN_RETENTION_S)"
+        )
+    h, records = stored
+    out_dir = h.get("out_dir") or ""
+    if out_dir and (Path(out_dir) / SUMMARY_FILE).is_file():
+        return load_run(out_dir)
+    summary = h.get("summary")
+    if not isinstance(summary, dict):
+        raise ValueError(f"run {arg} is {h.get('state') or 'unknown'} in Redis, with no summary yet")
+    try:
+        config = BenchConfig.model_validate(h.get("params") or {})
+    except ValueError:
+        config = BenchConfig()
+    notes = [
+        h.get("records_missing") or f"run {arg}: summary read from Redis; its folder {out_dir} is missing"
+    ]
+    return RunResult(arg, config, summary, records, None, RunState(h.get("state") or "finished"), notes)

@@ -276,3 +276,49 @@ async def test_every_key_family_is_bounded(make_stack: Callable[..., Stack], tmp
         assert len(found["job"]) >= 30 and found["finished"] and found["run"] and found["idempotency"]
     finally:
         r.close()
+
+
+@pytest.mark.slow
+async def test_bench_show_list_compare_say_when_records_were_pruned(
+    make_stack: Callable[..., Stack], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import asyncio
+    import shutil
+
+    from bench.cli import main as bench_main
+
+    st = make_stack(proxy_concurrency=4)
+    s = st.settings
+    cfg = BenchConfig(
+        input_tokens=16, output_tokens=4, requests=3, concurrency=3, path="pipeline", plots=False
+    )
+    res = await run_benchmark(cfg, settings=s)
+    assert res.out_dir is not None and res.out_dir.parent == Path(s.results_dir)
+    for k, v in st.values.items():  # the CLI reads its settings from the environment
+        monkeypatch.setenv(k.upper(), str(v))
+    monkeypatch.setenv("LLMC_ENV_FILE", "/nonexistent/llmconsole.env")
+
+    def cli(*argv: str) -> tuple[int, str, str]:
+        code = bench_main(list(argv))
+        out = capsys.readouterr()
+        return code, out.out, out.err
+
+    code, out, err = await asyncio.to_thread(cli, "show", res.run_id)  # by id, from its folder
+    assert code == 0 and "Successful requests" in out and not err, err
+
+    shutil.rmtree(res.out_dir)  # the folder is gone: Redis still has the summary, not the records
+    code, out, err = await asyncio.to_thread(cli, "show", res.run_id)
+    assert code == 0 and "Successful requests" in out
+    assert "per-request records are not kept in Redis" in err and str(res.out_dir) in err
+    code, out, err = await asyncio.to_thread(cli, "list")
+    assert code == 0 and f"run {res.run_id} (finished) is in Redis without its folder" in err
+    code, out, err = await asyncio.to_thread(cli, "compare", res.run_id, res.run_id)
+    assert code == 0 and "per-request records" in err
+
+    r = redis.Redis(port=st.redis.port, password=st.redis.password, decode_responses=True)
+    try:  # a run pruned from Redis as well: nowhere, said so
+        r.delete(Keys(s.redis_prefix).run(res.run_id))
+    finally:
+        r.close()
+    code, out, err = await asyncio.to_thread(cli, "show", res.run_id)
+    assert code == 2 and "Redis no longer holds it" in err and "RUN_RETENTION_MAX" in err
