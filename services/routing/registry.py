@@ -14,8 +14,8 @@ the nodes are those URLs instead (no heartbeat needed), each with the configured
 
 The prefix memory (prefix → the nodes that served it) is shared by all proxy workers through
 Redis (:meth:`services.contracts.Keys.routing_prefixes`): each proxy writes what it decides, in
-the same round trip as the slot it takes, and reads everyone's at each refresh. Two proxies can
-disagree on a brand-new prefix for one refresh period at most.
+the same round trip as the slot it takes, and reads everyone's every ``PREFIX_READ_S``. Two
+proxies can disagree on a brand-new prefix for that long at most.
 """
 
 from __future__ import annotations
@@ -34,8 +34,10 @@ from services.settings import Settings
 
 log = logging.getLogger("llmconsole.routing")
 
-#: Most prefix-memory entries read per time window at each refresh.
+#: Most prefix-memory entries read per time window at each read.
 PREFIX_SAMPLE = 4096
+#: How often a proxy worker reads the other proxies' prefix decisions (its own it knows at once).
+PREFIX_READ_S = 2.0
 
 
 @dataclass(slots=True)
@@ -86,6 +88,9 @@ class Registry:
         #: prefix → owners; and the generation each entry was last written to Redis in.
         self.prefixes: dict[str, tuple[str, ...]] = {}
         self._written: dict[str, int] = {}
+        #: node → prefixes it is the first owner of.
+        self._firsts: dict[str, int] = {}
+        self._next_prefix_read = 0.0
         self._suspects: dict[str, tuple[float, int]] = {}
         self.refreshed = 0.0
         self.static = bool(settings.worker_urls)
@@ -122,9 +127,16 @@ class Registry:
         gen = self.generation()
         if self.prefixes.get(prefix) == owners and self._written.get(prefix) == gen:
             return ""
+        self._count_first(self.prefixes.get(prefix), -1)
+        self._count_first(owners, +1)
         self.prefixes[prefix] = owners
         self._written[prefix] = gen
         return self.keys.routing_prefixes(gen)
+
+    def _count_first(self, owners: tuple[str, ...] | None, delta: int) -> None:
+        """Keep the per-node count of prefixes a node is the first owner of (for new prefixes)."""
+        if owners:
+            self._firsts[owners[0]] = self._firsts.get(owners[0], 0) + delta
 
     @property
     def prefix_ttl_s(self) -> int:
@@ -155,10 +167,7 @@ class Registry:
 
     def views(self) -> list[NodeView]:
         """Policy inputs for the routable nodes."""
-        firsts: dict[str, int] = {}
-        for owners in self.prefixes.values():
-            if owners:
-                firsts[owners[0]] = firsts.get(owners[0], 0) + 1
+        firsts = self._firsts
         return [
             NodeView(n.node, self.in_flight.get(n.node, 0), n.capacity, firsts.get(n.node, 0))
             for n in self.routable()
@@ -178,8 +187,10 @@ class Registry:
         return self.clock() - self.refreshed >= self.s.registry_refresh_s
 
     async def refresh(self) -> None:
-        """Read nodes, in-flight counts and prefix memory from Redis (two round trips)."""
+        """Read nodes, in-flight counts and (every ``PREFIX_READ_S``) the prefix memory from Redis
+        (two round trips)."""
         gen = self.generation()
+        read_prefixes = self.clock() >= self._next_prefix_read
         if self.static:
             ids = list(self._static_nodes)
         else:
@@ -190,12 +201,12 @@ class Registry:
                     p.hgetall(self.keys.node(node))
             if ids:
                 await self.cap.queue_count(p, ids)
-            p.hrandfield(self.keys.routing_prefixes(gen - 1), PREFIX_SAMPLE, withvalues=True)
-            p.hrandfield(self.keys.routing_prefixes(gen), PREFIX_SAMPLE, withvalues=True)
+            if read_prefixes:
+                p.hrandfield(self.keys.routing_prefixes(gen - 1), PREFIX_SAMPLE, withvalues=True)
+                p.hrandfield(self.keys.routing_prefixes(gen), PREFIX_SAMPLE, withvalues=True)
             res = await p.execute()
         beats = res[: len(ids)] if not self.static else []
-        counts = res[-3] if ids else []
-        prev, cur = res[-2], res[-1]
+        counts = res[len(beats)] if ids else []
         if self.static:
             nodes = dict(self._static_nodes)
         else:
@@ -213,6 +224,11 @@ class Registry:
                 nodes[node] = LiveNode(node, hb.url, hb.capacity, hb.started)
         self.nodes = nodes
         self.in_flight = {n: int(c) for n, c in zip(ids, counts, strict=False) if n in nodes}
+        self.refreshed = self.clock()
+        if not read_prefixes:
+            return
+        self._next_prefix_read = self.refreshed + PREFIX_READ_S
+        prev, cur = res[-2], res[-1]
         prefixes: dict[str, tuple[str, ...]] = {}
         written: dict[str, int] = {}
         for window, flat in ((gen - 1, prev), (gen, cur)):
@@ -220,8 +236,10 @@ class Registry:
                 prefixes[flat[i]] = decode_owners(flat[i + 1])
                 written[flat[i]] = window
         self.prefixes = prefixes
+        self._firsts = {}
+        for owners in prefixes.values():
+            self._count_first(owners, +1)
         self._written = written
-        self.refreshed = self.clock()
 
 
 async def set_draining(redis: Any, keys: Keys, node: str, draining: bool = True) -> None:
