@@ -536,6 +536,12 @@ class ProxyWorker:
                     err = str(resp.json().get("detail", resp.text))[:1000]
                 except ValueError:
                     err = resp.text[:1000]
+            if status in (401, 403) and routed is not None:
+                # The node refused our worker key: its configuration, not the job, is wrong. It gets
+                # no jobs for a while; this one goes elsewhere without using up an attempt.
+                log.warning("node %s refused the worker key (%s): %s", routed[0], status, err)
+                self.registry.suspect(routed[0])
+                status = 503
             if status is not None and 400 <= status < 500 and status not in (408, 429):
                 # The engine (or worker) refused the request itself: retrying cannot help.
                 await self._finish(

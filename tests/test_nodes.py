@@ -61,10 +61,14 @@ class Node:
             "node_id": node_id,
         }
         self.env_file = self.var / "llmconsole.env"
-        self.env_file.write_text("".join(f"{k.upper()}={v}\n" for k, v in self.values.items()))
-        self.env_file.chmod(0o600)
+        self.write_env()
         self.env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_")}
         self.env["LLMC_ENV_FILE"] = str(self.env_file)
+
+    def write_env(self) -> None:
+        """Write ``values`` to the node's env file (0600)."""
+        self.env_file.write_text("".join(f"{k.upper()}={v}\n" for k, v in self.values.items()))
+        self.env_file.chmod(0o600)
 
     @property
     def settings(self) -> Settings:
@@ -324,6 +328,24 @@ def test_a_drained_node_finishes_its_jobs_and_takes_no_more(cluster: Cluster) ->
         assert r.returncode == 0, r.stderr
         assert not cl.r.sismember(cl.keys.nodes, "n1")
         assert not cl.r.exists(cl.keys.node("n1"), cl.keys.node_drain("n1"))
+
+
+def test_a_node_that_refuses_the_worker_key_gets_no_jobs_and_fails_none(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    cl = Cluster(redis_server, tmp_path, nodes=2)
+    cl.nodes[1].values["worker_api_key"] = "not-the-key"  # misconfigured: copied the wrong node.env
+    cl.nodes[1].write_env()
+    try:
+        cl.start()
+        with httpx.Client(timeout=30) as c:
+            ids = cl.submit(c, 16, "wrong-key")
+            jobs = cl.wait_final(c, ids)
+        assert [j["state"] for j in jobs] == ["succeeded"] * len(ids), [j.get("error") for j in jobs]
+        assert {j["result"]["node"] for j in jobs} == {"n0"}
+        assert "refused the worker key" in cl.procs[0].log_text()
+    finally:
+        cl.stop()
 
 
 def hit_rates(jobs: list[dict[str, Any]], block: int) -> tuple[float, float]:
