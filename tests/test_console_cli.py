@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import subprocess
 from pathlib import Path
 
@@ -43,7 +42,13 @@ def test_flags_and_defaults() -> None:
     assert args.refresh == 0.25 and args.readonly and args.demo
     # The web server's app processes get the same console, without --web.
     assert child_argv(args) == ["--refresh", "0.25", "--readonly", "--demo"]
-    assert isinstance(build_parser(), argparse.ArgumentParser)
+    # Every flag it documents, each parsed to its own field (an unknown one is refused above).
+    parser = build_parser()
+    assert parser.prog == "llmconsole"
+    flags = {o for a in parser._actions for o in a.option_strings}
+    assert flags == {"-h", "--help", "--readonly", "--refresh", "--web", "--port", "--host", "--demo"}
+    args = parser.parse_args(["--host", "0.0.0.0"])
+    assert (args.host, args.port, args.web) == ("0.0.0.0", 8765, False)
 
 
 def test_bench_subcommand_is_the_benchmark_cli(capsys: pytest.CaptureFixture[str]) -> None:
@@ -58,6 +63,7 @@ def test_bench_subcommand_is_the_benchmark_cli(capsys: pytest.CaptureFixture[str
     assert "--requests" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # runs the installed console script as a process
 def test_console_script_is_installed() -> None:
     exe = Path(REPO_ROOT) / ".venv" / "bin" / "llmconsole"
     out = subprocess.run([exe, "--help"], capture_output=True, text=True, timeout=60)

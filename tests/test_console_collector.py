@@ -85,6 +85,13 @@ async def test_local_gpus_come_from_the_telemetry_backend() -> None:
     assert [(s.name, s.processes) for s in reading.samples] == [("NVIDIA H200", {4150: 2**30})]
     none = await NvmlGpu(settings, backend=FakeGpuBackend(reason="no NVIDIA driver")).read()
     assert none.samples == () and none.reason == "no NVIDIA driver"
-    # On this machine, whatever NVML says, the answer is a reading, never an exception.
+    # On this machine, whatever NVML says, the answer is a reading, never an exception: the
+    # GPUs NVML sees, or no sample and NVML's own reason.
+    from services.telemetry import make_backend
+
+    expected = make_backend()
     here = await NvmlGpu(settings).read()
-    assert here.samples or here.reason
+    if expected.available():
+        assert here.reason is None and len(here.samples) == len(expected.sample())
+    else:
+        assert (here.samples, here.reason) == ((), expected.reason)

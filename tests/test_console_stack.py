@@ -26,6 +26,7 @@ from console.screens.bench import BenchScreen, RunScreen
 from console.sources import LibraryBench, ProcTree, SourceDown, XmlRpcSupervisor, real_sources
 from services.settings import REPO_ROOT
 from services.supervisor_client import supervisor_proxy
+from services.telemetry import make_backend
 from tests.stackutil import Stack, wait_until
 
 pytestmark = pytest.mark.slow
@@ -63,10 +64,16 @@ async def test_collector_reads_the_real_stack(stack: Stack) -> None:
     e = snap.engine
     assert e.error is None and e.running is not None and e.requests_total is not None
     assert e.requests_total >= 3
-    # No supervisord in this stack, and no GPU on this machine: both said plainly.
+    # No supervisord in this stack: said plainly. GPUs: what NVML reads here, or NVML's reason
+    # as the node reported it.
     assert snap.services.error is not None and "supervisord is not running" in snap.services.error
     assert [n.node for n in snap.gpus.nodes] == ["test-node"]
-    assert snap.gpus.gpus or snap.gpus.no_gpu_reason
+    nvml = make_backend()
+    if nvml.available():
+        assert len(snap.gpus.gpus) == len(nvml.sample()) and snap.gpus.no_gpu_reason is None
+    else:
+        assert snap.gpus.gpus == ()
+        assert snap.gpus.no_gpu_reason is not None and str(nvml.reason) in snap.gpus.no_gpu_reason
 
 
 async def test_launch_a_benchmark_from_the_form_against_the_stack(stack: Stack) -> None:

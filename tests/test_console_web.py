@@ -17,6 +17,8 @@ import pytest
 from console import web
 from tests.stackutil import free_port, wait_until
 
+pytestmark = pytest.mark.slow  # the web console and its app processes are real processes
+
 
 def children_of(pid: int) -> list[int]:
     out = []
@@ -68,7 +70,6 @@ def test_page_makes_no_request_outside_the_server(server: tuple[subprocess.Popen
     assert httpx.get(font.group(1)).status_code == 200
 
 
-@pytest.mark.slow
 async def test_app_process_ends_when_the_browser_goes_away(
     server: tuple[subprocess.Popen[bytes], int],
 ) -> None:
@@ -78,6 +79,13 @@ async def test_app_process_ends_when_the_browser_goes_away(
     async def gone() -> bool:
         for _ in range(200):
             if not children_of(proc.pid):
+                return True
+            await asyncio.sleep(0.05)
+        return False
+
+    async def started() -> bool:
+        for _ in range(200):
+            if children_of(proc.pid):
                 return True
             await asyncio.sleep(0.05)
         return False
@@ -92,11 +100,12 @@ async def test_app_process_ends_when_the_browser_goes_away(
                 seen += msg.data
             assert len(children_of(proc.pid)) == 1
         assert await gone()
-        # A connection that closes before the app has drawn anything (left orphans spinning before).
+        # Connections that close before the app has drawn anything (left orphans spinning before):
+        # each one's app process is seen started, then the browser leaves at once.
         for _ in range(3):
             async with session.ws_connect(url):
-                await asyncio.sleep(0.05)
-        assert await gone()
+                assert await started(), "no app process was started for the connection"
+            assert await gone()
 
 
 async def test_a_process_that_ignores_sigterm_is_killed(monkeypatch: pytest.MonkeyPatch) -> None:

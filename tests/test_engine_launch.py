@@ -164,6 +164,7 @@ def _launch(env_values: dict[str, object], *args: str) -> subprocess.CompletedPr
     )
 
 
+@pytest.mark.slow
 def test_print_shows_the_command_without_running_it() -> None:
     p = _launch({"engine_kind": "cpu", "engine_port": 18555, "engine_api_key": "k-123"}, "--print")
     assert p.returncode == 0, p.stderr
@@ -171,6 +172,7 @@ def test_print_shows_the_command_without_running_it() -> None:
     assert "k-123" not in p.stdout  # the key is never printed
 
 
+@pytest.mark.slow
 def test_gpu_hub_settings_reach_the_engine_and_secrets_are_never_printed(tmp_path: Path) -> None:
     values = {
         "engine_kind": "gpu",
@@ -190,6 +192,7 @@ def test_gpu_hub_settings_reach_the_engine_and_secrets_are_never_printed(tmp_pat
     assert env["HF_HOME"] == str(tmp_path / "hf")
 
 
+@pytest.mark.slow
 def test_launch_refuses_a_missing_engine_venv_with_a_plain_message(tmp_path: Path) -> None:
     p = _launch({"engine_kind": "cpu", "engine_venv": str(tmp_path / "no-venv")})
     assert p.returncode == 2
@@ -197,6 +200,7 @@ def test_launch_refuses_a_missing_engine_venv_with_a_plain_message(tmp_path: Pat
     assert explain_engine_failure(p.stderr) is not None
 
 
+@pytest.mark.slow
 def test_launch_refuses_a_missing_cpu_model_folder(tmp_path: Path) -> None:
     venv = tmp_path / "venv"
     (venv / "bin").mkdir(parents=True)
@@ -207,6 +211,7 @@ def test_launch_refuses_a_missing_cpu_model_folder(tmp_path: Path) -> None:
     assert "model was not found" in (explain_engine_failure(p.stderr) or "")
 
 
+@pytest.mark.slow
 def test_launch_execs_the_simulator_in_place(tmp_path: Path) -> None:
     # The launcher replaces itself: the pid supervisord started is the engine's, so its stop
     # signal reaches the engine directly.
@@ -329,6 +334,7 @@ def test_explain_picks_the_latest_failure() -> None:
     assert "port" in (explain_engine_failure(log) or "")
 
 
+@pytest.mark.slow
 def test_explain_command_line(tmp_path: Path) -> None:
     bad, good = tmp_path / "bad.log", tmp_path / "good.log"
     bad.write_text("x\n" + SAMPLES["driver"][0] + "\n")
@@ -382,6 +388,7 @@ def _sh(fakebin: Path, script: str, **env: str) -> subprocess.CompletedProcess[s
     )
 
 
+@pytest.mark.slow
 def test_detect_gpu_when_nvidia_smi_lists_gpus(fakebin: Path) -> None:
     _stub_nvidia_smi(fakebin, GPU_LIST, 0)
     p = _sh(fakebin, "detect_engine_kind; detect_gpu_count")
@@ -389,6 +396,7 @@ def test_detect_gpu_when_nvidia_smi_lists_gpus(fakebin: Path) -> None:
     assert p.stdout.split() == ["gpu", "2"]
 
 
+@pytest.mark.slow
 def test_detect_cpu_when_the_driver_does_not_answer(fakebin: Path, tmp_path: Path) -> None:
     _stub_nvidia_smi(fakebin, DRIVER_FAIL, 9)
     dev = tmp_path / "nvidia0"
@@ -399,6 +407,7 @@ def test_detect_cpu_when_the_driver_does_not_answer(fakebin: Path, tmp_path: Pat
     assert "lists no GPU" in p.stderr  # a device node without a working driver is reported
 
 
+@pytest.mark.slow
 def test_detect_cpu_without_nvidia_smi(fakebin: Path, tmp_path: Path) -> None:
     p = _sh(fakebin, "detect_engine_kind; detect_gpu_count", ENGINE_NVIDIA_DEV=str(tmp_path / "absent"))
     assert p.returncode == 0, p.stderr
@@ -406,12 +415,14 @@ def test_detect_cpu_without_nvidia_smi(fakebin: Path, tmp_path: Path) -> None:
     assert p.stderr == ""
 
 
+@pytest.mark.slow
 def test_detect_cpu_when_nvidia_smi_lists_nothing(fakebin: Path, tmp_path: Path) -> None:
     _stub_nvidia_smi(fakebin, "No devices were found\n", 6)
     p = _sh(fakebin, "detect_engine_kind", ENGINE_NVIDIA_DEV=str(tmp_path / "absent"))
     assert p.stdout.split() == ["cpu"]
 
 
+@pytest.mark.slow
 def test_gpu_install_without_a_driver_says_so(fakebin: Path, tmp_path: Path) -> None:
     p = _sh(fakebin, f"install_engine_venv gpu {tmp_path / 'v'}", ENGINE_LOG_DIR=str(tmp_path / "log"))
     assert p.returncode == 1
@@ -422,17 +433,20 @@ def test_gpu_install_without_a_driver_says_so(fakebin: Path, tmp_path: Path) -> 
     assert not (tmp_path / "v").exists()
 
 
+@pytest.mark.slow
 def test_unknown_engine_kind_is_refused(fakebin: Path) -> None:
     p = _sh(fakebin, "install_engine_venv tpu /nowhere || echo rc=$?")
     assert "rc=2" in p.stdout and "unknown engine kind 'tpu'" in p.stderr
 
 
+@pytest.mark.slow
 def test_disk_check_says_what_to_do(fakebin: Path, tmp_path: Path) -> None:
     p = _sh(fakebin, f"_engine_check_disk {tmp_path / 'venv'} 999999999 || echo rc=$?")
     assert "rc=1" in p.stdout
     assert "out of disk" in p.stderr and "ENGINE_VENV" in p.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("log", "want"),
     [
@@ -469,6 +483,7 @@ def _fake_engine_venv(root: Path, kind: str, pins: str) -> Path:
     return venv
 
 
+@pytest.mark.slow
 def test_install_keeps_a_venv_whose_marker_matches(fakebin: Path, tmp_path: Path) -> None:
     pins = subprocess.run(
         ["sha256sum", str(REPO_ROOT / "install" / "requirements-engine-cpu.txt")],
@@ -481,6 +496,7 @@ def test_install_keeps_a_venv_whose_marker_matches(fakebin: Path, tmp_path: Path
     assert "already holds the cpu engine (0.32.0); keeping it" in p.stdout
 
 
+@pytest.mark.slow
 def test_install_redoes_a_venv_with_a_stale_marker(fakebin: Path, tmp_path: Path) -> None:
     # Stale pins → a rebuild starts; with no usable Python on PATH it stops with a plain
     # message, before touching the old venv.
@@ -519,6 +535,7 @@ def _wait_ready(url: str, timeout_s: int, log: Path) -> subprocess.Popen[str]:
     )
 
 
+@pytest.mark.slow
 def test_wait_engine_ready_stops_early_on_a_known_failure(tmp_path: Path) -> None:
     log = tmp_path / "engine.log"
     log.write_text(SAMPLES["oom"][0] + "\n")  # an earlier start's failure is not this start's
@@ -532,6 +549,7 @@ def test_wait_engine_ready_stops_early_on_a_known_failure(tmp_path: Path) -> Non
     assert "port is already taken" in err and "memory" not in err
 
 
+@pytest.mark.slow
 def test_wait_engine_ready_returns_when_health_answers(tmp_path: Path) -> None:
     (tmp_path / "www").mkdir()
     (tmp_path / "www" / "health").write_text("ok")

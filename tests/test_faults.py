@@ -450,6 +450,8 @@ def test_a_backlog_does_not_starve_the_reclaim_of_a_dead_consumers_job(
         s_job = st.wait_job(c, stale, timeout=120)
         jobs = [st.wait_job(c, j, timeout=120) for j in backlog]
     assert s_job["state"] == "succeeded" and all(j["state"] == "succeeded" for j in jobs)
+    assert r.hget(keys.stats, "reclaimed") == "1"  # taken from the dead consumer, not read fresh
+    assert _succeeded(r, keys) == 41
     # Reclaimed at a pass once its lease ran out, while most of the backlog still waited in the
     # stream (an order of events, not a duration): the old loop took it only once all was read.
     started_after = [j for j in jobs if j["timestamps"]["t_dequeued"] > s_job["timestamps"]["t_dequeued"]]

@@ -190,6 +190,7 @@ def _run_fetch(
     )
 
 
+@pytest.mark.slow
 @needs_engine_venv
 def test_download_shows_progress_and_lands_where_vllm_looks(tmp_path: Path, hub: StandInHub) -> None:
     r = _run_fetch(tmp_path, hub.url, "--interval", "0.5")
@@ -229,6 +230,7 @@ def test_download_shows_progress_and_lands_where_vllm_looks(tmp_path: Path, hub:
         assert "the hub cannot be reached" in offline.stdout and str(snap) in offline.stdout
 
 
+@pytest.mark.slow
 @needs_engine_venv
 @pytest.mark.parametrize(
     ("mode", "want"),
@@ -244,6 +246,7 @@ def test_hub_refusals_are_plain_sentences(tmp_path: Path, mode: str, want: str) 
     assert want in r.stderr and "Traceback" not in r.stderr
 
 
+@pytest.mark.slow
 @needs_engine_venv
 def test_no_connection_is_a_plain_sentence(tmp_path: Path) -> None:
     dead = f"http://127.0.0.1:{free_port()}"
@@ -252,6 +255,7 @@ def test_no_connection_is_a_plain_sentence(tmp_path: Path) -> None:
     assert f"cannot reach the model hub ({dead})" in r.stderr and "Traceback" not in r.stderr
 
 
+@pytest.mark.slow
 @needs_engine_venv
 def test_too_little_disk_is_refused_before_downloading(tmp_path: Path) -> None:
     files = _files()
@@ -262,6 +266,7 @@ def test_too_little_disk_is_refused_before_downloading(tmp_path: Path) -> None:
     assert not set(h.downloads) & set(SHARDS)
 
 
+@pytest.mark.slow
 def test_a_local_model_needs_no_download(tmp_path: Path) -> None:
     r = subprocess.run(
         [sys.executable, "-m", "services.engine_launch", "--fetch"],

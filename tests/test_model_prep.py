@@ -122,6 +122,7 @@ def test_chat_template_renders_gemma_turns() -> None:
         _render([{"role": "user", "content": "a"}, {"role": "user", "content": "b"}])
 
 
+@pytest.mark.slow
 @pytest.mark.cpu_engine
 def test_installed_model_folder_checks_out() -> None:
     s = load_settings()

@@ -663,6 +663,7 @@ def _cli_env() -> dict[str, str]:
     return env
 
 
+@pytest.mark.slow
 def test_cli_serves_a_profile() -> None:
     port = free_port()
     cmd = [sys.executable, "-m", "services.sim_engine", "--port", str(port), "--profile", "cpu-gemma3-270m",
@@ -692,6 +693,7 @@ def test_cli_serves_a_profile() -> None:
     assert proc.returncode in (0, -signal.SIGTERM)  # uvicorn re-raises the signal after a clean shutdown
 
 
+@pytest.mark.slow
 def test_cli_rejects_unknown_profile_and_lists_profiles() -> None:
     cmd = [sys.executable, "-m", "services.sim_engine", "--profile", "nope"]
     r = subprocess.run(cmd, cwd=REPO_ROOT, env=_cli_env(), capture_output=True, text=True, timeout=30)

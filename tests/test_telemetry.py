@@ -447,6 +447,7 @@ def _llmconsole_gpu(*args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
+@pytest.mark.slow
 def test_llmconsole_gpu_reads_this_hosts_gpus_or_says_why_not() -> None:
     r = _llmconsole_gpu("--seconds", "0.2")
     here = make_backend()
