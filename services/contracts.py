@@ -152,8 +152,8 @@ def end_to_end_s(ts: dict[str, int | None]) -> float | None:
 
 
 #: The routing policies (``ROUTING`` setting, ``JobRequest.routing``).
-RoutingPolicy = Literal["round_robin", "least_loaded", "prefix_affinity"]
-ROUTING_POLICIES: tuple[str, ...] = ("round_robin", "least_loaded", "prefix_affinity")
+RoutingPolicy = Literal["round_robin", "least_loaded", "prefix_affinity", "kv_events"]
+ROUTING_POLICIES: tuple[str, ...] = ("round_robin", "least_loaded", "prefix_affinity", "kv_events")
 
 
 class JobRequest(BaseModel):
@@ -428,6 +428,11 @@ class Keys:
         expiry (ms, Redis clock). Members past their expiry are dropped before every count, so the
         slots of a proxy worker that died holding them come back after one lease."""
         return f"{self.prefix}inflight:{node_id}"
+
+    def node_kv_prefixes(self, node_id: str) -> str:
+        """Set of the prefix keys whose blocks are all in the node's engine KV cache now, kept by
+        its inference worker from the engine's KV cache events (``kv_events`` routing)."""
+        return f"{self.prefix}kvprefixes:{node_id}"
 
     def node_drain(self, node_id: str) -> str:
         """Present while an operator (console, ``install.sh --leave``) asks a node to drain."""

@@ -20,6 +20,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from services import kv_events
 from services.settings import REPO_ROOT, Settings, get_settings
 
 #: The GPU engine's model when settings name none (the seed's).
@@ -169,6 +170,9 @@ def build_engine_command(settings: Settings, gpu_count: int = 0) -> tuple[list[s
         # The console polls /metrics: an access-log line per poll would drown the log.
         "--disable-uvicorn-access-log",
     ]
+    if settings.kv_events_port:
+        # KV cache events for the inference worker's mirror (kv_events routing), on loopback.
+        argv += ["--kv-events-config", kv_events.vllm_config(settings.kv_events_port)]
     if kind == "cpu":
         # fp32: bf16 on AVX2 (no AVX512-BF16) falls back to slow kernels, ~10x slower prefill.
         # Eager: torch.compile costs 2-3 minutes at every start for 10-30 % faster decode.

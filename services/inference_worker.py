@@ -25,8 +25,16 @@ from contextlib import asynccontextmanager
 from fastapi import Depends, FastAPI, Header, HTTPException, Request
 from fastapi.responses import JSONResponse, Response
 
-from services import procstats, prom, runtime, telemetry
-from services.contracts import InferRequest, InferResult, Keys, NodeHeartbeat, NodeState, now_ns
+from services import kv_events, procstats, prom, runtime, telemetry
+from services.contracts import (
+    InferRequest,
+    InferResult,
+    Keys,
+    NodeHeartbeat,
+    NodeState,
+    now_ns,
+    prefix_key,
+)
 from services.engine_client import EngineClient, EngineError
 from services.prompts import PromptBuilder, prefix_seed_for_run, split_tokens
 from services.queue import REDIS_DOWN, raise_if_cancelling, redis_client
@@ -54,6 +62,14 @@ class WorkerState:
             settings.sim_max_num_seqs if settings.engine_kind == "sim" else settings.max_num_seqs
         )
         self.started = now_ns()
+        #: Follows the engine's KV cache events when KV_EVENTS_PORT is set.
+        self.kv = (
+            kv_events.KvMirror(
+                redis_client(settings), self.keys, self.node, settings.kv_events_port, settings.node_ttl_s
+            )
+            if settings.kv_events_port
+            else None
+        )
         self.in_flight = 0
         self.tasks: list[asyncio.Task[None]] = []
 
@@ -177,6 +193,15 @@ async def _report_cpu(state: WorkerState) -> None:
         await r.aclose()
 
 
+async def _mirror_kv(state: WorkerState) -> None:
+    """Mirror the engine's KV cache events into Redis (``kv_events`` routing)."""
+    assert state.kv is not None
+    try:
+        await state.kv.run()
+    finally:
+        await state.kv.r.aclose()
+
+
 @asynccontextmanager
 async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     state: WorkerState = app.state.worker
@@ -185,6 +210,8 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
         asyncio.create_task(_publish_gpu(state)),
         asyncio.create_task(_report_cpu(state)),
     ]
+    if state.kv is not None:
+        state.tasks.append(asyncio.create_task(_mirror_kv(state)))
     try:
         yield
     finally:
@@ -292,6 +319,8 @@ async def _infer(state: WorkerState, req: InferRequest) -> InferResult:
             spec.input_tokens, prefix_tokens, prefix_seed_for_run(spec.run_id, spec.prefix_group), spec.seed
         )
         prompt, prefix_tokens = built.token_ids, built.prefix_tokens
+        if state.kv is not None:
+            state.kv.chains.register_prefix(prefix_key(spec), built.token_ids[:prefix_tokens])
     sampler = telemetry.JobGpuSampler(state.gpu, state.settings.telemetry_interval_s)
     async with sampler:
         res = await state.engine.stream_completion(prompt, spec.output_tokens, exact=True)

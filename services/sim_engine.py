@@ -90,6 +90,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from services import kv_events
 from services.contracts import VllmMetric
 from services.settings import Settings, get_settings
 
@@ -332,6 +333,8 @@ class BlockPool:
         #: Free blocks, least recently used first (evicted first).
         self.free: OrderedDict[int, None] = OrderedDict((i, None) for i in range(num_blocks))
         self.evictions = 0
+        #: vLLM's KV cache events since the last :meth:`take_events` (None = not collected).
+        self.events: list[list[Any]] | None = None
 
     @property
     def num_free(self) -> int:
@@ -373,17 +376,31 @@ class BlockPool:
             if old is not None:
                 if self.cached.get(old) == b:
                     del self.cached[old]
+                    if self.events is not None:
+                        self.events.append(["BlockRemoved", [old], None])
                 self.hash_of[b] = None
                 self.evictions += 1
             self.ref[b] = 1
             out.append(b)
         return out
 
-    def register(self, block: int, h: bytes) -> None:
-        """Record that ``block`` holds the data of hash ``h`` (first holder wins)."""
+    def register(
+        self, block: int, h: bytes, parent: bytes | None = None, tokens: list[int] | None = None
+    ) -> None:
+        """Record that ``block`` holds the data of hash ``h`` (first holder wins).
+
+        With events on, a newly cached block is a ``BlockStored`` event (its parent's hash and
+        its tokens, as vLLM sends them)."""
         if h not in self.cached and self.hash_of[block] is None:
             self.cached[h] = block
             self.hash_of[block] = h
+            if self.events is not None and tokens is not None:
+                self.events.append(["BlockStored", [h], parent, tokens, len(tokens), None, None])
+
+    def take_events(self) -> list[list[Any]]:
+        """The events collected since the last call."""
+        out, self.events = self.events or [], ([] if self.events is not None else None)
+        return out
 
     def release(self, blocks: list[int]) -> None:
         """Drop a sequence's hold; tail blocks go first in the free queue, so they are evicted first."""
@@ -680,8 +697,11 @@ class Scheduler:
             self.waiting.popleft()
             self.pool.take(hit)
             seq.blocks = hit + self.pool.allocate(new)
+            bs = cfg.block_size
             for i in range(len(hit), len(seq.block_hashes)):
-                self.pool.register(seq.blocks[i], seq.block_hashes[i])
+                parent = seq.block_hashes[i - 1] if i else None
+                tokens = seq.prompt_ids[i * bs : (i + 1) * bs]
+                self.pool.register(seq.blocks[i], seq.block_hashes[i], parent, tokens)
             cached = len(hit) * cfg.block_size
             if not seq.admitted_once:
                 seq.admitted_once = True
@@ -740,6 +760,8 @@ class SimEngine:
     def __init__(self, config: SimConfig) -> None:
         self.config = config
         self.sched = Scheduler(config)
+        #: Where vLLM's KV cache events go (``KV_EVENTS_PORT``); None = not published.
+        self.publisher: kv_events.Publisher | None = None
         self._wake: asyncio.Event | None = None
         self._task: asyncio.Task[None] | None = None
 
@@ -802,6 +824,8 @@ class SimEngine:
         """One engine step starting at ``t0``; returns its end time."""
         assert self._wake is not None
         plan = self.sched.schedule(t0)
+        if self.publisher is not None:
+            self.publisher.send(self.sched.pool.take_events())
         if plan.empty:  # nothing fits although nothing runs: cannot happen; do not spin
             self._wake.clear()
             await self._wake.wait()
@@ -1118,8 +1142,11 @@ def create_app(
     max_model_len: int | None = None,
     api_key: str | None = None,
     profile: str = "",
+    kv_events_port: int = 0,
 ) -> FastAPI:
-    """The simulator app; arguments left None come from :func:`get_settings`."""
+    """The simulator app; arguments left None come from :func:`get_settings`.
+
+    ``kv_events_port`` > 0 publishes vLLM's KV cache events on 127.0.0.1 at that port."""
     if model is None or max_model_len is None or api_key is None:
         s = get_settings()
         model = s.model if model is None else model
@@ -1135,11 +1162,16 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if kv_events_port:
+            srv.engine.publisher = kv_events.Publisher(kv_events_port)
+            srv.engine.sched.pool.events = []
         srv.engine.start()
         try:
             yield
         finally:
             await srv.engine.stop()
+            if srv.engine.publisher is not None:
+                srv.engine.publisher.close()
 
     app = FastAPI(
         title="llmconsole simulator engine",
@@ -1280,6 +1312,7 @@ def main(argv: list[str] | None = None) -> int:
         max_model_len=args.max_model_len or s.max_model_len,
         api_key=args.api_key if args.api_key is not None else s.engine_api_key.get_secret_value(),
         profile=profile,
+        kv_events_port=s.kv_events_port,
     )
     host = args.host or s.engine_host
     port = args.port if args.port is not None else s.engine_port

@@ -124,7 +124,9 @@ class Node:
 class Cluster:
     """Nodes (three by default) + ingestion + one proxy worker, sharing one Redis and key prefix."""
 
-    def __init__(self, redis_server: RedisServer, workdir: Path, nodes: int = 3, **sim: Any) -> None:
+    def __init__(
+        self, redis_server: RedisServer, workdir: Path, nodes: int = 3, kv: bool = False, **sim: Any
+    ) -> None:
         self.common: dict[str, Any] = {
             "redis_port": redis_server.port,
             "redis_password": redis_server.password,
@@ -133,7 +135,16 @@ class Cluster:
             "api_key": "key-" + new_id(),
         }
         self.keys = Keys(self.common["redis_prefix"])
-        self.nodes = [Node(workdir / f"n{i}", f"n{i}", self.common, **sim) for i in range(nodes)]
+        self.nodes = [
+            Node(
+                workdir / f"n{i}",
+                f"n{i}",
+                self.common,
+                **sim,
+                **({"kv_events_port": free_port()} if kv else {}),
+            )
+            for i in range(nodes)
+        ]
         head = {
             **self.common,
             **SHARED,
@@ -363,7 +374,7 @@ def hit_rates(jobs: list[dict[str, Any]], block: int) -> tuple[float, float]:
     return cached / prompt, allowed / prompt
 
 
-def test_prefix_affinity_keeps_the_cache_hits_that_round_robin_loses(
+def test_prefix_affinity_and_kv_events_keep_the_cache_hits_that_round_robin_loses(
     redis_server: RedisServer, tmp_path: Path
 ) -> None:
     # 4 nodes, 16 prefix groups of 28 KV blocks each; a node's 240 blocks keep about 6 groups beside
@@ -375,7 +386,7 @@ def test_prefix_affinity_keeps_the_cache_hits_that_round_robin_loses(
         "sim_max_num_seqs": 16,
         "node_capacity_factor": 2,
     }
-    cl = Cluster(redis_server, tmp_path, nodes=4, **sim)
+    cl = Cluster(redis_server, tmp_path, nodes=4, kv=True, **sim)
     try:
         cl.start()
         order = [i % 16 for i in range(256)]
@@ -383,16 +394,17 @@ def test_prefix_affinity_keeps_the_cache_hits_that_round_robin_loses(
         body = {"input_tokens": 512, "output_tokens": 8, "prefix_share": 0.9}
         rates = {}
         with httpx.Client(timeout=30) as c:
-            for policy in ("prefix_affinity", "round_robin"):
+            for policy in ("prefix_affinity", "kv_events", "round_robin"):
                 ids = cl.submit(c, len(order), f"hits-{policy}", order, routing=policy, **body)
                 jobs = cl.wait_final(c, ids)
                 assert [j["state"] for j in jobs] == ["succeeded"] * len(ids)
                 served = Counter(j["result"]["node"] for j in jobs)
                 rates[policy] = (*hit_rates(jobs, 16), 4 * max(served.values()) / len(jobs))
 
-        hit, allowed, hotspot = rates["prefix_affinity"]
-        assert hit >= 0.9 * allowed, rates
-        assert hotspot <= 1.5, rates
-        assert rates["round_robin"][0] < 0.5 * hit, rates
+        for policy in ("prefix_affinity", "kv_events"):
+            hit, allowed, hotspot = rates[policy]
+            assert hit >= 0.9 * allowed, rates
+            assert hotspot <= 1.5, rates
+            assert rates["round_robin"][0] < 0.5 * hit, rates
     finally:
         cl.stop()

@@ -104,7 +104,7 @@ def test_none_when_every_node_is_full_or_there_is_none() -> None:
 
 
 def test_unknown_policy_is_refused_with_the_choices() -> None:
-    with pytest.raises(ValueError, match="round_robin, least_loaded or prefix_affinity"):
+    with pytest.raises(ValueError, match="round_robin, least_loaded, prefix_affinity or kv_events"):
         choose("random", JobInfo(), views(0))
 
 

@@ -20,6 +20,11 @@ are tested as plain functions. The proxy worker feeds them from :mod:`services.r
 
   A prefix seen for the first time goes to the node that owns the fewest prefixes (then the
   least loaded), which spreads prefix groups evenly over the nodes.
+
+* ``kv_events`` — ``prefix_affinity`` where the nodes whose engine still holds the whole prefix
+  (their KV cache events, mirrored into Redis by each inference worker) come first: an evicted
+  prefix no longer attracts its jobs, and a prefix cached on several nodes goes to the least
+  loaded of them.
 """
 
 from __future__ import annotations
@@ -62,6 +67,8 @@ class JobInfo:
     prefix: str = ""
     #: Nodes that served this prefix recently, first owner first.
     owners: tuple[str, ...] = ()
+    #: Nodes whose engine holds the whole prefix in its KV cache now (from KV events).
+    holders: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -183,10 +190,27 @@ def prefix_affinity(
     return Decision(n.node, "prefix_new", (n.node,))
 
 
+def kv_events(
+    job: JobInfo, nodes: Sequence[NodeView], turn: int = 0, guards: Guards | None = None
+) -> Decision | None:
+    """``prefix_affinity`` whose owners are first the nodes that hold the prefix now (least loaded
+    first, as their KV cache events say), then the nodes the routing memory remembers."""
+    if not job.holders:
+        return prefix_affinity(job, nodes, turn, guards)
+    load = {n.node: (n.load, n.in_flight) for n in nodes}
+    holders = sorted((h for h in job.holders if h in load), key=lambda h: load[h])
+    owners = (*holders, *(o for o in job.owners if o not in holders))
+    d = prefix_affinity(JobInfo(job.prefix, owners), nodes, turn, guards)
+    if d is not None and d.reason == "prefix_hit" and d.node in holders:
+        return Decision(d.node, "kv_hit", d.owners)
+    return d
+
+
 def choose(
     policy: str, job: JobInfo, nodes: Sequence[NodeView], turn: int = 0, guards: Guards | None = None
 ) -> Decision | None:
-    """Apply ``policy`` (round_robin, least_loaded, prefix_affinity); None if no node has room."""
+    """Apply ``policy`` (round_robin, least_loaded, prefix_affinity, kv_events); None if no node has
+    room."""
     if not nodes:
         return None
     if policy == "round_robin":
@@ -195,4 +219,8 @@ def choose(
         return least_loaded(nodes, turn)
     if policy == "prefix_affinity":
         return prefix_affinity(job, nodes, turn, guards)
-    raise ValueError(f"unknown routing policy {policy!r}: use round_robin, least_loaded or prefix_affinity")
+    if policy == "kv_events":
+        return kv_events(job, nodes, turn, guards)
+    raise ValueError(
+        f"unknown routing policy {policy!r}: use round_robin, least_loaded, prefix_affinity or kv_events"
+    )

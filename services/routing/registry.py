@@ -91,6 +91,9 @@ class Registry:
         #: node → prefixes it is the first owner of.
         self._firsts: dict[str, int] = {}
         self._next_prefix_read = 0.0
+        #: prefix → nodes whose engine holds it whole (read only while kv_events is in use).
+        self.kv_holders: dict[str, tuple[str, ...]] = {}
+        self.want_kv = settings.routing == "kv_events"
         self._suspects: dict[str, tuple[float, int]] = {}
         self.refreshed = 0.0
         self.static = bool(settings.worker_urls)
@@ -107,11 +110,16 @@ class Registry:
         return int(time.time()) // self.s.routing_prefix_ttl_s
 
     def job_info(self, spec: JobSpec, policy: str) -> JobInfo:
-        """What a policy needs to know of a job: its prefix key and that prefix's owners."""
-        if policy != "prefix_affinity":
-            return JobInfo()
-        prefix = prefix_key(spec)
-        return JobInfo(prefix, self.owners(prefix))
+        """What a policy needs to know of a job: its prefix key, that prefix's owners and (for
+        ``kv_events``) the nodes whose engine holds it now."""
+        if policy == "prefix_affinity":
+            prefix = prefix_key(spec)
+            return JobInfo(prefix, self.owners(prefix))
+        if policy == "kv_events":
+            self.want_kv = True
+            prefix = prefix_key(spec)
+            return JobInfo(prefix, self.owners(prefix), self.kv_holders.get(prefix, ()))
+        return JobInfo()
 
     def owners(self, prefix: str) -> tuple[str, ...]:
         """Nodes that served ``prefix`` recently (first owner first)."""
@@ -201,6 +209,10 @@ class Registry:
                     p.hgetall(self.keys.node(node))
             if ids:
                 await self.cap.queue_count(p, ids)
+            want_kv = self.want_kv and bool(ids)
+            if want_kv:
+                for node in ids:
+                    p.smembers(self.keys.node_kv_prefixes(node))
             if read_prefixes:
                 p.hrandfield(self.keys.routing_prefixes(gen - 1), PREFIX_SAMPLE, withvalues=True)
                 p.hrandfield(self.keys.routing_prefixes(gen), PREFIX_SAMPLE, withvalues=True)
@@ -224,6 +236,14 @@ class Registry:
                 nodes[node] = LiveNode(node, hb.url, hb.capacity, hb.started)
         self.nodes = nodes
         self.in_flight = {n: int(c) for n, c in zip(ids, counts, strict=False) if n in nodes}
+        if want_kv:
+            at = len(beats) + 1
+            holders: dict[str, list[str]] = {}
+            for node, members in zip(ids, res[at : at + len(ids)], strict=True):
+                if node in nodes:
+                    for prefix in members or ():
+                        holders.setdefault(prefix, []).append(node)
+            self.kv_holders = {p: tuple(n) for p, n in holders.items()}
         self.refreshed = self.clock()
         if not read_prefixes:
             return
