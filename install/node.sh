@@ -72,7 +72,7 @@ node_join() {  # node_join HOST:PORT: settings of a joined node (after the env f
 node_leave() {  # drain, stop this node's supervisord, deregister
   is_node || die "this machine did not join a head (no $NODE_MARK); ./install.sh --stop stops a head"
   step "Leaving: draining this node (no new jobs; running ones finish)"
-  "$PY" -m services.node drain --timeout "${LEAVE_TIMEOUT_S:-300}" \
+  "$PY" -m services.node drain --timeout 300 \
     || info "not drained in time: stopping anyway (the proxy workers retry its jobs elsewhere)"
   if [[ -x "$VENV/bin/supervisorctl" ]] && supervisord_running; then
     local pid
