@@ -160,7 +160,7 @@ class Settings(BaseSettings):
 
     # --- nodes and routing -----------------------------------------------------
     #: A node's heartbeat expires this long after its last beat (beats come every TTL / 5).
-    node_ttl_s: float = Field(10.0, ge=0.5, le=600)
+    node_ttl_s: float = Field(6.0, ge=0.5, le=600)
     #: A node takes ``max_num_seqs × factor`` jobs in flight (the rest queue in Redis).
     node_capacity_factor: float = Field(2.0, gt=0, le=64)
     #: After a connection to a node's worker fails, it gets no new job for this long.
