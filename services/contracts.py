@@ -635,7 +635,7 @@ def encode_result(result: InferResult) -> str:
     :data:`RESULT_TEXT_HEAD_MAX` characters, and the engine timestamps left out (the hash holds
     them as ``t_*`` fields). :func:`decode_result` gives the full :class:`InferResult` back.
     """
-    d = result.model_dump(mode="json", exclude={"itl_s", *_RESULT_TS_FIELDS})
+    d = result.model_dump(mode="json", exclude={"itl_s", *_RESULT_TS_FIELDS}, exclude_defaults=True)
     d["text_head"] = result.text_head[:RESULT_TEXT_HEAD_MAX]
     if d.get("gpu") is not None:
         d["gpu"] = {k: v for k, v in d["gpu"].items() if v is not None}

@@ -403,6 +403,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         full = app.state.memory.refusal()
         if full is not None:
             # Redis near its maxmemory: refuse before it would refuse the results of accepted jobs.
+            prom.JOBS_REFUSED.labels("redis_full").inc()
             return JSONResponse({"detail": full}, status_code=503, headers={"Retry-After": "2"})
         input_tokens = None if job.prompt is not None else (job.input_tokens or s.input_tokens)
         output_tokens = job.output_tokens or s.output_tokens

@@ -72,7 +72,8 @@ JOBS = Counter(
 )
 JOBS_REFUSED = Counter(
     f"{NAMESPACE}jobs_refused",
-    "Submits refused by ingestion: busy (429, too many active jobs) or redis_down (503).",
+    "Submits refused by ingestion: busy (429, too many active jobs), redis_down (503) or redis_full "
+    "(503, Redis at REDIS_MEMORY_REFUSE_PCT of its maxmemory).",
     ["reason"],
 )
 QUEUE_DEPTH = Gauge(f"{NAMESPACE}queue_depth", "Jobs in the stream not yet taken by any proxy worker.")

@@ -6,9 +6,7 @@ memory settings ``services.redis_launch`` gives the production Redis.
 
 from __future__ import annotations
 
-import json
 import signal
-import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -55,7 +53,7 @@ async def test_finished_500_token_job_takes_at_most_4_kb(
     own_redis: RedisServer, make_stack: Callable[..., Stack], tmp_path: Path
 ) -> None:
     st = make_stack(redis=own_redis, proxy_concurrency=16)
-    n = 20
+    n = 40
     cfg = BenchConfig(input_tokens=1000, output_tokens=500, requests=n, concurrency=10, path="pipeline",
                       plots=False, out=str(tmp_path / "run"))  # fmt: skip
     res = await run_benchmark(cfg, settings=st.settings)
@@ -86,36 +84,10 @@ async def test_finished_500_token_job_takes_at_most_4_kb(
     assert per_job <= JOB_BYTES_MAX, f"{per_job:.0f} B a job (job hashes {job_bytes})"
 
 
-class _Events:
-    """Collects the ids of jobs whose 'succeeded' event went out on the job-event channel."""
-
-    def __init__(self, r: redis.Redis, channel: str) -> None:
-        self.ps = r.pubsub(ignore_subscribe_messages=True)
-        self.ps.subscribe(channel)
-        self.succeeded: set[str] = set()
-        self.other_final: dict[str, str] = {}
-        self._stop = threading.Event()
-        self.thread = threading.Thread(target=self._run, daemon=True)
-        self.thread.start()
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            try:
-                msg = self.ps.get_message(timeout=0.2)
-            except (redis.RedisError, OSError, TypeError):
-                return  # Redis gone at teardown
-            if msg is None:
-                continue
-            ev = json.loads(msg["data"])
-            if ev.get("state") == "succeeded":
-                self.succeeded.add(ev["job_id"])
-            elif ev.get("state") in ("failed", "dead"):
-                self.other_final[ev["job_id"]] = ev["state"]
-
-    def close(self) -> None:
-        self._stop.set()
-        self.thread.join(5)
-        self.ps.close()
+def _finishes(r: redis.Redis, key: str) -> list[tuple[str, str]]:
+    """(job id, final state) for every finish of a run, in order: the run's results stream, which
+    the fenced finish writes once per job (not lossy like pub/sub across reconnects)."""
+    return [(f["job_id"], f["state"]) for _id, f in r.xrange(key)]
 
 
 def test_full_redis_refuses_new_jobs_finishes_accepted_ones_and_recovers(
@@ -123,25 +95,30 @@ def test_full_redis_refuses_new_jobs_finishes_accepted_ones_and_recovers(
 ) -> None:
     st = make_stack(redis=own_redis, proxy_concurrency=8, sim_itl_ms=0, retention_interval_s=0.2)
     keys = Keys(st.settings.redis_prefix)
+    run_id = "fill"
     r = _redis(st)
-    events = _Events(_redis(st), keys.events)
     url = f"{st.settings.ingestion_url}/v1/jobs"
+
+    def succeeded() -> set[str]:
+        return {j for j, state in _finishes(r, keys.run_done(run_id)) if state == "succeeded"}
+
     try:
         limit = int(r.info("memory")["used_memory"]) + 6 * 1024 * 1024
         r.config_set("maxmemory", limit)
         with httpx.Client(timeout=30) as c:
             # Finished jobs first: what retention may prune when Redis fills up.
-            early = [st.submit(c, input_tokens=32, output_tokens=40, seed=i) for i in range(100)]
-            wait_until(lambda: set(early) <= events.succeeded, 120, "the first jobs to succeed")
+            early = [
+                st.submit(c, input_tokens=32, output_tokens=40, seed=i, run_id=run_id) for i in range(100)
+            ]
+            wait_until(lambda: set(early) <= succeeded(), 120, "the first jobs to succeed")
 
             # With the proxy worker frozen, accepted jobs pile up (30 KB prompts) until ingestion refuses.
             st.procs["proxy_worker"].signal(signal.SIGSTOP)
             accepted: list[str] = []
             refusal: httpx.Response | None = None
             for i in range(2000):
-                resp = c.post(
-                    url, json={"prompt": "w" * 30_000, "output_tokens": 4, "seed": i}, headers=st.headers
-                )
+                body = {"prompt": "w" * 30_000, "output_tokens": 4, "seed": i, "run_id": run_id}
+                resp = c.post(url, json=body, headers=st.headers)
                 if resp.status_code == 503:
                     refusal = resp
                     break
@@ -156,25 +133,25 @@ def test_full_redis_refuses_new_jobs_finishes_accepted_ones_and_recovers(
 
             # Every accepted job still finishes, and retention makes room: submits are accepted again.
             st.procs["proxy_worker"].signal(signal.SIGCONT)
-            wait_until(
-                lambda: set(accepted) <= events.succeeded, 180, f"{len(accepted)} accepted jobs to succeed"
-            )
+            wait_until(lambda: set(accepted) <= succeeded(), 180, f"{len(accepted)} accepted jobs to succeed")
             later: list[str] = []
 
             def accepted_again() -> bool:
-                resp = c.post(url, json={"input_tokens": 32, "output_tokens": 4}, headers=st.headers)
+                body = {"input_tokens": 32, "output_tokens": 4, "run_id": run_id}
+                resp = c.post(url, json=body, headers=st.headers)
                 if resp.status_code == 202:
                     later.append(resp.json()["job_id"])
                 return resp.status_code == 202
 
             wait_until(accepted_again, 120, "a submit to be accepted again", interval=0.2)
-            wait_until(lambda: set(later) <= events.succeeded, 60, "the new job to succeed")
-        assert not events.other_final, events.other_final
+            wait_until(lambda: set(later) <= succeeded(), 60, "the new job to succeed")
+        finishes = _finishes(r, keys.run_done(run_id))
+        everyone = [*early, *accepted, *later]
+        # Each accepted job finished exactly once, and succeeded; nothing else finished.
+        assert sorted(j for j, _s in finishes) == sorted(everyone)
+        assert {state for _j, state in finishes} == {"succeeded"}
         stats = r.hgetall(keys.stats)
-        assert int(stats.get("failed", 0)) == int(stats.get("dead", 0)) == 0, stats
-        # Written once each: the counter equals the distinct jobs seen succeeding.
-        assert int(stats["succeeded"]) == len(events.succeeded) == len(early) + len(accepted) + len(later)
+        assert int(stats["succeeded"]) == len(everyone), stats
         assert int(r.info("memory")["used_memory"]) < limit
     finally:
-        events.close()
         r.close()

@@ -263,6 +263,7 @@ async def test_every_key_family_is_bounded(make_stack: Callable[..., Stack], tmp
                 "node_drain", lambda k: len(found["node_drain"]), DEAD_NODES_KEPT + 1
             ),
             "routing_prefixes": lambda: ttl_bounded("routing_prefixes"),
+            "node_kv_prefixes": lambda: ttl_bounded("node_kv_prefixes"),  # refreshed by the node's worker
         }
         undeclared = sorted(set(families) - set(checks))
         assert not undeclared, f"key families without a declared bound: {undeclared} (add them here)"
