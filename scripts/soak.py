@@ -208,6 +208,10 @@ async def submit_all(st: SoakStack, args: argparse.Namespace, soak: Soak, t0: fl
                         soak.refused[r.status_code] = soak.refused.get(r.status_code, 0) + 1
                         await asyncio.sleep(min(float(r.headers.get("Retry-After", "1")), 5.0))
                         continue
+                    if r.status_code >= 500:  # a server error: counted, and retried with the same key
+                        soak.refused[r.status_code] = soak.refused.get(r.status_code, 0) + 1
+                        await asyncio.sleep(0.5)
+                        continue
                     raise SystemExit(f"submit {i}: {r.status_code} {r.text}")
 
         tasks = []
