@@ -125,7 +125,13 @@ class Cluster:
     """Nodes (three by default) + ingestion + one proxy worker, sharing one Redis and key prefix."""
 
     def __init__(
-        self, redis_server: RedisServer, workdir: Path, nodes: int = 3, kv: bool = False, **sim: Any
+        self,
+        redis_server: RedisServer,
+        workdir: Path,
+        nodes: int = 3,
+        kv: bool = False,
+        proxies: int = 1,
+        **sim: Any,
     ) -> None:
         self.common: dict[str, Any] = {
             "redis_port": redis_server.port,
@@ -159,6 +165,10 @@ class Cluster:
         self.procs = [
             Proc("proxy_worker", "services.proxy_worker", env, workdir),
             Proc("ingestion", "services.ingestion", env, workdir),
+            *(
+                Proc(f"proxy_worker{i + 2}", "services.proxy_worker", env, workdir)
+                for i in range(proxies - 1)
+            ),
         ]
         self.r = redis.Redis(port=redis_server.port, password=redis_server.password, decode_responses=True)
         self.headers = {"Authorization": f"Bearer {self.common['api_key']}"}
@@ -339,6 +349,34 @@ def test_a_drained_node_finishes_its_jobs_and_takes_no_more(cluster: Cluster) ->
         assert r.returncode == 0, r.stderr
         assert not cl.r.sismember(cl.keys.nodes, "n1")
         assert not cl.r.exists(cl.keys.node("n1"), cl.keys.node_drain("n1"))
+
+
+def test_two_proxies_fill_every_node_to_its_capacity_and_never_beyond(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    # Capacity 2 × 2 = 4 per node; jobs of ~1 s; two proxy workers share the slots in Redis.
+    cl = Cluster(
+        redis_server, tmp_path, nodes=2, proxies=2, sim_max_num_seqs=2, node_capacity_factor=2, sim_itl_ms=40
+    )
+    try:
+        cl.start()
+        peak: dict[str, int] = {"n0": 0, "n1": 0}
+        with httpx.Client(timeout=30) as c:
+            ids = cl.submit(c, 24, "fill", output_tokens=25)
+
+            def full() -> bool:
+                for n in peak:
+                    peak[n] = max(peak[n], len(cl.in_flight(n)))
+                return all(v == 4 for v in peak.values())
+
+            wait_until(full, 60, f"both nodes at their capacity 4 (peak {peak})", interval=0.01)
+            jobs = cl.wait_final(c, ids)
+            for _ in range(50):  # and keep watching while the rest drains
+                full()
+        assert [j["state"] for j in jobs] == ["succeeded"] * len(ids)
+        assert peak == {"n0": 4, "n1": 4}
+    finally:
+        cl.stop()
 
 
 def test_a_node_that_refuses_the_worker_key_gets_no_jobs_and_fails_none(
