@@ -237,6 +237,12 @@ fi
 
 step "Ready"
 print_launchers
+if is_node; then
+  info "node $(get_env NODE_ID): engine + inference worker on $(get_env WORKER_HOST):$(get_env WORKER_PORT | grep . || echo 8001), in the head's Redis at $(get_env REDIS_HOST):$(get_env REDIS_PORT)"
+  info "services:       $(launcher_cmd supervisorctl ./.venv/bin/supervisorctl) status   (restart inference_worker, tail -f engine)"
+  info "leave:          ./install.sh --leave   (drain, stop, deregister)"
+  exit 0
+fi
 LC="$(launcher_cmd llmconsole ./.venv/bin/llmconsole)"
 info "console:        $LC"
 info "benchmark:      $LC bench --help"
@@ -245,10 +251,6 @@ info "submit a job:   curl -s -H \"Authorization: Bearer \$(grep ^API_KEY= var/l
 info "                  -d '{\"input_tokens\":100,\"output_tokens\":20}' -H 'Content-Type: application/json' \\"
 info "                  http://127.0.0.1:$(get_env INGESTION_PORT | grep . || echo 8080)/v1/jobs"
 info "stop:           ./install.sh --stop"
-if is_node; then
-  info "this is node $(get_env NODE_ID) of the head at $(get_env REDIS_HOST):$(get_env REDIS_PORT); leave: ./install.sh --leave"
-else
-  info "add a node:     copy var/node.env (0600) to the new machine's llmconsole/var/node.env, then there:"
-  info "                  ./install.sh --join THIS_HOST:$(get_env REDIS_PORT | grep . || echo 6379)"
-  info "                (here first: ./install.sh --listen THIS_HOST, and open that port to the nodes only)"
-fi
+info "add a node:     copy var/node.env (0600) to the new machine's llmconsole/var/node.env, then there:"
+info "                  ./install.sh --join THIS_HOST:$(get_env REDIS_PORT | grep . || echo 6379)"
+info "                (here first: ./install.sh --listen THIS_HOST, and open that port to the nodes only)"
