@@ -137,6 +137,7 @@ def test_poison_job_goes_dead_others_flow(make_stack: Callable[..., Stack]) -> N
         oks = [st.wait_job(c, j) for j in good]
     assert dead["state"] == "dead" and "gave up after 3 tries" in dead["error"]
     assert [j["state"] for j in oks] == ["succeeded"] * 10
+    assert _succeeded(r, keys) == 10
     entries = r.xrange(keys.dead)
     assert [e[1]["job_id"] for e in entries] == [poison]
     r.close()
@@ -369,6 +370,9 @@ def test_burst_past_bound_gets_429_and_loses_nothing(make_stack: Callable[..., S
         assert 429 in codes and set(codes) <= {202, 429}
         jobs = [st.wait_job(c, j) for j in accepted]
     assert [j["state"] for j in jobs] == ["succeeded"] * len(accepted)
+    r = _redis(st)
+    assert _succeeded(r, Keys(st.values["redis_prefix"])) == len(accepted)
+    r.close()
 
 
 def test_sigterm_proxy_finishes_in_flight(make_stack: Callable[..., Stack]) -> None:
