@@ -24,6 +24,7 @@ from fastapi import Depends, FastAPI, Header, HTTPException, Path, Query, Reques
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
+from redis.exceptions import OutOfMemoryError
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from services import procstats, prom, runtime
@@ -450,6 +451,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         except REDIS_DOWN:
             prom.JOBS_REFUSED.labels("redis_down").inc()
             return _redis_down()
+        except OutOfMemoryError:
+            # Redis reached maxmemory before the 200 ms gauge saw it: the script wrote nothing.
+            prom.JOBS_REFUSED.labels("redis_full").inc()
+            detail = app.state.memory.refusal(redis_refused=True)
+            return JSONResponse({"detail": detail}, status_code=503, headers={"Retry-After": "2"})
         if out.status == "busy":
             prom.JOBS_REFUSED.labels("busy").inc()
             return JSONResponse(

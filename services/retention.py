@@ -53,6 +53,8 @@ _SAMPLE_EVERY = 30
 DEAD_NODES_KEPT = 32
 #: How often ingestion's gauge reads Redis's memory.
 GAUGE_INTERVAL_S = 0.2
+#: Steady pruning is logged at most this often.
+_LOG_EVERY_S = 60.0
 
 
 @dataclass(frozen=True)
@@ -101,20 +103,23 @@ class MemoryGauge:
                 pass  # submits meet the outage themselves (503)
             await asyncio.sleep(self.interval_s)
 
-    def refusal(self) -> str | None:
-        """The sentence a refused submit gets, or None while Redis has room."""
+    def refusal(self, redis_refused: bool = False) -> str | None:
+        """The sentence a refused submit gets, or None while Redis has room.
+
+        ``redis_refused``: Redis itself refused the write (OOM) before the gauge saw it full.
+        """
         m = self.last
-        if m is None or not m.limit:
-            return None
         pct = self.s.redis_memory_refuse_pct
-        if m.used < m.limit * pct / 100:
+        if not redis_refused and (m is None or not m.limit or m.used < m.limit * pct / 100):
             return None
+        state = (
+            f"{mb(m.used)} used of its {mb(m.limit)} limit" if m is not None and m.limit else "at its limit"
+        )
         return (
-            f"Redis is nearly full: {mb(m.used)} used of its {mb(m.limit)} limit (maxmemory, "
-            f"REDIS_MAXMEMORY_MB); new jobs are refused above {pct:g} % so that jobs already "
-            "accepted can still write their results. Retention frees space by pruning the oldest "
-            "finished jobs (JOB_RETENTION_MAX, JOB_RETENTION_MB, RESULT_TTL_S): retry shortly, or "
-            "raise REDIS_MAXMEMORY_MB."
+            f"Redis is nearly full: {state} (maxmemory, REDIS_MAXMEMORY_MB); new jobs are refused "
+            f"above {pct:g} % so that jobs already accepted can still write their results. Retention "
+            "frees space by pruning the oldest finished jobs (JOB_RETENTION_MAX, JOB_RETENTION_MB, "
+            "RESULT_TTL_S): retry shortly, or raise REDIS_MAXMEMORY_MB."
         )
 
 
@@ -140,17 +145,28 @@ class Retention:
 
     async def run_forever(self, stopping: asyncio.Event | None = None) -> None:
         """A pass every ``RETENTION_INTERVAL_S`` until cancelled (or ``stopping`` is set)."""
+        loop = asyncio.get_running_loop()
+        total = RetentionReport()
+        next_log = loop.time() + _LOG_EVERY_S
         while stopping is None or not stopping.is_set():
             try:
                 report = await self.run_pass()
-                if report.jobs or report.runs or report.nodes:
+                total.jobs += report.jobs
+                total.runs += report.runs
+                total.nodes += report.nodes
+                total.reasons = list(dict.fromkeys([*total.reasons, *report.reasons]))[-4:]
+                pressure = any("maxmemory" in r for r in report.reasons)
+                # Steady pruning at the budget is one line a minute; memory pressure is said at once.
+                if (total.jobs or total.runs or total.nodes) and (pressure or loop.time() >= next_log):
                     log.info(
                         "retention pruned %d job(s), %d run(s), %d node(s): %s",
-                        report.jobs,
-                        report.runs,
-                        report.nodes,
-                        "; ".join(report.reasons),
+                        total.jobs,
+                        total.runs,
+                        total.nodes,
+                        "; ".join(total.reasons),
                     )
+                    total = RetentionReport()
+                    next_log = loop.time() + _LOG_EVERY_S
             except (*REDIS_DOWN, RedisError) as e:
                 log.debug("retention pass skipped: %s", e)
             await asyncio.sleep(self.s.retention_interval_s)

@@ -103,7 +103,7 @@ def test_full_redis_refuses_new_jobs_finishes_accepted_ones_and_recovers(
         return {j for j, state in _finishes(r, keys.run_done(run_id)) if state == "succeeded"}
 
     try:
-        limit = int(r.info("memory")["used_memory"]) + 6 * 1024 * 1024
+        limit = int(r.info("memory")["used_memory"]) + 16 * 1024 * 1024
         r.config_set("maxmemory", limit)
         with httpx.Client(timeout=30) as c:
             # Finished jobs first: what retention may prune when Redis fills up.
@@ -112,19 +112,19 @@ def test_full_redis_refuses_new_jobs_finishes_accepted_ones_and_recovers(
             ]
             wait_until(lambda: set(early) <= succeeded(), 120, "the first jobs to succeed")
 
-            # With the proxy worker frozen, accepted jobs pile up (30 KB prompts) until ingestion refuses.
+            # With the proxy worker frozen, accepted jobs pile up (8 KB prompts) until ingestion refuses.
             st.procs["proxy_worker"].signal(signal.SIGSTOP)
             accepted: list[str] = []
             refusal: httpx.Response | None = None
-            for i in range(2000):
-                body = {"prompt": "w" * 30_000, "output_tokens": 4, "seed": i, "run_id": run_id}
+            for i in range(6000):
+                body = {"prompt": "w" * 8_000, "output_tokens": 4, "seed": i, "run_id": run_id}
                 resp = c.post(url, json=body, headers=st.headers)
                 if resp.status_code == 503:
                     refusal = resp
                     break
                 assert resp.status_code == 202, resp.text
                 accepted.append(resp.json()["job_id"])
-            assert refusal is not None, f"no refusal after {len(accepted)} jobs of 30 KB"
+            assert refusal is not None, f"no refusal after {len(accepted)} jobs of 8 KB"
             detail = refusal.json()["detail"]
             assert "maxmemory" in detail and f"{limit / 2**20:.1f} MiB" in detail, detail
             assert refusal.headers.get("Retry-After")

@@ -94,6 +94,10 @@ def test_gauge_refuses_only_near_the_limit() -> None:
     assert msg is not None and "90.0 MiB used of its 100.0 MiB limit" in msg and "REDIS_MAXMEMORY_MB" in msg
     g.last = MemoryInfo(used=10**12, limit=0)  # no maxmemory: nothing to say
     assert g.refusal() is None
+    # Redis refused a submit (OOM) before the gauge saw it full: the same sentence, a 503.
+    g.last = None
+    msg = g.refusal(redis_refused=True)
+    assert msg is not None and "at its limit (maxmemory, REDIS_MAXMEMORY_MB)" in msg
 
 
 # ---------------------------------------------------------------------------
