@@ -91,6 +91,9 @@ class SoakStack:
             "proxy_concurrency": 64,
             "redis_maxmemory_mb": args.redis_maxmemory_mb,
             "job_retention_max": args.job_retention_max,
+            # Every submit carries an Idempotency-Key; at the default 24 h TTL a long soak's keys
+            # would pile up (about 100 B each) and hide whether the rest of Redis stays flat.
+            "idempotency_ttl_s": 600,
             "node_id": "soak",
         }
         env_file = var / "llmconsole.env"
