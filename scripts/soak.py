@@ -328,6 +328,10 @@ async def reconcile(st: SoakStack, soak: Soak, t0: float, drain_s: float) -> lis
                 for j, state in zip(chunk, states, strict=True):
                     if state in FINAL:
                         soak.final.setdefault(j, (state, time.monotonic() - t0))
+                    elif state is None:
+                        # No hash: retention pruned it, and it prunes only final jobs (every
+                        # accepted job has a hash). Final, state unseen; the counters tell.
+                        soak.final.setdefault(j, ("pruned", time.monotonic() - t0))
         except REDIS_DOWN:
             pass
         finally:
@@ -336,6 +340,16 @@ async def reconcile(st: SoakStack, soak: Soak, t0: float, drain_s: float) -> lis
         if not todo or time.monotonic() > deadline:
             return todo
         await asyncio.sleep(2)
+
+
+async def reconcile_forever(st: SoakStack, soak: Soak, t0: float, every_s: float = 15.0) -> None:
+    """Fill in, from the job hashes, final states the event channel missed (a Redis restart
+    drops the subscription), while the jobs are still retained: at the end, retention may have
+    pruned them, leaving them unverifiable."""
+    while True:
+        await asyncio.sleep(every_s)
+        with contextlib.suppress(Exception):
+            await reconcile(st, soak, t0, 0)
 
 
 def rss_all(st: SoakStack) -> dict[str, int | None]:
@@ -358,6 +372,7 @@ async def run(args: argparse.Namespace) -> int:
     watchers = [
         asyncio.create_task(watch_events(st, soak, t0)),
         asyncio.create_task(watch_memory(st, soak, t0)),
+        asyncio.create_task(reconcile_forever(st, soak, t0)),
     ]
     faults = asyncio.create_task(inject_faults(st, soak, args.fault_every, t0))
 
@@ -409,6 +424,7 @@ def summarize(args: argparse.Namespace, soak: Soak, lost: list[str], elapsed: fl
     states = [s for s, _t in soak.final.values()]
     succeeded = states.count("succeeded")
     delta = soak.stats_end.get("succeeded", 0) - soak.stats_start.get("succeeded", 0)
+    finals = sum(soak.stats_end.get(k, 0) - soak.stats_start.get(k, 0) for k in FINAL)
     mem = [m for _t, m in soak.memory]
     return {
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
@@ -422,7 +438,9 @@ def summarize(args: argparse.Namespace, soak: Soak, lost: list[str], elapsed: fl
         "dead": states.count("dead"),
         "lost": len(lost),
         "lost_examples": lost[:10],
-        "written_twice": delta - succeeded,
+        # Each finish bumps one counter once: more finishes than distinct final jobs = a double write.
+        "written_twice": finals - len(soak.final),
+        "final_unseen_pruned": states.count("pruned"),
         "stats_succeeded_delta": delta,
         "submit_retries": soak.submit_retries,
         "refused": soak.refused,
