@@ -147,9 +147,9 @@ def summary_renderables(summary: dict[str, Any]) -> list[RenderableType]:
     xrow("Redelivered jobs", lambda m: m.get("redelivered_jobs"))
     xrow("Engine time per job mean (ms)", lambda m: m.get("mean_engine_time_ms"))
     xrow(
-        "Server-side overhead p50 / p90 / p99 (ms)",
+        "Server-side overhead median / p90 / p99 (ms)",
         lambda m: (
-            " / ".join(fmt(m.get(f"{k}_server_overhead_ms")) for k in ("p50", "p90", "p99"))
+            " / ".join(fmt(m.get(f"{k}_server_overhead_ms")) for k in ("median", "p90", "p99"))
             if "median_server_overhead_ms" in m
             else None
         ),

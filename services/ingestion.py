@@ -215,6 +215,12 @@ class BodyLimit:
             if started:
                 raise
             await _send(send, _redis_down())
+        except RuntimeError as e:
+            # Under uvloop a command on a connection Redis just closed (a restart) raises this
+            # instead of a ConnectionError: the same "Redis is down", not a server error.
+            if started or "closed" not in str(e):
+                raise
+            await _send(send, _redis_down())
 
 
 def _replay(body: bytes, receive: Receive) -> Receive:

@@ -93,6 +93,11 @@ class ProcReport:
     t: int  # ns wall clock of the report
 
     @property
+    def source_is_report(self) -> bool:
+        """True when the figures come from the process's report, not from /proc now."""
+        return self.host != HOST_IDENTITY or self.t <= 0 or not Path(f"/proc/{self.pid}").exists()
+
+    @property
     def field(self) -> str:
         """Its field in the hash."""
         return f"{self.role}:{self.node}:{self.pid}"
@@ -170,8 +175,10 @@ def cpu_between(before: dict[str, ProcReport], after: dict[str, ProcReport]) -> 
     total = 0.0
     for f in sorted(set(before) | set(after)):
         a, b = before.get(f), after.get(f)
-        if b is None:
-            continue  # gone without a later figure: its CPU after the first snapshot is unknown
+        if b is None or (a is not None and b.t == a.t and b.source_is_report):
+            # gone, or no report since the first snapshot (it stopped before the window): nothing
+            # it did in the window is known, and it did nothing after its last report
+            continue
         used = b.cpu_s - (a.cpu_s if a is not None else 0.0)
         total += used
         procs.append(

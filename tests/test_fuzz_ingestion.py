@@ -17,8 +17,26 @@ pytestmark = pytest.mark.slow
 def _operations(stack: Stack) -> list:
     schema = schemathesis.openapi.from_url(f"{stack.settings.ingestion_url}/openapi.json")
     ops = [result.ok() for result in schema.get_all_operations()]
-    assert {op.path for op in ops} >= {"/v1/jobs", "/v1/jobs/{job_id}"}
-    return ops
+    assert {op.path for op in ops} >= {"/v1/jobs", "/v1/jobs/{job_id}", STREAMED}
+    # A results stream stays open by design (until the client closes it): its bad inputs are
+    # fuzzed in test_results_stream_refuses_bad_input, its events in tests/test_results_stream.py.
+    return [op for op in ops if op.path != STREAMED]
+
+
+STREAMED = "/v1/runs/{run_id}/results"
+
+
+def test_results_stream_refuses_bad_input(stack: Stack) -> None:
+    base = stack.settings.ingestion_url
+    for path, headers in (
+        ("/v1/runs/bad%20id/results", stack.headers),
+        ("/v1/runs/r1/results?after=nope", stack.headers),
+        ("/v1/runs/r1/results", {**stack.headers, "Last-Event-ID": "x-y"}),
+        ("/v1/runs/r1/results", {}),
+    ):
+        r = httpx.get(base + path, headers=headers, timeout=10)
+        assert r.status_code == (401 if not headers else 422), (path, r.status_code, r.text)
+        assert r.json()["detail"], r.text
 
 
 # schemathesis' own pytest plugin does not load under pytest 9.2, so its case
