@@ -109,6 +109,7 @@ def test_a_json_list_given_as_custom_says_sharegpt(tmp_path: Path) -> None:
         check_dataset(BenchConfig(dataset_name="custom", dataset=str(ds)))
 
 
+@pytest.mark.slow  # runs the CLI as a subprocess
 def test_cli_exit_code_2_and_one_line_without_traceback(tmp_path: Path) -> None:
     bad = tmp_path / "bad.json"
     bad.write_text('[{"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt"}]}]')

@@ -197,6 +197,7 @@ def test_stop_keeps_the_launchers_and_uninstall_removes_only_ours(tmp_path: Path
         st.stop()
 
 
+@pytest.mark.slow  # runs install.sh's launcher step as a subprocess
 def test_a_supervisorctl_earlier_on_path_is_named_and_not_claimed(tmp_path: Path) -> None:
     bindir, home, first = tmp_path / "bin", tmp_path / "home", tmp_path / "first"
     first.mkdir()

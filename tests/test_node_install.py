@@ -6,7 +6,11 @@ import stat
 import subprocess
 from pathlib import Path
 
+import pytest
+
 from services.settings import REPO_ROOT
+
+pytestmark = pytest.mark.slow  # runs install/node.sh in bash subprocesses
 
 #: What install.sh defines before it sources install/node.sh: its own set_env/get_env, taken from
 #: install.sh itself, and plain step/info/die.
