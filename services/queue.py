@@ -103,7 +103,7 @@ def redis_client(settings: Settings, *, blocking: bool = False) -> aioredis.Redi
 _SUBMIT = """
 -- KEYS: job, stream, active, stats, recent, idem ('' = none)
 -- ARGV: job_id, spec, t_received, request fingerprint, max_active, idem_ttl, channel, run_id, label,
---       recent_max. The idempotency key stores "job_id|fingerprint".
+--       recent_max, group. The idempotency key stores "job_id|fingerprint".
 -- Job ids are new per request: an existing hash means this very call was sent again (redis-py
 -- re-sends a command that timed out or lost its connection) after it had already run.
 if redis.call('EXISTS', KEYS[1]) == 1 then return {'ok', ARGV[1]} end
@@ -127,6 +127,11 @@ local now = redis.call('TIME')
 redis.call('HSET', KEYS[1], 'job_id', ARGV[1], 'state', 'queued', 'attempt', 0, 'tries', 0,
   'spec', ARGV[2], 't_received', ARGV[3], 't_enqueued', now[1] .. string.format('%06d', now[2]) .. '000',
   'run_id', ARGV[8], 'label', ARGV[9])
+-- The stream and its consumer group come into being with the first job (and again after a wipe),
+-- inside this one call: no extra round trip per submit to make sure of them.
+if redis.call('EXISTS', KEYS[2]) == 0 then
+  redis.call('XGROUP', 'CREATE', KEYS[2], ARGV[11], '0', 'MKSTREAM')
+end
 local entry = redis.call('XADD', KEYS[2], '*', 'job_id', ARGV[1])
 redis.call('HSET', KEYS[1], 'entry', entry)
 redis.call('INCR', KEYS[3])
@@ -308,7 +313,6 @@ class JobQueue:
         ``fingerprint`` identifies the request behind an idempotency key: the same key with
         another fingerprint is a ``conflict``, not a duplicate.
         """
-        await self.ensure_group()
         keys = [
             self.keys.job(spec.job_id),
             self.keys.stream,
@@ -328,6 +332,7 @@ class JobQueue:
             spec.run_id or "",
             spec.label or "",
             RECENT_JOBS_MAX,
+            self.group,
         ]
         status, value = await self._submit(keys=keys, args=args)
         if status == "busy":
