@@ -7,6 +7,11 @@ import time
 import httpx
 import pytest
 import schemathesis
+
+# Imported here, at a shallow stack: imported lazily deep inside from_url, pytest's assertion
+# rewriting of these plugin modules met CPython 3.11.7's "AST constructor recursion depth
+# mismatch" SystemError once in a full-suite run.
+import schemathesis.specs.openapi.schemas
 from hypothesis import HealthCheck, given, settings
 
 from tests.stackutil import Stack

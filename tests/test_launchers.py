@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from services.settings import REPO_ROOT
+from tests.stackutil import wait_until
 from tests.supervisedstack import SupervisedStack
 
 PROGRAMS = ("redis", "engine", "inference_worker", "proxy_worker", "ingestion")
@@ -64,6 +65,12 @@ def sup(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SupervisedStack]:
     st = SupervisedStack(checkout(tmp_path_factory.mktemp("checkout")))
     try:
         st.start()
+        # the status lines are compared with the pids: every program must be past STARTING
+        wait_until(
+            lambda: all(i["statename"] == "RUNNING" for i in st.rpc().supervisor.getAllProcessInfo()),
+            60,
+            "every program RUNNING",
+        )
     except Exception:
         st.stop()
         raise
