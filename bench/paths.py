@@ -16,6 +16,7 @@ import json
 import secrets
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import httpx
 
@@ -158,8 +159,8 @@ class RunFollower:
         self.client = client
         self.url = f"{base}/v1/runs/{run_id}/results"
         self._last = "0"
-        self._early: dict[str, str] = {}
-        self._waiters: dict[str, asyncio.Future[str]] = {}
+        self._early: dict[str, dict[str, Any]] = {}
+        self._waiters: dict[str, asyncio.Future[dict[str, Any]]] = {}
         self._task: asyncio.Task[None] | None = None
         #: False once ingestion said it has no such endpoint (an older one): callers long-poll.
         self.available = True
@@ -177,12 +178,12 @@ class RunFollower:
                 await self._task
             self._task = None
 
-    async def wait(self, job_id: str, within_s: float) -> str | None:
-        """The JSON view of ``job_id`` once it finished, or None after ``within_s`` seconds."""
+    async def wait(self, job_id: str, within_s: float) -> dict[str, Any] | None:
+        """The view of ``job_id`` (decoded JSON) once it finished, or None after ``within_s`` seconds."""
         raw = self._early.pop(job_id, None)
         if raw is not None or not self.available:
             return raw
-        fut: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
         self._waiters[job_id] = fut
         try:
             async with asyncio.timeout(within_s):
@@ -229,17 +230,18 @@ class RunFollower:
     def _deliver(self, event_id: str, data: str) -> None:
         if event_id:
             self._last = event_id
-        try:
-            job_id = str(json.loads(data)["job_id"])
+        try:  # parsed once here; the path validates the dict into a JobView
+            view = json.loads(data)
+            job_id = str(view["job_id"])
         except (ValueError, KeyError, TypeError):
             return
         fut = self._waiters.pop(job_id, None)
         if fut is not None and not fut.done():
-            fut.set_result(data)
+            fut.set_result(view)
         else:
             # Finished before its submit answered (or a warm-up job nobody waits for any more):
             # kept, bounded, until asked for.
-            self._early[job_id] = data
+            self._early[job_id] = view
             if len(self._early) > _EARLY_MAX:
                 self._early.pop(next(iter(self._early)))
 
@@ -392,7 +394,7 @@ class PipelinePath:
             raw = await self.follower.wait(job_id, min(remaining, _FOLLOW_CHECK_S))
             if raw is not None:
                 try:
-                    view = JobView.model_validate_json(raw)
+                    view = JobView.model_validate(raw)
                 except ValueError:  # an "expired" marker: the job is gone from Redis already
                     break
                 rec.error = ""
