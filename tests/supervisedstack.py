@@ -19,17 +19,23 @@ from tests.stackutil import free_port, wait_until
 VENV_BIN = Path(REPO_ROOT) / ".venv" / "bin"
 
 
+def private_conf(workdir: Path, name: str) -> tuple[Path, Path]:
+    """The repository's supervisord config ``name`` with its var/ moved under ``workdir``: (var, conf)."""
+    var = workdir / "var"
+    (var / "log").mkdir(parents=True, exist_ok=True)
+    var.chmod(0o700)
+    conf = workdir / "supervisord.conf"
+    text = (REPO_ROOT / name).read_text()
+    conf.write_text(text.replace("%(here)s/var", str(var)).replace("%(here)s", str(REPO_ROOT)))
+    return var, conf
+
+
 class SupervisedStack:
     """supervisord.conf from the repository, with var/ moved to ``workdir`` and ports made free."""
 
     def __init__(self, workdir: Path, **overrides: Any) -> None:
         self.workdir = workdir
-        self.var = workdir / "var"
-        (self.var / "log").mkdir(parents=True, exist_ok=True)
-        self.var.chmod(0o700)
-        text = (REPO_ROOT / "supervisord.conf").read_text()
-        self.conf = workdir / "supervisord.conf"
-        self.conf.write_text(text.replace("%(here)s/var", str(self.var)).replace("%(here)s", str(REPO_ROOT)))
+        self.var, self.conf = private_conf(workdir, "supervisord.conf")
         self.values: dict[str, Any] = {
             "redis_port": free_port(),
             "redis_password": "pw-" + new_id(),

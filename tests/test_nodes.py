@@ -21,6 +21,7 @@ from services.contracts import JOB_NODE_FIELD, JOB_POLICY_FIELD, Keys, NodeHeart
 from services.settings import REPO_ROOT, Settings
 from services.supervisor_client import supervisor_proxy
 from tests.stackutil import PYTHON, Proc, RedisServer, free_port, http_ok, settings_env, wait_until
+from tests.supervisedstack import private_conf
 
 pytestmark = pytest.mark.slow
 
@@ -42,12 +43,7 @@ class Node:
     """One node: supervisord.node.conf with var/ moved to its own folder, its own ports and id."""
 
     def __init__(self, workdir: Path, node_id: str, common: dict[str, Any], **sim: Any) -> None:
-        self.var = workdir / "var"
-        (self.var / "log").mkdir(parents=True, exist_ok=True)
-        self.var.chmod(0o700)
-        text = (REPO_ROOT / "supervisord.node.conf").read_text()
-        self.conf = workdir / "supervisord.conf"
-        self.conf.write_text(text.replace("%(here)s/var", str(self.var)).replace("%(here)s", str(REPO_ROOT)))
+        self.var, self.conf = private_conf(workdir, "supervisord.node.conf")
         self.node_id = node_id
         self.values = {
             **common,
