@@ -187,7 +187,7 @@ case "$ENGINE" in
     else
       # vLLM downloads a hub model silently (its progress bars are off): fetch it here with
       # progress and a disk check. A local MODEL_PATH, or a model already cached, costs nothing.
-      "$PY" -m services.engine_launch --fetch || die "the model could not be downloaded (see above)"
+      "$PY" -m services.lifecycle.engine_launch --fetch || die "the model could not be downloaded (see above)"
     fi
     ;;
 esac
@@ -219,7 +219,7 @@ fi
 
 # --- 6. wait until every service is ready ---------------------------------------
 step "Waiting for the stack"
-if is_node; then READY=(-m services.node wait); else READY=(-m services.readiness); fi
+if is_node; then READY=(-m services.lifecycle.node wait); else READY=(-m services.lifecycle.readiness); fi
 "$PY" "${READY[@]}" --timeout "$([[ $ENGINE == sim ]] && echo 60 || echo 1800)" \
   || { "${CTL[@]}" status || true; die "the stack did not become ready (logs: var/log/)"; }
 

@@ -1,7 +1,7 @@
 """supervisord's XML-RPC interface over its unix socket, as the console uses it.
 
 supervisord (``[unix_http_server]`` + ``[rpcinterface:supervisor]``) speaks
-XML-RPC over HTTP on a unix socket; :func:`services.supervisor_client.supervisor_proxy`
+XML-RPC over HTTP on a unix socket; :func:`services.lifecycle.supervisor_client.supervisor_proxy`
 provides the ``AF_UNIX`` transport. Every call opens a fresh proxy (cheap on a
 unix socket), so a restarted supervisord is picked up without reconnect logic
 and calls from several threads never share a connection.
@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from services.supervisor_client import supervisor_proxy
+from services.lifecycle.supervisor_client import supervisor_proxy
 
 
 class SupervisorError(Exception):

@@ -339,9 +339,9 @@ prepare_model() {
     return 1
   fi
   _engine_check_disk "$out" 2 || return 1
-  # Run from the repo root so `-m services.model_prep` resolves; the script is standalone.
+  # Run from the repo root so `-m services.lifecycle.model_prep` resolves; the script is standalone.
   (cd "$ENGINE_REPO_ROOT" && HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 \
-    "$venv/bin/python" -m services.model_prep --out "$out") || {
+    "$venv/bin/python" -m services.lifecycle.model_prep --out "$out") || {
     _engine_err "preparing the model in $out failed (see the lines above)"
     return 1
   }
@@ -354,7 +354,7 @@ prepare_model() {
 wait_engine_ready() {
   # wait_engine_ready BASE_URL TIMEOUT_S [LOGFILE]: poll BASE_URL/health every 3 s, printing the
   # elapsed time and the engine log's last line; stop early with a plain sentence when the new
-  # part of LOGFILE shows a known failure (python -m services.engine_launch --explain).
+  # part of LOGFILE shows a known failure (python -m services.lifecycle.engine_launch --explain).
   local url="$1" timeout="${2:-900}" logf="${3:-}" start0=$SECONDS offset=0 last why tmp
   local py="${ENGINE_PROJECT_PYTHON:-$ENGINE_REPO_ROOT/.venv/bin/python}"
   [ -n "$logf" ] && [ -f "$logf" ] && offset="$(stat -c %s "$logf")"
@@ -367,7 +367,7 @@ wait_engine_ready() {
     fi
     if [ -n "$logf" ] && [ -f "$logf" ]; then
       tail -c +"$((offset + 1))" "$logf" >"$tmp" 2>/dev/null || true
-      if why="$(cd "$ENGINE_REPO_ROOT" && "$py" -m services.engine_launch --explain "$tmp" 2>/dev/null)" && [ -n "$why" ]; then
+      if why="$(cd "$ENGINE_REPO_ROOT" && "$py" -m services.lifecycle.engine_launch --explain "$tmp" 2>/dev/null)" && [ -n "$why" ]; then
         _engine_err "the engine failed: $why (log: $logf)"
         rm -f "$tmp"
         return 1

@@ -72,7 +72,7 @@ node_join() {  # node_join HOST:PORT: settings of a joined node (after the env f
 node_leave() {  # drain, stop this node's supervisord, deregister
   is_node || die "this machine did not join a head (no $NODE_MARK); ./install.sh --stop stops a head"
   step "Leaving: draining this node (no new jobs; running ones finish)"
-  "$PY" -m services.node drain --timeout 300 \
+  "$PY" -m services.lifecycle.node drain --timeout 300 \
     || info "not drained in time: stopping anyway (the proxy workers retry its jobs elsewhere)"
   if [[ -x "$VENV/bin/supervisorctl" ]] && supervisord_running; then
     local pid
@@ -80,7 +80,7 @@ node_leave() {  # drain, stop this node's supervisord, deregister
     "${CTL[@]}" shutdown >/dev/null
     for _ in $(seq 1 120); do kill -0 "$pid" 2>/dev/null || break; sleep 0.5; done
   fi
-  "$PY" -m services.node deregister || die "could not deregister (is the head's Redis reachable?)"
+  "$PY" -m services.lifecycle.node deregister || die "could not deregister (is the head's Redis reachable?)"
   rm -f "$NODE_MARK"
   info "left: the node is stopped and no longer registered"
 }

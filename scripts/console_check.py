@@ -36,8 +36,8 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from services.lifecycle.supervisor_client import supervisor_proxy  # noqa: E402
 from services.settings import Settings, load_settings  # noqa: E402
-from services.supervisor_client import supervisor_proxy  # noqa: E402
 
 VENV_BIN = REPO / ".venv" / "bin"
 LLMCONSOLE = VENV_BIN / "llmconsole"

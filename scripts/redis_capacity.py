@@ -1,6 +1,6 @@
 """How many jobs per second one Redis holds: the pipeline's real Redis calls, AOF ``everysec``.
 
-Starts a private ``redis-server`` with llmconsole's own config (``services.redis_launch``:
+Starts a private ``redis-server`` with llmconsole's own config (``services.lifecycle.redis_launch``:
 AOF on, ``appendfsync everysec``, noeviction, listpack job hashes) on a free loopback port,
 then drives the Redis side of every job with the real code (``services.queue.JobQueue``):
 
@@ -35,8 +35,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from services.contracts import InferResult, JobSpec, JobState, Keys, encode_result, new_id, now_ns
+from services.lifecycle.redis_launch import redis_config
 from services.queue import JobQueue, redis_client
-from services.redis_launch import redis_config
 from services.settings import Settings
 
 

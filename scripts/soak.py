@@ -42,10 +42,10 @@ import httpx
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from services.contracts import Keys, new_id
+from services.lifecycle.readiness import checks
+from services.lifecycle.supervisor_client import supervisor_proxy
 from services.queue import REDIS_DOWN, redis_client
-from services.readiness import checks
 from services.settings import REPO_ROOT, Settings, load_settings
-from services.supervisor_client import supervisor_proxy
 
 VENV_BIN = REPO_ROOT / ".venv" / "bin"
 SERVICES = ("redis", "engine", "inference_worker", "proxy_worker", "ingestion")

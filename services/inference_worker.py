@@ -25,7 +25,7 @@ from contextlib import asynccontextmanager
 from fastapi import Depends, FastAPI, Header, HTTPException, Request
 from fastapi.responses import JSONResponse, Response
 
-from services import kv_events, procstats, prom, runtime, telemetry
+from services import procstats, prom, runtime, telemetry
 from services.contracts import (
     InferRequest,
     InferResult,
@@ -38,6 +38,7 @@ from services.contracts import (
 from services.engine_client import EngineClient, EngineError
 from services.prompts import PromptBuilder, prefix_seed_for_run, split_tokens
 from services.queue import REDIS_DOWN, raise_if_cancelling, redis_client
+from services.routing import kv_events
 from services.settings import Settings, get_settings
 
 log = logging.getLogger("llmconsole.inference_worker")

@@ -90,8 +90,8 @@ from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from services import kv_events
 from services.contracts import VllmMetric
+from services.routing import kv_events
 from services.settings import Settings, get_settings
 
 log = logging.getLogger("llmconsole.sim_engine")

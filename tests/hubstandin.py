@@ -1,4 +1,4 @@
-"""A stand-in for the Hugging Face hub's HTTP API, for ``services.model_fetch`` tests.
+"""A stand-in for the Hugging Face hub's HTTP API, for ``services.lifecycle.model_fetch`` tests.
 
 The hub cannot be reached from the test machines (only the package registries can), so the real
 ``huggingface_hub`` client of the engine venv is pointed (``HF_ENDPOINT``) at this small server,

@@ -81,7 +81,7 @@ class RedisServer:
     """A real redis-server on a free port, in its own folder.
 
     ``launcher=True`` starts it the way production does, through ``python -m
-    services.redis_launch`` (its redis.conf: AOF with ``appendfsync`` from the settings,
+    services.lifecycle.redis_launch`` (its redis.conf: AOF with ``appendfsync`` from the settings,
     ``noeviction``, the password in a 0600 file); the launcher execs redis-server, so
     :attr:`proc` is the server itself and a SIGKILL is a real crash of Redis.
     """
@@ -112,7 +112,7 @@ class RedisServer:
                 "redis_appendfsync": self.appendfsync,
                 "var_dir": str(self.workdir),
             }
-            return [PYTHON, "-m", "services.redis_launch"], settings_env(values)
+            return [PYTHON, "-m", "services.lifecycle.redis_launch"], settings_env(values)
         exe = shutil.which("redis-server") or "/usr/bin/redis-server"
         args = [
             exe,

@@ -11,9 +11,9 @@ from typing import Any
 import httpx
 
 from services.contracts import new_id
-from services.readiness import checks
+from services.lifecycle.readiness import checks
+from services.lifecycle.supervisor_client import supervisor_proxy
 from services.settings import REPO_ROOT, Settings
-from services.supervisor_client import supervisor_proxy
 from tests.stackutil import free_port, wait_until
 
 VENV_BIN = Path(REPO_ROOT) / ".venv" / "bin"

@@ -24,8 +24,8 @@ from console.app import ConsoleApp
 from console.collector import BackgroundLoop, Collector
 from console.screens.bench import BenchScreen, RunScreen
 from console.sources import LibraryBench, ProcTree, SourceDown, XmlRpcSupervisor, real_sources
+from services.lifecycle.supervisor_client import supervisor_proxy
 from services.settings import REPO_ROOT
-from services.supervisor_client import supervisor_proxy
 from services.telemetry import make_backend
 from tests.stackutil import Stack, wait_until
 

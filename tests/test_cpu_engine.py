@@ -18,7 +18,7 @@ import pytest
 
 from services.contracts import TIMESTAMPS, VllmMetric
 from services.engine_client import metric_sum, parse_prometheus
-from services.engine_launch import DEFAULT_CPU_MODEL_NAME, default_cpu_model_dir
+from services.lifecycle.engine_launch import DEFAULT_CPU_MODEL_NAME, default_cpu_model_dir
 from services.settings import load_settings
 from tests.stackutil import wait_until
 from tests.supervisedstack import SupervisedStack

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from services.engine_launch import (
+from services.lifecycle.engine_launch import (
     DEFAULT_CPU_MODEL_NAME,
     DEFAULT_GPU_MODEL,
     build_engine_command,
@@ -155,7 +155,7 @@ def test_cpu_bind_explicit_is_kept() -> None:
 
 def _launch(env_values: dict[str, object], *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "services.engine_launch", *args],
+        [sys.executable, "-m", "services.lifecycle.engine_launch", *args],
         cwd=REPO_ROOT,
         env=settings_env(env_values),
         capture_output=True,
@@ -219,7 +219,7 @@ def test_launch_execs_the_simulator_in_place(tmp_path: Path) -> None:
     env = settings_env({"engine_kind": "sim", "engine_port": port, "var_dir": str(tmp_path)})
     log = (tmp_path / "engine.log").open("wb")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "services.engine_launch"],
+        [sys.executable, "-m", "services.lifecycle.engine_launch"],
         cwd=REPO_ROOT,
         env=env,
         stdout=log,
@@ -229,7 +229,7 @@ def test_launch_execs_the_simulator_in_place(tmp_path: Path) -> None:
     try:
         wait_until(lambda: http_ok(f"http://127.0.0.1:{port}/health"), 30, "the simulator via engine_launch")
         cmdline = Path(f"/proc/{proc.pid}/cmdline").read_bytes().split(b"\0")
-        assert b"services.sim_engine" in cmdline and b"services.engine_launch" not in cmdline
+        assert b"services.sim_engine" in cmdline and b"services.lifecycle.engine_launch" not in cmdline
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(20) is not None
         assert not http_ok(f"http://127.0.0.1:{port}/health")

@@ -310,7 +310,7 @@ def test_redis_restart_every_accepted_job_finishes(make_stack: Callable[..., Sta
 def test_a_redis_crash_loses_no_accepted_job(
     make_stack: Callable[..., Stack], tmp_path: Path, fsync: str
 ) -> None:
-    # kill -9 of redis-server, started as production starts it (services.redis_launch: AOF), while
+    # kill -9 of redis-server, started as production starts it (services.lifecycle.redis_launch: AOF), while
     # jobs are submitted and running. Redis appends to its AOF before it replies, and the page
     # cache outlives the process: every job that got a 202 is there after the restart and ends.
     own = RedisServer(tmp_path / "redis", password="pw", launcher=True, appendfsync=fsync)

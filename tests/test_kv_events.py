@@ -11,9 +11,9 @@ import pytest
 import redis
 import zmq
 
-from services import kv_events
 from services.contracts import JobSpec, Keys, prefix_key
-from services.kv_events import BlockChains, decode_batch, encode_batch
+from services.routing import kv_events
+from services.routing.kv_events import BlockChains, decode_batch, encode_batch
 from services.routing.policies import JobInfo, NodeView, choose
 from services.routing.policies import kv_events as kv_policy
 from tests.stackutil import RedisServer, Stack, free_port, wait_until

@@ -1,7 +1,7 @@
 """Redis memory: a finished job's footprint, and a full Redis that refuses new jobs, then recovers.
 
 Both run the real pipeline on the simulator against a Redis of their own, configured with the
-memory settings ``services.redis_launch`` gives the production Redis.
+memory settings ``services.lifecycle.redis_launch`` gives the production Redis.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import redis
 from bench.config import BenchConfig
 from bench.runner import run_benchmark
 from services.contracts import Keys
-from services.redis_launch import memory_config
+from services.lifecycle.redis_launch import memory_config
 from services.settings import Settings
 from tests.stackutil import RedisServer, Stack, wait_until
 

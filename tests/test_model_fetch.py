@@ -2,7 +2,7 @@
 
 The download runs for real: the engine venv's own ``huggingface_hub`` (the client vLLM uses)
 fetches from a stand-in of the hub's HTTP API on loopback (the hub cannot be reached from the
-test machines), through ``python -m services.engine_launch --fetch`` as install.sh runs it.
+test machines), through ``python -m services.lifecycle.engine_launch --fetch`` as install.sh runs it.
 """
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from services import model_fetch as mf
-from services.engine_launch import fetch_command, hub_cache_dir, hub_model
+from services.lifecycle import model_fetch as mf
+from services.lifecycle.engine_launch import fetch_command, hub_cache_dir, hub_model
 from services.settings import REPO_ROOT, Settings
 from tests.hubstandin import COMMIT, StandInHub
 from tests.stackutil import free_port
@@ -142,7 +142,7 @@ def test_fetch_command_gets_the_engines_cache_token_and_revision(tmp_path: Path)
     argv, env = cmd
     assert argv[1:] == [
         "-m",
-        "services.model_fetch",
+        "services.lifecycle.model_fetch",
         "--model",
         REPO,
         "--interval",
@@ -170,7 +170,7 @@ def hub() -> Iterator[StandInHub]:
 def _run_fetch(
     tmp_path: Path, endpoint: str, *extra: str, **settings: str
 ) -> subprocess.CompletedProcess[str]:
-    """``python -m services.engine_launch --fetch`` as install.sh runs it, settings from the env."""
+    """``python -m services.lifecycle.engine_launch --fetch`` as install.sh runs it, settings from the env."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "LLMC_"))}
     env.update(
         LLMC_ENV_FILE=str(tmp_path / "absent.env"),
@@ -181,7 +181,7 @@ def _run_fetch(
     )
     env.update({k.upper(): v for k, v in settings.items()})
     return subprocess.run(
-        [sys.executable, "-m", "services.engine_launch", "--fetch", *extra],
+        [sys.executable, "-m", "services.lifecycle.engine_launch", "--fetch", *extra],
         env=env,
         cwd=REPO_ROOT,
         capture_output=True,
@@ -269,7 +269,7 @@ def test_too_little_disk_is_refused_before_downloading(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_a_local_model_needs_no_download(tmp_path: Path) -> None:
     r = subprocess.run(
-        [sys.executable, "-m", "services.engine_launch", "--fetch"],
+        [sys.executable, "-m", "services.lifecycle.engine_launch", "--fetch"],
         env={**os.environ, "LLMC_ENV_FILE": str(tmp_path / "absent.env"), "ENGINE_KIND": "cpu"},
         cwd=REPO_ROOT,
         capture_output=True,

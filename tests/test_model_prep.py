@@ -13,7 +13,7 @@ from pathlib import Path
 import jinja2
 import pytest
 
-from services import model_prep as mp
+from services.lifecycle import model_prep as mp
 from services.settings import REPO_ROOT, load_settings
 
 GGUF_SHA = "a" * 64
@@ -131,7 +131,7 @@ def test_installed_model_folder_checks_out() -> None:
     if not py.exists() or not folder.exists():
         pytest.skip("the CPU engine is not installed (./install.sh --engine cpu)")
     p = subprocess.run(
-        [str(py), "-m", "services.model_prep", "--check", "--out", str(folder)],
+        [str(py), "-m", "services.lifecycle.model_prep", "--check", "--out", str(folder)],
         cwd=REPO_ROOT,
         capture_output=True,
         text=True,

@@ -18,8 +18,8 @@ import pytest
 import redis
 
 from services.contracts import JOB_NODE_FIELD, JOB_POLICY_FIELD, Keys, NodeHeartbeat, NodeState, new_id
+from services.lifecycle.supervisor_client import supervisor_proxy
 from services.settings import REPO_ROOT, Settings
-from services.supervisor_client import supervisor_proxy
 from tests.stackutil import PYTHON, Proc, RedisServer, free_port, http_ok, settings_env, wait_until
 from tests.supervisedstack import private_conf
 
@@ -83,9 +83,9 @@ class Node:
         return out
 
     def node_cmd(self, *args: str) -> subprocess.CompletedProcess[str]:
-        """``python -m services.node ...`` with this node's settings."""
+        """``python -m services.lifecycle.node ...`` with this node's settings."""
         return subprocess.run(
-            [PYTHON, "-m", "services.node", *args],
+            [PYTHON, "-m", "services.lifecycle.node", *args],
             env=self.env,
             cwd=REPO_ROOT,
             capture_output=True,
@@ -311,7 +311,7 @@ def test_a_drained_node_finishes_its_jobs_and_takes_no_more(cluster: Cluster) ->
         ids = cl.submit(c, 48, "drain")
         wait_until(lambda: len(cl.in_flight("n1")) > 0, 60, "jobs on n1", interval=0.01)
         drain = subprocess.Popen(
-            [PYTHON, "-m", "services.node", "drain", "--timeout", "60"],
+            [PYTHON, "-m", "services.lifecycle.node", "drain", "--timeout", "60"],
             env=node.env,
             cwd=REPO_ROOT,
             stdout=subprocess.PIPE,

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from services import readiness
-from services.readiness import wait
+from services.lifecycle import readiness
+from services.lifecycle.readiness import wait
 from services.settings import Settings
 from tests.stackutil import RedisServer, free_port
 

@@ -1,4 +1,4 @@
-"""Start Debian's redis-server with llmconsole's settings (``python -m services.redis_launch``).
+"""Start Debian's redis-server with llmconsole's settings (``python -m services.lifecycle.redis_launch``).
 
 The password goes into a 0600 config file under ``var/redis/``, never onto the
 command line (where ``ps`` would show it). Durability as issue 6 asks: AOF with

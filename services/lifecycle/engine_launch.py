@@ -1,11 +1,11 @@
 """Start the engine that settings choose: the simulator, vLLM's CPU build, or vLLM on GPUs.
 
-supervisord's ``engine`` program runs ``python -m services.engine_launch``: it builds the command
+supervisord's ``engine`` program runs ``python -m services.lifecycle.engine_launch``: it builds the command
 line from :class:`~services.settings.Settings` and replaces itself with it (``os.execvpe``), so
 supervisord's stop signal reaches the engine itself; vLLM's own child processes are reached
 through ``stopasgroup``/``killasgroup``.
 
-``python -m services.engine_launch --explain LOGFILE`` prints one plain sentence for a known
+``python -m services.lifecycle.engine_launch --explain LOGFILE`` prints one plain sentence for a known
 failure in an engine log (out of memory, no driver, port taken, model not found ...) and exits 0,
 or prints nothing and exits 1. ``--print`` shows the command instead of running it.
 """
@@ -20,7 +20,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from services import kv_events
+from services.routing import kv_events
 from services.settings import REPO_ROOT, Settings, get_settings
 
 #: The GPU engine's model when settings name none (the seed's).
@@ -359,7 +359,7 @@ _SECRET_ENV = frozenset({"VLLM_API_KEY", "HF_TOKEN"})
 def fetch_command(settings: Settings, interval_s: float = 10.0) -> tuple[list[str], dict[str, str]] | None:
     """The command that downloads the GPU engine's hub model with progress (None: nothing to fetch).
 
-    It runs ``services.model_fetch`` with the engine venv's python and the engine's own
+    It runs ``services.lifecycle.model_fetch`` with the engine venv's python and the engine's own
     environment, so the download lands in the same hub cache, with the same token, that vLLM uses.
     """
     repo = hub_model(settings)
@@ -369,7 +369,7 @@ def fetch_command(settings: Settings, interval_s: float = 10.0) -> tuple[list[st
     argv = [
         str(engine_python(settings)),
         "-m",
-        "services.model_fetch",
+        "services.lifecycle.model_fetch",
         "--model",
         repo,
         "--interval",
@@ -398,7 +398,9 @@ def _fetch(settings: Settings, interval_s: float) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """Exec the configured engine (or ``--print`` its command, ``--fetch`` its model, ``--explain LOG``)."""
-    ap = argparse.ArgumentParser(prog="python -m services.engine_launch", description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(
+        prog="python -m services.lifecycle.engine_launch", description=__doc__.splitlines()[0]
+    )
     ap.add_argument(
         "--explain", type=Path, metavar="LOGFILE", help="explain a failure found in an engine log"
     )

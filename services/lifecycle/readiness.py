@@ -1,6 +1,6 @@
 """Wait, with visible progress, until every service of the stack is ready.
 
-``python -m services.readiness --timeout 600`` checks Redis (PING), the engine
+``python -m services.lifecycle.readiness --timeout 600`` checks Redis (PING), the engine
 (``/health``), the inference worker and ingestion (``/readyz``) and prints one
 status line a second. If supervisord reports a program as FATAL (it gave up
 restarting it), it stops waiting and says why, with the engine log explained.
@@ -17,10 +17,10 @@ from pathlib import Path
 import httpx
 import redis
 
-from services.engine_launch import explain_engine_failure, hub_cache_dir, hub_model
-from services.model_fetch import blob_bytes, repo_cache_dir
+from services.lifecycle.engine_launch import explain_engine_failure, hub_cache_dir, hub_model
+from services.lifecycle.model_fetch import blob_bytes, repo_cache_dir
+from services.lifecycle.supervisor_client import supervisor_proxy
 from services.settings import Settings, get_settings
-from services.supervisor_client import supervisor_proxy
 
 
 def _check_redis(s: Settings) -> bool:

@@ -1,4 +1,4 @@
-"""A node's own commands: wait until it serves, drain, leave (``python -m services.node``).
+"""A node's own commands: wait until it serves, drain, leave (``python -m services.lifecycle.node``).
 
 ``install.sh --join`` runs ``wait`` after starting the node's engine and inference worker;
 ``install.sh --leave`` runs ``drain`` (no new jobs; waits until the node's jobs are done or the
@@ -86,7 +86,7 @@ async def _simple(s: Settings, node: str, what: str) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Command line: wait | drain | undrain | deregister | status."""
-    p = argparse.ArgumentParser(prog="python -m services.node", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m services.lifecycle.node", description=__doc__.splitlines()[0])
     p.add_argument("command", choices=["wait", "drain", "undrain", "deregister", "status"])
     p.add_argument("--node", help="node id (default: this host's NODE_ID)")
     p.add_argument("--timeout", type=float, default=300.0, help="seconds for wait and drain (default 300)")

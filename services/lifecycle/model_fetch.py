@@ -3,10 +3,10 @@
 vLLM downloads a hub model itself when it starts, but with its progress bars switched off
 (``DisabledTqdm`` in ``vllm/model_executor/model_loader/weight_utils.py``): a 65 GB model would
 look like a silent engine for many minutes. ``install.sh`` therefore runs this first, through
-``python -m services.engine_launch --fetch`` (which gives it the engine's environment: ``HF_HOME``,
+``python -m services.lifecycle.engine_launch --fetch`` (which gives it the engine's environment: ``HF_HOME``,
 ``HF_TOKEN``), with the ENGINE venv's python, whose ``huggingface_hub`` is the one vLLM uses::
 
-    .venv-engine/bin/python -m services.model_fetch --model deepseek-ai/DeepSeek-R1-Distill-Qwen-32B
+    .venv-engine/bin/python -m services.lifecycle.model_fetch --model deepseek-ai/DeepSeek-R1-Distill-Qwen-32B
 
 It picks the files the way vLLM does (the safetensors the index names, else ``*.safetensors``,
 else ``*.bin`` / ``*.pt``; plus the small top-level config and tokenizer files), checks the free
@@ -356,7 +356,9 @@ def fetch(
 
 def main(argv: list[str] | None = None) -> int:
     """CLI: download a hub model into the cache with progress; 0 when it is all there."""
-    ap = argparse.ArgumentParser(prog="python -m services.model_fetch", description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(
+        prog="python -m services.lifecycle.model_fetch", description=__doc__.splitlines()[0]
+    )
     ap.add_argument("--model", required=True, help="hub name (org/name); a local folder is left alone")
     ap.add_argument("--revision", default="main", help="branch, tag or commit (default: main)")
     ap.add_argument("--cache-dir", type=Path, default=None, help="hub cache (default: HF_HOME/hub)")
