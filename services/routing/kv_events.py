@@ -293,12 +293,19 @@ class KvMirror:
         sock = ctx.socket(zmq.SUB)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.RCVHWM, 100_000)
-        # vLLM connects to a non-wildcard endpoint: the subscriber binds it (on loopback only).
-        sock.bind(endpoint("127.0.0.1", self.port))
-        sock.setsockopt(zmq.SUBSCRIBE, TOPIC.encode())
         loop = asyncio.get_running_loop()
         next_publish = next_ttl = 0.0
         try:
+            # vLLM connects to a non-wildcard endpoint: the subscriber binds it (loopback only).
+            # A worker restarted at once may find its predecessor's socket still there: retry.
+            while True:
+                try:
+                    sock.bind(endpoint("127.0.0.1", self.port))
+                    break
+                except zmq.ZMQError as e:
+                    log.warning("KV events: cannot bind 127.0.0.1:%d (%s); retrying", self.port, e)
+                    await asyncio.sleep(1.0)
+            sock.setsockopt(zmq.SUBSCRIBE, TOPIC.encode())
             while True:
                 with contextlib.suppress(TimeoutError):
                     frames = await asyncio.wait_for(sock.recv_multipart(), publish_every_s)
