@@ -683,6 +683,19 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             "consumers": st.consumers,
             "counters": st.counters,
             "max_active_jobs": app.state.settings.max_active_jobs,
+            # Bounded storage (README "Redis memory and retention"): what Redis holds against its
+            # limit, how many finished jobs are retained and since when; submits are refused
+            # with 503 from `refuse_at_pct` of the limit.
+            "memory": {
+                "redis_used_bytes": st.redis_used,
+                "redis_maxmemory_bytes": st.redis_limit or None,
+                "used_fraction": round(st.redis_used / st.redis_limit, 4)
+                if st.redis_used is not None and st.redis_limit
+                else None,
+                "refuse_at_pct": app.state.settings.redis_memory_refuse_pct,
+                "retained_jobs": st.retained,
+                "oldest_finished": st.oldest_finished,
+            },
         }
 
     @app.get("/metrics", dependencies=[Depends(_require_key)], tags=["health"], response_class=Response)

@@ -494,16 +494,18 @@ class ProxyWorker:
             return resp.status, await resp.read()
 
     async def _run_attempt(self, d: Delivery) -> None:
-        h = await self._until_redis_answers(f"read {d.job_id}", lambda: self.q.get_job(d.job_id))
-        spec = JobSpec.model_validate_json(h["spec"])
+        if d.spec_json is None:  # a hash without its spec: nothing to run
+            await self._finish(d, JobState.DEAD, {"error": "job has no spec"}, "no spec")
+            return
+        spec = JobSpec.model_validate_json(d.spec_json)
         d.run_id = spec.run_id
         # Deliveries that ended in a crash (not a graceful hand-back) count against the job.
-        crashed = d.attempt - 1 - int(h.get("handbacks") or 0)
+        crashed = d.attempt - 1 - d.handbacks
         if crashed >= self.s.max_attempts:
             reason = f"delivered {d.attempt} times; {crashed} workers died on it without a result"
             await self._finish(d, JobState.DEAD, {"error": reason}, reason)
             return
-        tries = int(h.get("tries") or 0)
+        tries = d.tries
         overload_waits = 0
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.s.job_timeout_s
@@ -542,7 +544,7 @@ class ProxyWorker:
                     "t_result_received": now_ns(),
                 }
                 await self._finish(d, JobState.SUCCEEDED, fields)
-                prom.observe_job({**h, **fields, "t_finished": now_ns()}, result.node)
+                prom.observe_job({**d.stamps, **fields, "t_finished": now_ns()}, result.node)
                 return
             if resp is not None:
                 text = resp.decode("utf-8", "replace")

@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -148,8 +148,10 @@ _START = """
 -- KEYS: job, stream, stats ; ARGV: entry, consumer, t_dequeued, group, channel, nonce
 local st = redis.call('HGET', KEYS[1], 'state')
 -- The same call sent again (a retry after a timeout): the attempt it already began.
+-- Both "running" answers carry what the worker needs next (spec, handbacks, tries): no HGETALL.
 if st == 'running' and redis.call('HGET', KEYS[1], 'start_nonce') == ARGV[6] then
-  return {tonumber(redis.call('HGET', KEYS[1], 'attempt')), 'running'}
+  return {tonumber(redis.call('HGET', KEYS[1], 'attempt')), 'running',
+    unpack(redis.call('HMGET', KEYS[1], 'spec', 'handbacks', 'tries', 't_received', 't_enqueued', 't_dequeued'))}
 end
 if not st then
   redis.call('XACK', KEYS[2], ARGV[4], ARGV[1])
@@ -167,7 +169,7 @@ redis.call('HSET', KEYS[1], 'state', 'running', 't_dequeued', ARGV[3], 'worker',
   'start_nonce', ARGV[6])
 redis.call('PUBLISH', ARGV[5], cjson.encode({job_id=redis.call('HGET', KEYS[1], 'job_id'), state='running',
   attempt=attempt}))
-return {attempt, 'running'}
+return {attempt, 'running', unpack(redis.call('HMGET', KEYS[1], 'spec', 'handbacks', 'tries', 't_received', 't_enqueued', 't_dequeued'))}
 """
 
 _RENEW = """
@@ -256,6 +258,13 @@ class Delivery:
     attempt: int
     #: The job's run, once its spec was read: its finish is also announced on the run's stream.
     run_id: str | None = None
+    #: Read by the START script with the claim itself: the spec's JSON, graceful hand-backs and
+    #: tries so far (None when the hash lacks them).
+    spec_json: str | None = None
+    handbacks: int = 0
+    tries: int = 0
+    #: The job's earlier timestamps (t_received, t_enqueued, t_dequeued), for the stage metrics.
+    stamps: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -359,9 +368,9 @@ class JobQueue:
         self._reclaim_cursor = "0-0"
         # Submits arrive concurrently from many clients: they share pipelined round trips.
         self._submit = ScriptBatcher(redis, redis.register_script(_SUBMIT))
-        self._start = redis.register_script(_START)
+        self._start = ScriptBatcher(redis, redis.register_script(_START))
         self._renew = redis.register_script(_RENEW)
-        self._finish = redis.register_script(_FINISH)
+        self._finish = ScriptBatcher(redis, redis.register_script(_FINISH))
         self._bump = redis.register_script(_BUMP)
         self._release = redis.register_script(_RELEASE)
 
@@ -458,13 +467,17 @@ class JobQueue:
 
         Calls with the same ``nonce`` begin one attempt (pass one when the call may be re-sent).
         """
-        attempt, _state = await self._start(
-            keys=[self.keys.job(job_id), self.keys.stream, self.keys.stats],
-            args=[entry_id, consumer, now_ns(), self.group, self.keys.events, nonce or new_id()],
+        reply = await self._start(
+            [self.keys.job(job_id), self.keys.stream, self.keys.stats],
+            [entry_id, consumer, now_ns(), self.group, self.keys.events, nonce or new_id()],
         )
-        if int(attempt) < 1:
+        if int(reply[0]) < 1:
             return None
-        return Delivery(entry_id, job_id, int(attempt))
+        spec, handbacks, tries, *times = (list(reply[2:]) + [None] * 6)[:6]
+        stamps = {k: v for k, v in zip(("t_received", "t_enqueued", "t_dequeued"), times, strict=True) if v}
+        return Delivery(
+            entry_id, job_id, int(reply[0]), None, spec, int(handbacks or 0), int(tries or 0), stamps
+        )
 
     async def renew(self, d: Delivery, consumer: str) -> bool:
         """Renew this consumer's lease on the job; False if the attempt is no longer current."""
@@ -504,7 +517,7 @@ class JobQueue:
                 continue
             flat.extend([k, v if isinstance(v, str | int | float) else json.dumps(v)])
         ok = await self._finish(
-            keys=[
+            [
                 self.keys.job(d.job_id),
                 self.keys.stream,
                 self.keys.active,
@@ -513,7 +526,7 @@ class JobQueue:
                 self.keys.finished,
                 self.keys.run_done(d.run_id) if d.run_id else "",
             ],
-            args=[
+            [
                 d.attempt,
                 state.value,
                 self.group,

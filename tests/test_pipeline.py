@@ -186,8 +186,20 @@ def test_queue_counts_each_submitted_job(stack: Stack, client: httpx.Client) -> 
     url = f"{stack.settings.ingestion_url}/v1/queue"
     before = client.get(url, headers=stack.headers).json()["counters"].get("submitted", 0)
     stack.wait_job(client, stack.submit(client, input_tokens=8, output_tokens=1))
-    after = client.get(url, headers=stack.headers).json()["counters"]
-    assert after["submitted"] == before + 1
+    r = stack.redis.client()
+    r.config_set("maxmemory", str(512 << 20))  # this test Redis runs without one
+    try:
+        body = client.get(url, headers=stack.headers).json()
+    finally:
+        r.config_set("maxmemory", "0")
+        r.close()
+    assert body["counters"]["submitted"] == before + 1
+    # Storage against its bound: Redis memory, its limit, and the finished jobs retained.
+    mem = body["memory"]
+    assert mem["redis_maxmemory_bytes"] == 512 << 20
+    assert 0 < mem["redis_used_bytes"] < mem["redis_maxmemory_bytes"]
+    assert 0 < mem["used_fraction"] < 1 and mem["refuse_at_pct"] > 0
+    assert mem["retained_jobs"] >= 1 and mem["oldest_finished"] is not None
 
 
 def test_submit_fast_path_and_route_answer_alike(stack: Stack, client: httpx.Client) -> None:

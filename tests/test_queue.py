@@ -81,15 +81,17 @@ async def test_scripts_sent_twice_act_once(q: JobQueue) -> None:
     ((entry, job_id),) = await q.read("c1", count=1, block_ms=100)
     start_args = [entry, "c1", now_ns(), q.group, q.keys.events, "nonce-1"]
     start_keys = [q.keys.job(job_id), q.keys.stream, q.keys.stats]
-    assert await q._start(keys=start_keys, args=start_args) == [1, "running"]
-    assert await q._start(keys=start_keys, args=start_args) == [1, "running"]
+    first = await q._start(keys=start_keys, args=start_args)
+    assert first[:2] == [1, "running"] and first[2] == spec.model_dump_json()  # the claim carries the spec
+    assert await q._start(keys=start_keys, args=start_args) == first
     assert (await q.get_job(job_id))["attempt"] == "1" and "redelivered" not in (await q.stats()).counters
     # A real redelivery (another call, another nonce) is a new attempt.
-    assert await q._start(keys=start_keys, args=[*start_args[:5], "nonce-2"]) == [2, "running"]
+    assert (await q._start(keys=start_keys, args=[*start_args[:5], "nonce-2"]))[:2] == [2, "running"]
 
     d = await q.start(entry, job_id, "c1", nonce="nonce-3")
     again = await q.start(entry, job_id, "c1", nonce="nonce-3")  # the proxy's own re-send
     assert d is not None and d.attempt == 3 and again == d
+    assert d.spec_json == spec.model_dump_json() and d.stamps["t_received"] and d.stamps["t_enqueued"]
     for _ in range(2):
         assert await q.finish(d, JobState.SUCCEEDED, {"result": "{}"}, ttl_s=60)
     st = await q.stats()
