@@ -7,10 +7,10 @@
     ./.venv/bin/python scripts/token_scaling.py --json                  # the figures as JSON
 
 It starts the simulator engine (``python -m services.sim_engine``) on a free port with zero latency
-(no TTFT, no ITL, no jitter), so that a job's wall time is what streaming it costs; then the
-chunks of a stream arrive several to a socket read. ``--sim-itl-ms`` paces the tokens instead, so
-that each chunk wakes the client up on its own, as with a real engine. Then, for
-each output length, measures the CPU time of *this* process (``time.process_time``: all its
+(no TTFT, no ITL, no jitter), so that a job's wall time is what streaming it costs; then a
+chunk's data is ready whenever the client polls. ``--sim-itl-ms`` paces the tokens instead, so
+that each chunk wakes the client up on its own, as with a real engine. Then, for each output
+length, it measures the CPU time of *this* process (``time.process_time``: all its
 threads, not the simulator's) per job, median over ``--reps`` repetitions, of:
 
 ``engine stream``
