@@ -82,11 +82,11 @@ class TokenSink:
 
     async def _run(self) -> None:
         while True:
-            await self._wake.wait()
-            self._wake.clear()
             if not self._texts and not self._end:
                 if self._closed:
                     return
+                await self._wake.wait()
+                self._wake.clear()
                 continue
             fields: dict[str, str] = {}
             if self._texts:

@@ -1,0 +1,228 @@
+"""The OpenAI-compatible door of ingestion, driven by the official ``openai`` client, on the simulator."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+
+import httpx
+import openai
+import pytest
+
+from services.contracts import TIMESTAMPS, VllmMetric
+from services.engine_client import metric_sum, parse_prometheus
+from services.sim_engine import FAIL_MARKER
+from tests.stackutil import Stack, wait_until
+
+pytestmark = pytest.mark.slow  # a four-process stack on the simulator
+
+
+@pytest.fixture
+def client(stack: Stack) -> Iterator[openai.OpenAI]:
+    c = openai.OpenAI(
+        base_url=f"{stack.settings.ingestion_url}/v1", api_key=stack.values["api_key"], max_retries=0, timeout=60
+    )
+    yield c
+    c.close()
+
+
+@pytest.fixture
+def http() -> Iterator[httpx.Client]:
+    with httpx.Client(timeout=30) as c:
+        yield c
+
+
+def _job(stack: Stack, http: httpx.Client, job_id: str) -> dict[str, object]:
+    return stack.wait_job(http, job_id)
+
+
+def test_models_lists_what_the_nodes_serve(stack: Stack, client: openai.OpenAI) -> None:
+    models = [m.id for m in client.models.list()]
+    assert models == ["llmconsole-sim"]
+
+
+def test_completion_not_streamed_is_a_job_with_every_stage(
+    stack: Stack, client: openai.OpenAI, http: httpx.Client
+) -> None:
+    raw = client.completions.with_raw_response.create(
+        model="llmconsole-sim",
+        prompt="tell me about the sea",
+        max_tokens=12,
+        temperature=0,
+        extra_body={"ignore_eos": True, "min_tokens": 12},
+    )
+    resp = raw.parse()
+    assert resp.object == "text_completion" and resp.usage is not None
+    assert resp.usage.completion_tokens == 12 and resp.usage.prompt_tokens > 0
+    assert resp.choices[0].text and resp.choices[0].finish_reason == "length"
+    job = _job(stack, http, raw.headers["x-job-id"])
+    assert job["state"] == "succeeded"
+    ts = job["timestamps"]
+    assert isinstance(ts, dict) and all(ts[k] is not None for k in TIMESTAMPS), ts
+    assert job["spec"]["openai"]["endpoint"] == "completions"  # type: ignore[index]
+
+
+def test_completion_streamed_with_usage(stack: Stack, client: openai.OpenAI) -> None:
+    stream = client.completions.create(
+        model="llmconsole-sim",
+        prompt="once upon a time",
+        max_tokens=20,
+        stream=True,
+        stream_options={"include_usage": True},
+        extra_body={"ignore_eos": True},
+    )
+    texts, usage, finish = [], None, None
+    for chunk in stream:
+        if chunk.choices:
+            texts.append(chunk.choices[0].text)
+            finish = chunk.choices[0].finish_reason or finish
+        if chunk.usage is not None:
+            usage = chunk.usage
+    # One SSE chunk per engine chunk, even when the worker batched several into one Redis write.
+    assert len(texts) == 20 and finish == "length"
+    assert usage is not None and usage.completion_tokens == 20
+
+
+def test_chat_not_streamed_and_streamed(stack: Stack, client: openai.OpenAI) -> None:
+    messages = [
+        {"role": "system", "content": "you are terse"},
+        {"role": "user", "content": "hello there"},
+    ]
+    resp = client.chat.completions.create(
+        model="llmconsole-sim",
+        messages=messages,  # type: ignore[arg-type]
+        max_tokens=8,
+        extra_body={"ignore_eos": True},
+    )
+    assert resp.object == "chat.completion"
+    assert resp.choices[0].message.role == "assistant" and resp.choices[0].message.content
+    assert resp.usage is not None and resp.usage.completion_tokens == 8
+    stream = client.chat.completions.create(
+        model="llmconsole-sim",
+        messages=messages,  # type: ignore[arg-type]
+        max_tokens=8,
+        stream=True,
+        stream_options={"include_usage": True},
+        extra_body={"ignore_eos": True},
+    )
+    roles, contents, usage = [], [], None
+    for chunk in stream:
+        assert chunk.object == "chat.completion.chunk"
+        if chunk.choices:
+            delta = chunk.choices[0].delta
+            if delta.role:
+                roles.append(delta.role)
+            if delta.content:
+                contents.append(delta.content)
+        if chunk.usage is not None:
+            usage = chunk.usage
+    assert roles == ["assistant"] and len(contents) == 8
+    assert usage is not None and usage.completion_tokens == 8
+
+
+def test_wrong_key_is_401(stack: Stack) -> None:
+    bad = openai.OpenAI(base_url=f"{stack.settings.ingestion_url}/v1", api_key="wrong", max_retries=0)
+    with pytest.raises(openai.AuthenticationError) as e:
+        bad.completions.create(model="llmconsole-sim", prompt="hi", max_tokens=2)
+    assert e.value.status_code == 401
+    body = e.value.body
+    assert isinstance(body, dict) and "API key" in str(body.get("message"))
+    bad.close()
+
+
+@pytest.mark.parametrize(
+    ("extra", "param"),
+    [
+        ({"n": 2}, "n"),
+        ({"temperature": 5}, "temperature"),
+        ({"max_tokens": 0}, "max_tokens"),
+        ({"extra_body": {"no_such_field": 1}}, "no_such_field"),
+        ({"extra_body": {"logprobs": 5}}, "logprobs"),
+        ({"stop": ["a", "b", "c", "d", "e"]}, "stop"),
+    ],
+)
+def test_bad_fields_are_400_in_openai_format(
+    stack: Stack, client: openai.OpenAI, extra: dict[str, object], param: str
+) -> None:
+    kwargs: dict[str, object] = {"model": "llmconsole-sim", "prompt": "hi", "max_tokens": 3, **extra}
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(**kwargs)  # type: ignore[call-overload]
+    assert e.value.status_code == 400
+    body = e.value.body
+    assert isinstance(body, dict) and body.get("type") == "invalid_request_error"
+    assert param in str(body.get("param")) or param in str(body.get("message"))
+
+
+def test_unknown_model_is_404_and_bad_json_400(stack: Stack, client: openai.OpenAI, http: httpx.Client) -> None:
+    with pytest.raises(openai.NotFoundError):
+        client.completions.create(model="gpt-17", prompt="hi", max_tokens=2)
+    r = http.post(
+        f"{stack.settings.ingestion_url}/v1/chat/completions",
+        content=b"{not json",
+        headers={**stack.headers, "Content-Type": "application/json"},
+    )
+    assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_json"
+    r = http.post(
+        f"{stack.settings.ingestion_url}/v1/chat/completions",
+        json={"messages": [], "model": "llmconsole-sim"},
+        headers=stack.headers,
+    )
+    assert r.status_code == 400 and r.json()["error"]["param"] == "messages"
+
+
+def test_failure_before_the_first_token_is_retried_then_an_http_error(
+    stack: Stack, client: openai.OpenAI, http: httpx.Client
+) -> None:
+    # The engine fails every attempt before any token: retried as any job, then dead; the client
+    # gets an HTTP error, not a 200 stream.
+    with pytest.raises(openai.APIStatusError) as e:
+        client.completions.create(model="llmconsole-sim", prompt=f"x {FAIL_MARKER}", max_tokens=3, stream=True)
+    assert e.value.status_code == 503
+    job_id = e.value.response.headers.get("x-job-id") or ""
+    r = http.get(f"{stack.settings.ingestion_url}/v1/queue", headers=stack.headers)
+    assert r.status_code == 200
+    del job_id
+
+
+def _running(stack: Stack, http: httpx.Client) -> float:
+    text = http.get(f"{stack.settings.engine_url}/metrics").text
+    return metric_sum(parse_prometheus(text), VllmMetric.RUNNING) or 0.0
+
+
+def test_client_disconnect_cancels_job_and_engine_request(stack: Stack, http: httpx.Client) -> None:
+    body = {
+        "model": "llmconsole-sim",
+        "prompt": "a long story",
+        "max_tokens": 1900,
+        "ignore_eos": True,
+        "stream": True,
+    }
+    url = f"{stack.settings.ingestion_url}/v1/completions"
+    with http.stream("POST", url, json=body, headers=stack.headers) as resp:
+        assert resp.status_code == 200
+        job_id = resp.headers["x-job-id"]
+        seen = 0
+        for line in resp.iter_lines():
+            if line.startswith("data: {"):
+                json.loads(line[6:])
+                seen += 1
+            if seen >= 5:
+                break
+        assert _running(stack, http) >= 1
+    # The client went away: the job ends failed with the reason, and the engine request is gone.
+    job = stack.wait_job(http, job_id, timeout=30)
+    assert job["state"] == "failed", job
+    assert "cancel" in str(job["error"]), job
+    wait_until(lambda: _running(stack, http) == 0, 10, "the engine's running count back to 0")
+    assert job["result"] is None
+
+
+def test_non_streamed_client_disconnect_cancels(stack: Stack, http: httpx.Client) -> None:
+    body = {"model": "llmconsole-sim", "prompt": "a long story", "max_tokens": 1900, "ignore_eos": True}
+    url = f"{stack.settings.ingestion_url}/v1/completions"
+    before = time.time()
+    with pytest.raises(httpx.ReadTimeout):
+        http.post(url, json=body, headers=stack.headers, timeout=1.0)
+    wait_until(lambda: _running(stack, http) == 0, 15, "the engine's running count back to 0")
+    assert time.time() - before < 5.0 + 15  # not the 5 s the whole completion would take, plus slack
