@@ -99,9 +99,11 @@ class OpenAIError(Exception):
             "error": {"message": self.message, "type": self.err_type, "param": self.param, "code": self.code}
         }
 
-    def response(self) -> JSONResponse:
-        """The error as a JSON response."""
-        return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
+    def response(self, headers: dict[str, str] | None = None) -> JSONResponse:
+        """The error as a JSON response (with ``headers`` added)."""
+        return JSONResponse(
+            self.body(), status_code=self.status, headers={**(self.headers or {}), **(headers or {})}
+        )
 
 
 def _validation_error(e: ValidationError) -> OpenAIError:
@@ -745,18 +747,20 @@ async def _answer_whole(request: Request, job_id: str, shape: _Shape, headers: d
                 usage = json.loads(fields[CHUNK_USAGE])
             if CHUNK_ERROR in fields:
                 await _wait_final(app, job_id)
-                return OpenAIError(500, fields[CHUNK_ERROR], "server_error", code="stream_broken").response()
+                return OpenAIError(500, fields[CHUNK_ERROR], "server_error", code="stream_broken").response(
+                    headers
+                )
             if "state" in fields:
-                return _job_error(fields["state"], fields.get("error", "")).response()
+                return _job_error(fields["state"], fields.get("error", "")).response(headers)
         state, error = await _wait_final(app, job_id)
         if state != JobState.SUCCEEDED.value or usage is None:
-            return _job_error(state, error).response()
+            return _job_error(state, error).response(headers)
         return JSONResponse(shape.whole("".join(texts), finish, usage), headers=headers)
 
     try:
         gone, resp = await _race_disconnect(request, gather())
     except REDIS_DOWN:
-        return _redis_down().response()
+        return _redis_down().response(headers)
     if gone:
         _cancel_later(app, job_id)
         return Response(status_code=499)
@@ -770,15 +774,15 @@ async def _answer_stream(request: Request, job_id: str, shape: _Shape, headers: 
     try:
         gone, first = await _race_disconnect(request, entries.__anext__())
     except StopAsyncIteration:
-        return _job_error("expired", "").response()
+        return _job_error("expired", "").response(headers)
     except REDIS_DOWN:
         _cancel_later(app, job_id)
-        return _redis_down().response()
+        return _redis_down().response(headers)
     if gone:
         _cancel_later(app, job_id)
         return Response(status_code=499)
     if "state" in first:
-        return _job_error(first["state"], first.get("error", "")).response()
+        return _job_error(first["state"], first.get("error", "")).response(headers)
 
     async def relay() -> AsyncIterator[str]:
         ended = False

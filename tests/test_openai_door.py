@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import httpx
 import openai
@@ -21,7 +21,10 @@ pytestmark = pytest.mark.slow  # a four-process stack on the simulator
 @pytest.fixture
 def client(stack: Stack) -> Iterator[openai.OpenAI]:
     c = openai.OpenAI(
-        base_url=f"{stack.settings.ingestion_url}/v1", api_key=stack.values["api_key"], max_retries=0, timeout=60
+        base_url=f"{stack.settings.ingestion_url}/v1",
+        api_key=stack.values["api_key"],
+        max_retries=0,
+        timeout=60,
     )
     yield c
     c.close()
@@ -154,7 +157,9 @@ def test_bad_fields_are_400_in_openai_format(
     assert param in str(body.get("param")) or param in str(body.get("message"))
 
 
-def test_unknown_model_is_404_and_bad_json_400(stack: Stack, client: openai.OpenAI, http: httpx.Client) -> None:
+def test_unknown_model_is_404_and_bad_json_400(
+    stack: Stack, client: openai.OpenAI, http: httpx.Client
+) -> None:
     with pytest.raises(openai.NotFoundError):
         client.completions.create(model="gpt-17", prompt="hi", max_tokens=2)
     r = http.post(
@@ -177,12 +182,12 @@ def test_failure_before_the_first_token_is_retried_then_an_http_error(
     # The engine fails every attempt before any token: retried as any job, then dead; the client
     # gets an HTTP error, not a 200 stream.
     with pytest.raises(openai.APIStatusError) as e:
-        client.completions.create(model="llmconsole-sim", prompt=f"x {FAIL_MARKER}", max_tokens=3, stream=True)
+        client.completions.create(
+            model="llmconsole-sim", prompt=f"x {FAIL_MARKER}", max_tokens=3, stream=True
+        )
     assert e.value.status_code == 503
-    job_id = e.value.response.headers.get("x-job-id") or ""
-    r = http.get(f"{stack.settings.ingestion_url}/v1/queue", headers=stack.headers)
-    assert r.status_code == 200
-    del job_id
+    job = stack.wait_job(http, e.value.response.headers["x-job-id"])
+    assert job["state"] == "dead" and "gave up after 3 tries" in str(job["error"]), job
 
 
 def _running(stack: Stack, http: httpx.Client) -> float:
@@ -214,7 +219,8 @@ def test_client_disconnect_cancels_job_and_engine_request(stack: Stack, http: ht
     job = stack.wait_job(http, job_id, timeout=30)
     assert job["state"] == "failed", job
     assert "cancel" in str(job["error"]), job
-    wait_until(lambda: _running(stack, http) == 0, 10, "the engine's running count back to 0")
+    # 1900 tokens take about 3 s on this simulator: the request is gone long before.
+    wait_until(lambda: _running(stack, http) == 0, 1.5, "the engine's running count back to 0")
     assert job["result"] is None
 
 
@@ -226,3 +232,33 @@ def test_non_streamed_client_disconnect_cancels(stack: Stack, http: httpx.Client
         http.post(url, json=body, headers=stack.headers, timeout=1.0)
     wait_until(lambda: _running(stack, http) == 0, 15, "the engine's running count back to 0")
     assert time.time() - before < 5.0 + 15  # not the 5 s the whole completion would take, plus slack
+
+
+def test_failure_after_the_first_token_ends_the_stream_with_an_error(
+    make_stack: Callable[..., Stack],
+) -> None:
+    # The engine dies mid-stream: tokens already reached the client, so the job is not restarted
+    # (that would send them twice); the stream ends with an OpenAI error event, the job fails.
+    st = make_stack(max_attempts=3)
+    body = {"model": "llmconsole-sim", "prompt": "x", "max_tokens": 1900, "ignore_eos": True, "stream": True}
+    events: list[dict[str, object]] = []
+    with httpx.Client(timeout=30) as http:
+        with http.stream(
+            "POST", f"{st.settings.ingestion_url}/v1/completions", json=body, headers=st.headers
+        ) as r:
+            assert r.status_code == 200
+            job_id = r.headers["x-job-id"]
+            done = False
+            for line in r.iter_lines():
+                if line == "data: [DONE]":
+                    done = True
+                    break
+                if line.startswith("data: "):
+                    events.append(json.loads(line[6:]))
+                    if len(events) == 5:
+                        st.procs["engine"].kill()
+        assert done and "error" in events[-1], events[-3:]
+        assert events[-1]["error"]["code"] == "stream_broken"  # type: ignore[index]
+        job = st.wait_job(http, job_id)
+    assert job["state"] == "failed" and "stream broken" in str(job["error"]), job
+    assert job["attempt"] == 1
