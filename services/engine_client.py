@@ -65,6 +65,8 @@ class StreamResult:
     cached_tokens: int | None = None
     finish_reason: str | None = None
     chunks: int = 0
+    #: The answer's ``X-Job-Id`` (ingestion's OpenAI door: the job behind it), else None.
+    job_id: str | None = None
 
 
 def _auth_headers(api_key: str) -> dict[str, str]:
@@ -253,6 +255,7 @@ class EngineClient:
                         f"engine {resp.status} on {path}: {_error_text(text, resp.reason)}",
                         resp.status,
                     )
+                res.job_id = resp.headers.get("x-job-id")
                 done = False
                 async for raw in resp.content:
                     if not raw.startswith(b"data:"):
