@@ -197,6 +197,8 @@ class OpenAIPipelinePath(DirectPath):
             rec.node, rec.policy = view.node, view.policy
             rec.node_start_s = clock.wall_offset(ts.get("t_dispatched"))
             rec.node_end_s = clock.wall_offset(ts.get("t_result_received"))
+            if rec.server_e2e_s is not None and rec.latency_s is not None:
+                rec.client_s = rec.latency_s - rec.server_e2e_s
             if view.result is not None:
                 rec.engine, rec.model = view.result.engine, view.result.model
 

@@ -5,12 +5,14 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import httpx
 import openai
 import pytest
 
-from services.contracts import TIMESTAMPS, VllmMetric
+from bench import BenchConfig, run_benchmark
+from services.contracts import STAGE_NAMES, TIMESTAMPS, VllmMetric
 from services.engine_client import metric_sum, parse_prometheus
 from services.sim_engine import FAIL_MARKER
 from tests.stackutil import Stack, wait_until
@@ -232,6 +234,31 @@ def test_non_streamed_client_disconnect_cancels(stack: Stack, http: httpx.Client
         http.post(url, json=body, headers=stack.headers, timeout=1.0)
     wait_until(lambda: _running(stack, http) == 0, 15, "the engine's running count back to 0")
     assert time.time() - before < 5.0 + 15  # not the 5 s the whole completion would take, plus slack
+
+
+async def test_bench_through_the_openai_door(stack: Stack, tmp_path: Path) -> None:
+    cfg = BenchConfig(
+        input_tokens=64,
+        output_tokens=6,
+        requests=8,
+        concurrency=4,
+        path="both",
+        pipeline_api="openai",
+        plots=False,
+        out=str(tmp_path / "run"),
+    )
+    res = await run_benchmark(cfg, settings=stack.settings)
+    pipe, direct = res.summary["paths"]["pipeline"], res.summary["paths"]["direct"]
+    assert pipe["completed"] == direct["completed"] == 8
+    assert pipe["total_input_tokens"] == direct["total_input_tokens"] == 8 * 64
+    assert pipe["total_output_tokens"] == 8 * 6 and pipe["token_mismatches"] == 0
+    prec = [r for r in res.records if r.path == "pipeline"]
+    # client-timed as on the direct path: one ITL per token after the first
+    assert all(r.ttft_s and len(r.itl_s) == 5 for r in prec)
+    # each request a job of the pipeline, its stages filled in from the job API
+    assert all(r.job_id and r.state == "succeeded" and r.server_e2e_s for r in prec)
+    for name in STAGE_NAMES:
+        assert pipe["stages"][name]["count"] == 8, name
 
 
 def test_failure_after_the_first_token_ends_the_stream_with_an_error(
