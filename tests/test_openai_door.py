@@ -10,6 +10,8 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from bench import BenchConfig, run_benchmark
 from services.contracts import STAGE_NAMES, TIMESTAMPS, VllmMetric
@@ -289,3 +291,75 @@ def test_failure_after_the_first_token_ends_the_stream_with_an_error(
         job = st.wait_job(http, job_id)
     assert job["state"] == "failed" and "stream broken" in str(job["error"]), job
     assert job["attempt"] == 1
+
+
+def test_a_job_cancelled_while_queued_never_runs(make_stack: Callable[..., Stack]) -> None:
+    stk = make_stack()
+    stk.procs["proxy_worker"].stop()  # nothing takes jobs: the request's job waits in the stream
+    body = {"model": "llmconsole-sim", "prompt": "x", "max_tokens": 50, "stream": True}
+    url = f"{stk.settings.ingestion_url}/v1/completions"
+    with httpx.Client() as http:
+        with pytest.raises(httpx.ReadTimeout):
+            # no header before the first token: the client gives up while the job is queued
+            http.post(url, json=body, headers={**stk.headers, "X-Run-Id": "cancelq"}, timeout=1.0)
+        r = http.get(f"{stk.settings.ingestion_url}/v1/queue", headers=stk.headers)
+        assert r.json()["active"] == 1
+        stk.procs["proxy_worker"].start()
+        stk.wait_consumer(stk.procs["proxy_worker"])
+        # the job (found through its run) ends failed without ever reaching the engine
+        keys_prefix = stk.values["redis_prefix"]
+        rc = stk.redis.client()
+        try:
+            job_id = rc.lindex(f"{keys_prefix}recent", 0)
+        finally:
+            rc.close()
+        job = stk.wait_job(http, str(job_id))
+        assert job["state"] == "failed" and "before the job started" in str(job["error"]), job
+        assert job["spec"]["run_id"] == "cancelq"  # type: ignore[index]
+        assert job["timestamps"]["t_engine_start"] is None  # type: ignore[index]
+        assert _running(st, http) == 0
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+@given(
+    endpoint=st.sampled_from(["/v1/completions", "/v1/chat/completions"]),
+    body=st.dictionaries(
+        st.sampled_from(
+            [
+                "model",
+                "prompt",
+                "messages",
+                "max_tokens",
+                "min_tokens",
+                "temperature",
+                "top_p",
+                "seed",
+                "stop",
+                "n",
+                "stream_options",
+                "ignore_eos",
+                "logprobs",
+                "max_completion_tokens",
+                "whatever",
+            ]
+        ),
+        st.recursive(
+            st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats() | st.text(max_size=30),
+            lambda inner: (
+                st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=3)
+            ),
+            max_leaves=8,
+        ),
+        max_size=6,
+    ),
+)
+def test_no_server_error_on_any_body(stack: Stack, endpoint: str, body: dict[str, object]) -> None:
+    # Bodies that happen to be valid run as jobs (short ones: capped below); none may be a 5xx.
+    if isinstance(body.get("max_tokens"), int):
+        body["max_tokens"] = min(int(body["max_tokens"]), 8)  # type: ignore[call-overload]
+    body.pop("stream", None)
+    r = httpx.post(f"{stack.settings.ingestion_url}{endpoint}", json=body, headers=stack.headers, timeout=60)
+    assert r.status_code < 500, (body, r.status_code, r.text)
+    if r.status_code != 200:
+        err = r.json()["error"]
+        assert err["message"] and err["type"], r.text
