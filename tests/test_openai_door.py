@@ -268,12 +268,12 @@ def test_failure_after_the_first_token_ends_the_stream_with_an_error(
 ) -> None:
     # The engine dies mid-stream: tokens already reached the client, so the job is not restarted
     # (that would send them twice); the stream ends with an OpenAI error event, the job fails.
-    st = make_stack(max_attempts=3)
+    stk = make_stack(max_attempts=3)
     body = {"model": "llmconsole-sim", "prompt": "x", "max_tokens": 1900, "ignore_eos": True, "stream": True}
     events: list[dict[str, object]] = []
     with httpx.Client(timeout=30) as http:
         with http.stream(
-            "POST", f"{st.settings.ingestion_url}/v1/completions", json=body, headers=st.headers
+            "POST", f"{stk.settings.ingestion_url}/v1/completions", json=body, headers=stk.headers
         ) as r:
             assert r.status_code == 200
             job_id = r.headers["x-job-id"]
@@ -285,10 +285,10 @@ def test_failure_after_the_first_token_ends_the_stream_with_an_error(
                 if line.startswith("data: "):
                     events.append(json.loads(line[6:]))
                     if len(events) == 5:
-                        st.procs["engine"].kill()
+                        stk.procs["engine"].kill()
         assert done and "error" in events[-1], events[-3:]
         assert events[-1]["error"]["code"] == "stream_broken"  # type: ignore[index]
-        job = st.wait_job(http, job_id)
+        job = stk.wait_job(http, job_id)
     assert job["state"] == "failed" and "stream broken" in str(job["error"]), job
     assert job["attempt"] == 1
 
@@ -317,7 +317,7 @@ def test_a_job_cancelled_while_queued_never_runs(make_stack: Callable[..., Stack
         assert job["state"] == "failed" and "before the job started" in str(job["error"]), job
         assert job["spec"]["run_id"] == "cancelq"  # type: ignore[index]
         assert job["timestamps"]["t_engine_start"] is None  # type: ignore[index]
-        assert _running(st, http) == 0
+        assert _running(stk, http) == 0
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck), database=None)
