@@ -211,14 +211,15 @@ def test_client_disconnect_cancels_job_and_engine_request(stack: Stack, http: ht
     with http.stream("POST", url, json=body, headers=stack.headers) as resp:
         assert resp.status_code == 200
         job_id = resp.headers["x-job-id"]
+        # Lines are pulled one by one: leaving an httpx line iterator (a break) closes the connection.
+        lines = resp.iter_lines()
         seen = 0
-        for line in resp.iter_lines():
+        while seen < 5:
+            line = next(lines)
             if line.startswith("data: {"):
                 json.loads(line[6:])
                 seen += 1
-            if seen >= 5:
-                break
-        assert _running(stack, http) >= 1
+        assert _running(stack, http) >= 1  # the engine request is running while the client reads
     # The client went away: the job ends failed with the reason, and the engine request is gone.
     job = stack.wait_job(http, job_id, timeout=30)
     assert job["state"] == "failed", job
