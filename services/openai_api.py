@@ -26,6 +26,7 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any, Literal
 
+import redis.asyncio as aioredis
 from fastapi import APIRouter, FastAPI, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
@@ -322,9 +323,9 @@ async def _nodes(app: FastAPI) -> tuple[list[str], int]:
 # ---------------------------------------------------------------------------
 
 
-def _blocking(app: FastAPI) -> Any:
+def _blocking(app: FastAPI) -> aioredis.Redis:
     """The pool of blocking Redis connections token streams are read over (made on first use)."""
-    r = getattr(app.state, "openai_redis", None)
+    r: aioredis.Redis | None = getattr(app.state, "openai_redis", None)
     if r is None:
         r = app.state.openai_redis = redis_client(app.state.settings, blocking=True)
     return r
