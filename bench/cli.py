@@ -21,7 +21,7 @@ import math
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 from pydantic import ValidationError
 from rich.console import Console
@@ -29,7 +29,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from bench.config import BenchConfig, ProgressEvent, parse_goodput, parse_percentiles, parse_sweep
 from bench.datasets import add_vllm_args, apply_vllm_args, check_dataset
-from services.contracts import ROUTING_POLICIES
+from services.contracts import RoutingPolicy
 from services.settings import Settings, load_settings
 
 SUBCOMMANDS = ("run", "compare", "list", "show", "calibrate")
@@ -191,7 +191,7 @@ def run_parser(settings: Settings) -> argparse.ArgumentParser:
     )
     m.add_argument(
         "--routing",
-        choices=ROUTING_POLICIES,
+        choices=get_args(RoutingPolicy),
         help=f"routing policy of the run's jobs (default: the proxy workers' ROUTING, {settings.routing})",
     )
     m.add_argument("--goodput", nargs="+", metavar="NAME:MS", help="SLOs, e.g. ttft:500 tpot:50 e2el:5000")

@@ -326,9 +326,12 @@ def comparison_table(c: Comparison) -> Table:
         name = (s.get("routing") or {}).get("policy")
         return f" [routing {name}]" if name else ""
 
+    # A Text, not markup: "[routing kv_events]" would be read as a style tag and vanish.
     t = Table(
-        title=f"A = {c.a.run_id} ({c.a.summary.get('label') or c.a.out_dir}){policy(c.a.summary)}   "
-        f"B = {c.b.run_id} ({c.b.summary.get('label') or c.b.out_dir}){policy(c.b.summary)}",
+        title=Text(
+            f"A = {c.a.run_id} ({c.a.summary.get('label') or c.a.out_dir}){policy(c.a.summary)}   "
+            f"B = {c.b.run_id} ({c.b.summary.get('label') or c.b.out_dir}){policy(c.b.summary)}"
+        ),
         title_justify="left",
     )
     for col, just in (

@@ -276,7 +276,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         return JSONResponse(body, status_code=200 if ok else 503)
 
     @app.post("/v1/infer", response_model=InferResult, dependencies=[Depends(_require_key)])
-    async def infer(req: InferRequest) -> InferResult | JSONResponse:
+    async def infer(req: InferRequest) -> Response:
         """Run one job on the engine and return its timings and usage."""
         state: WorkerState = app.state.worker
         state.in_flight += 1
@@ -303,7 +303,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             prom.WORKER_PROMPT_TOKENS.labels(state.node, state.model).inc(result.prompt_tokens)
             if result.cached_tokens:
                 prom.WORKER_CACHED_TOKENS.labels(state.node, state.model).inc(result.cached_tokens)
-            return result
+            # Serialised once by pydantic (the response model stays for the OpenAPI schema):
+            # FastAPI would validate the model again and encode it through jsonable_encoder.
+            return Response(result.model_dump_json(), media_type="application/json")
         except StreamBroken as e:
             prom.WORKER_REQUESTS.labels(state.node, state.model, "refused").inc()
             return JSONResponse({"detail": str(e), "retryable": False}, status_code=422)

@@ -183,8 +183,9 @@ class Settings(BaseSettings):
     routing_spill_load: float | None = Field(None, gt=0, le=1)
     #: How long routers remember which node served a prefix (vLLM router: 120 s).
     routing_prefix_ttl_s: int = Field(120, ge=1)
-    #: Port (on 127.0.0.1) where the engine publishes vLLM's KV cache events for its inference
-    #: worker, which mirrors the cached prefixes into Redis for ``kv_events`` routing; 0 = off.
+    #: Port on 127.0.0.1 that the inference worker binds and the engine's vLLM KV cache events
+    #: connect to (vLLM connects to any non-wildcard endpoint); the worker mirrors the cached
+    #: prefixes into Redis for ``kv_events`` routing. One per node; 0 = off.
     kv_events_port: int = Field(0, ge=0, le=65535)
     #: How often a proxy worker re-reads the node registry and in-flight counts.
     registry_refresh_s: float = Field(0.5, gt=0, le=60)

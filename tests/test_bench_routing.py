@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections import Counter
 from pathlib import Path
+from typing import get_args
 
 import pytest
 from pydantic import ValidationError
@@ -11,14 +12,16 @@ from rich.console import Console
 
 from bench import load_run, run_benchmark
 from bench.cli import UsageError, config_from_args, run_parser
-from bench.compare import compare_summaries
+from bench.compare import Comparison, compare_summaries
 from bench.config import BenchConfig
 from bench.metrics import routing_metrics
 from bench.paths import PipelinePath
 from bench.records import RequestRecord
-from bench.render import routing_table
+from bench.render import comparison_table, routing_table
+from bench.runner import RunResult
 from bench.workload import assign_groups, build_workload
-from services.contracts import JobSpec, prefix_key
+from services.contracts import JobSpec, RoutingPolicy, prefix_key
+from services.routing.policies import JobInfo, NodeView, choose
 from services.settings import Settings
 from tests.stackutil import Stack
 
@@ -66,6 +69,11 @@ def test_cli_flags_and_their_checks() -> None:
     assert cfg.routing == "least_loaded" and cfg.prefix_groups == 16
     with pytest.raises(UsageError, match="invalid choice: 'random'"):
         p.parse_args(["--routing", "random"])  # choices: the policies the proxy knows
+    # Every policy of the contracts, kv_events included, and each one the routers know.
+    assert "kv_events" in get_args(RoutingPolicy)
+    for policy in get_args(RoutingPolicy):
+        assert config_from_args(p.parse_args(["--routing", policy])).routing == policy
+        assert choose(policy, JobInfo("k"), [NodeView("n", 0, 4)]) is not None
     with pytest.raises(ValidationError, match="routing applies to the pipeline"):
         BenchConfig(routing="round_robin", path="direct")
     with pytest.raises(ValidationError, match="prefix groups are a synthetic workload"):
@@ -141,6 +149,11 @@ def test_compare_shows_two_policies_side_by_side() -> None:
     assert rows["hit_rate"].verdict == "better"
     assert rows["hotspot"].verdict == "worse"
     assert rows["hit_rate_of_allowed"].ratio == pytest.approx(3.8)
+    # The table's title names each run's policy (it once vanished as a rich markup tag).
+    b["routing"]["policy"] = "kv_events"
+    runs = [RunResult(f"run-{x}", BenchConfig(), s, []) for x, s in (("a", a), ("b", b))]
+    text = _render(comparison_table(Comparison(*runs, compare_summaries(a, b))))
+    assert "[routing round_robin]" in text and "[routing kv_events]" in text
 
 
 @pytest.mark.slow

@@ -15,12 +15,13 @@ from pathlib import Path
 
 import httpx
 import pytest
+import redis
 
-from services.contracts import TIMESTAMPS, VllmMetric
+from services.contracts import TIMESTAMPS, JobSpec, Keys, VllmMetric, prefix_key
 from services.engine_client import metric_sum, parse_prometheus
 from services.lifecycle.engine_launch import DEFAULT_CPU_MODEL_NAME, default_cpu_model_dir
 from services.settings import load_settings
-from tests.stackutil import wait_until
+from tests.stackutil import free_port, wait_until
 from tests.supervisedstack import SupervisedStack
 
 pytestmark = [pytest.mark.cpu_engine, pytest.mark.timeout(900)]
@@ -69,6 +70,8 @@ def cpu(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SupervisedStack]:
         model_path=str(model),
         max_model_len=2048,
         lease_ms=30_000,
+        # vLLM publishes its KV cache events; the inference worker mirrors them into Redis.
+        kv_events_port=free_port(),
     )
     try:
         st.start(timeout=600)
@@ -122,6 +125,30 @@ def test_restart_inference_worker_during_run_loses_nothing(cpu: SupervisedStack)
         jobs = cpu.wait_jobs(c, ids)
     assert [j["state"] for j in jobs] == ["succeeded"] * 6
     assert all(j["result"]["completion_tokens"] == 12 for j in jobs)
+
+
+def test_the_worker_mirrors_the_real_engines_kv_events(cpu: SupervisedStack) -> None:
+    """vLLM 0.32's CPU build publishes KV cache events (``--kv-events-config``, passed by
+    engine_launch for KV_EVENTS_PORT); the worker's mirror decodes them (Gemma 3: five
+    sliding-window groups and one full-attention group, 128-token blocks) and marks the job's
+    prefix as held."""
+    s = cpu.settings
+    held = Keys(s.redis_prefix).node_kv_prefixes(s.effective_node_id)
+    job = {"input_tokens": 400, "output_tokens": 2, "prefix_share": 0.75, "prefix_group": 3}
+    key = prefix_key(JobSpec(job_id="x", run_id="cpu-kv", seed=0, **job))
+    r = redis.Redis(port=s.redis_port, password=s.redis_password.get_secret_value(), decode_responses=True)
+    try:
+        with httpx.Client(timeout=60) as c:
+            (j,) = cpu.wait_jobs(c, cpu.submit_jobs(c, 1, "cpu-kv", **job))
+        assert j["state"] == "succeeded", j
+        # 300 prefix tokens (with <bos>): two whole 128-token blocks in the engine's cache.
+        try:
+            wait_until(lambda: key in r.smembers(held), 30, f"prefix {key} held")
+        except Exception:
+            raise AssertionError(f"not held: {r.smembers(held)}\n{cpu.log('inference_worker')}") from None
+        assert 0 < r.ttl(held) <= int(s.node_ttl_s)
+    finally:
+        r.close()
 
 
 def test_stop_leaves_no_engine_process(cpu: SupervisedStack) -> None:

@@ -97,6 +97,20 @@ def test_cpu_command_uses_model_path_and_name_from_settings() -> None:
     assert _flag(argv, "--served-model-name") == "my-gemma"
 
 
+def test_kv_events_port_makes_vllm_publish_its_kv_cache_events_on_loopback() -> None:
+    for kind, gpus in (("cpu", 0), ("gpu", 1)):
+        argv, _ = build_engine_command(_settings(engine_kind=kind), gpus)
+        assert "--kv-events-config" not in argv
+        argv, _ = build_engine_command(_settings(engine_kind=kind, kv_events_port=5601), gpus)
+        # A non-wildcard endpoint: vLLM connects to it, and the inference worker's mirror binds it.
+        assert json.loads(_flag(argv, "--kv-events-config")) == {
+            "enable_kv_cache_events": True,
+            "publisher": "zmq",
+            "endpoint": "tcp://127.0.0.1:5601",
+            "topic": "kv-events",
+        }
+
+
 def test_default_cpu_model_dir_is_under_var_models() -> None:
     assert default_cpu_model_dir(_settings()) == Path("/srv/llmc/var/models/gemma-3-270m")
 

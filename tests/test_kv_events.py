@@ -7,6 +7,7 @@ import threading
 from pathlib import Path
 
 import httpx
+import msgpack
 import pytest
 import redis
 import zmq
@@ -22,13 +23,67 @@ BS = 4
 
 
 def stored(hashes: list[bytes], parent: bytes | None, tokens: list[int]) -> list[object]:
-    """A BlockStored event as vLLM encodes it."""
-    return ["BlockStored", hashes, parent, tokens, BS, None, None]
+    """A BlockStored event in array form (block_hashes .. lora_name, vLLM's required fields)."""
+    return ["BlockStored", hashes, parent, tokens, BS, None, None, None]
 
 
 def test_event_batches_round_trip_in_vllms_layout() -> None:
     events = [stored([b"a"], None, [1, 2, 3, 4]), ["BlockRemoved", [b"a"], None], ["AllBlocksCleared"]]
-    assert decode_batch(encode_batch(events, ts=1.5)) == events
+    payload = encode_batch(events, ts=1.5)
+    assert decode_batch(payload) == events
+    # On the wire as vLLM 0.32 sends it: tagged maps, fields with defaults left out.
+    ts, wire, rank = msgpack.unpackb(payload, raw=False)
+    assert (ts, rank) == (1.5, 0)
+    assert wire[0] == {
+        "type": "BlockStored",
+        "block_hashes": [b"a"],
+        "parent_block_hash": None,
+        "token_ids": [1, 2, 3, 4],
+        "block_size": BS,
+        "lora_id": None,
+        "medium": None,
+        "lora_name": None,
+    }
+    assert wire[1:] == [
+        {"type": "BlockRemoved", "block_hashes": [b"a"], "medium": None},
+        {"type": "AllBlocksCleared"},
+    ]
+    # Earlier vLLM versions sent arrays: read as well.
+    assert decode_batch(msgpack.packb([1.5, events])) == events
+
+
+def _vllm032(kind: str, group: int, **fields: object) -> dict[str, object]:
+    """An event as vLLM 0.32's CPU build sent it for Gemma 3 (measured: five sliding-window
+    groups and one full-attention group, int hashes)."""
+    spec = {"kv_cache_spec_kind": kind} if kind else {}
+    window = {"kv_cache_spec_sliding_window": 512} if kind == "sliding_window" else {}
+    return {"medium": "GPU", "group_idx": group, **spec, **window, **fields}
+
+
+def test_the_mirror_follows_vllm_032s_hybrid_groups() -> None:
+    """Sliding-window groups skip the blocks out of their window (hashes no longer line up with
+    the tokens) and evict on their own: only the full-attention group tells what is held."""
+    chains = BlockChains()
+    prefix = list(range(100, 120))  # five blocks of 4
+    chains.register_prefix("p", prefix)
+    hashes = [11, 12, 13, 14, 15]
+    common = {"type": "BlockStored", "parent_block_hash": None, "token_ids": prefix, "block_size": BS}
+    common |= {"lora_id": None, "lora_name": None}
+    batch = [
+        _vllm032("sliding_window", g, **common, block_hashes=hashes[1:], extra_keys=[None] * 4)
+        for g in range(5)
+    ]
+    batch.append(_vllm032("full_attention", 5, **common, block_hashes=hashes, extra_keys=[None] * 5))
+    chains.apply(decode_batch(msgpack.packb([1.0, batch, 0])))
+    assert chains.block_size == BS and chains.cached_prefixes() == {"p"}
+    assert chains.groups == {0: False, 1: False, 2: False, 3: False, 4: False, 5: True}
+    assert chains.skipped == 5
+    # A sliding-window group evicting a block (same hash) leaves the full-attention one held.
+    removed = {"type": "BlockRemoved", "block_hashes": [12], "medium": "GPU", "group_idx": 0}
+    chains.apply(decode_batch(msgpack.packb([2.0, [removed], 0])))
+    assert chains.whole("p")
+    chains.apply(decode_batch(msgpack.packb([3.0, [removed | {"group_idx": 5}], 0])))
+    assert not chains.whole("p")
 
 
 def test_a_prefix_is_whole_while_all_its_blocks_are_stored() -> None:
@@ -61,11 +116,12 @@ def test_kv_events_policy_prefers_the_least_loaded_node_holding_the_prefix() -> 
 
 def test_the_publisher_sends_vllms_frames() -> None:
     port = free_port()
-    pub = kv_events.Publisher(port)
     ctx = zmq.Context.instance()
     sub = ctx.socket(zmq.SUB)
     sub.setsockopt(zmq.RCVTIMEO, 200)
-    sub.connect(kv_events.endpoint("127.0.0.1", port))
+    # As with vLLM on a loopback endpoint: the subscriber binds, the publisher connects.
+    sub.bind(kv_events.endpoint("127.0.0.1", port))
+    pub = kv_events.Publisher(port)
     sub.setsockopt(zmq.SUBSCRIBE, b"kv-events")
     got: list[list[bytes]] = []
     stop = threading.Event()

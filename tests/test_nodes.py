@@ -434,6 +434,10 @@ def test_prefix_affinity_and_kv_events_keep_the_cache_hits_that_round_robin_lose
                 assert [j["state"] for j in jobs] == ["succeeded"] * len(ids)
                 served = Counter(j["result"]["node"] for j in jobs)
                 rates[policy] = (*hit_rates(jobs, 16), 4 * max(served.values()) / len(jobs))
+                if policy == "kv_events":
+                    # Every node's worker mirrors its engine's events: the policy had holders.
+                    held = {n: cl.r.smembers(cl.keys.node_kv_prefixes(n)) for n in ("n0", "n1", "n2", "n3")}
+                    assert all(held.values()), held
 
         for policy in ("prefix_affinity", "kv_events"):
             hit, allowed, hotspot = rates[policy]

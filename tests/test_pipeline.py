@@ -186,5 +186,53 @@ def test_queue_counts_each_submitted_job(stack: Stack, client: httpx.Client) -> 
     url = f"{stack.settings.ingestion_url}/v1/queue"
     before = client.get(url, headers=stack.headers).json()["counters"].get("submitted", 0)
     stack.wait_job(client, stack.submit(client, input_tokens=8, output_tokens=1))
-    after = client.get(url, headers=stack.headers).json()["counters"]
-    assert after["submitted"] == before + 1
+    r = stack.redis.client()
+    r.config_set("maxmemory", str(512 << 20))  # this test Redis runs without one
+    try:
+        body = client.get(url, headers=stack.headers).json()
+    finally:
+        r.config_set("maxmemory", "0")
+        r.close()
+    assert body["counters"]["submitted"] == before + 1
+    # Storage against its bound: Redis memory, its limit, and the finished jobs retained.
+    mem = body["memory"]
+    assert mem["redis_maxmemory_bytes"] == 512 << 20
+    assert 0 < mem["redis_used_bytes"] < mem["redis_maxmemory_bytes"]
+    assert 0 < mem["used_fraction"] < 1 and mem["refuse_at_pct"] > 0
+    assert mem["retained_jobs"] >= 1 and mem["oldest_finished"] is not None
+
+
+def test_submit_fast_path_and_route_answer_alike(stack: Stack, client: httpx.Client) -> None:
+    """Well-formed submits take ingestion's fast path; everything else reaches the FastAPI route.
+    Both give the documented answers: a chunked body, a charset, X-API-Key and a wrong content
+    type included."""
+    url = f"{stack.settings.ingestion_url}/v1/jobs"
+    ok = client.post(url, json={"input_tokens": 8, "output_tokens": 1}, headers=stack.headers)
+    assert ok.status_code == 202 and ok.headers["content-type"] == "application/json"
+    assert set(ok.json()) == {"job_id", "state", "run_id", "duplicate"} and ok.json()["state"] == "queued"
+
+    def chunks() -> Iterator[bytes]:
+        yield b'{"input_tokens": 8, '
+        yield b'"output_tokens": 1}'
+
+    chunked = client.post(
+        url, content=chunks(), headers={**stack.headers, "Content-Type": "application/json; charset=utf-8"}
+    )
+    assert chunked.status_code == 202, chunked.text
+    wrong_type = client.post(
+        url, content=b'{"output_tokens": 1}', headers={**stack.headers, "Content-Type": "text/plain"}
+    )
+    assert wrong_type.status_code == 422
+    bad_field = client.post(url, json={"output_tokens": 0}, headers=stack.headers)
+    assert bad_field.status_code == 422 and "output_tokens" in bad_field.json()["detail"]
+    too_long = client.post(url, json={"input_tokens": 10**6, "output_tokens": 1}, headers=stack.headers)
+    assert too_long.status_code == 422 and "input_tokens" in too_long.json()["detail"]
+    lower_scheme = client.post(
+        url,
+        json={"output_tokens": 1},
+        headers={"Authorization": "bearer " + stack.values["api_key"]},
+    )
+    assert lower_scheme.status_code == 202
+    for job in (ok.json(), chunked.json(), lower_scheme.json()):
+        final = client.get(f"{url}/{job['job_id']}", params={"wait": 20}, headers=stack.headers).json()
+        assert final["state"] == "succeeded" and final["timestamps"]["t_received"] is not None

@@ -81,15 +81,17 @@ async def test_scripts_sent_twice_act_once(q: JobQueue) -> None:
     ((entry, job_id),) = await q.read("c1", count=1, block_ms=100)
     start_args = [entry, "c1", now_ns(), q.group, q.keys.events, "nonce-1"]
     start_keys = [q.keys.job(job_id), q.keys.stream, q.keys.stats]
-    assert await q._start(keys=start_keys, args=start_args) == [1, "running"]
-    assert await q._start(keys=start_keys, args=start_args) == [1, "running"]
+    first = await q._start(keys=start_keys, args=start_args)
+    assert first[:2] == [1, "running"] and first[2] == spec.model_dump_json()  # the claim carries the spec
+    assert await q._start(keys=start_keys, args=start_args) == first
     assert (await q.get_job(job_id))["attempt"] == "1" and "redelivered" not in (await q.stats()).counters
     # A real redelivery (another call, another nonce) is a new attempt.
-    assert await q._start(keys=start_keys, args=[*start_args[:5], "nonce-2"]) == [2, "running"]
+    assert (await q._start(keys=start_keys, args=[*start_args[:5], "nonce-2"]))[:2] == [2, "running"]
 
     d = await q.start(entry, job_id, "c1", nonce="nonce-3")
     again = await q.start(entry, job_id, "c1", nonce="nonce-3")  # the proxy's own re-send
     assert d is not None and d.attempt == 3 and again == d
+    assert d.spec_json == spec.model_dump_json() and d.stamps["t_received"] and d.stamps["t_enqueued"]
     for _ in range(2):
         assert await q.finish(d, JobState.SUCCEEDED, {"result": "{}"}, ttl_s=60)
     st = await q.stats()
@@ -232,3 +234,29 @@ async def test_reclaim_finds_a_dead_consumers_entries_behind_many_live_ones(q: J
         if len(found) == 5:
             break
     assert sorted(found) == sorted(dead)
+
+
+async def test_concurrent_submits_share_round_trips_and_each_gets_its_own_answer(q: JobQueue) -> None:
+    """Many submits in one loop iteration go out as one pipeline; each caller gets its own reply,
+    including the ones the script refuses (busy), and a flushed script cache is reloaded."""
+    specs = [_spec() for _ in range(40)]
+    sent: list[int] = []
+    orig = q.r.pipeline
+
+    def counting_pipeline(*a: object, **kw: object) -> object:
+        sent.append(1)
+        return orig(*a, **kw)
+
+    q.r.pipeline = counting_pipeline  # type: ignore[method-assign]
+    outs = await asyncio.gather(*(q.submit(s, now_ns(), max_active=30) for s in specs))
+    assert len(sent) == 1  # one pipelined round trip for the 40
+    assert [o.status for o in outs] == ["ok"] * 30 + ["busy"] * 10
+    assert [o.job_id for o in outs[:30]] == [s.job_id for s in specs[:30]]
+    assert (await q.stats()).active == 30
+    # After Redis lost its scripts (a restart without them): the batch reloads and reruns.
+    await q.r.script_flush()
+    more = [_spec() for _ in range(5)]
+    outs = await asyncio.gather(*(q.submit(s, now_ns(), max_active=100) for s in more))
+    assert [o.status for o in outs] == ["ok"] * 5
+    entries = await q.read("c1", count=100, block_ms=100)
+    assert {j for _, j in entries} == {s.job_id for s in specs[:30] + more}

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from services.contracts import JOB_NODE_FIELD, JOB_POLICY_FIELD, Keys
+from services.queue import ScriptBatcher
 
 _ACQUIRE = """
 -- KEYS: inflight (zset), job (hash), prefixes (hash, '' = none)
@@ -90,7 +91,8 @@ class Capacity:
     def __init__(self, redis: Any, keys: Keys) -> None:
         self.r = redis
         self.keys = keys
-        self._acquire = redis.register_script(_ACQUIRE)
+        # Jobs are routed concurrently: their acquires share pipelined round trips.
+        self._acquire = ScriptBatcher(redis, redis.register_script(_ACQUIRE))
         self._renew = redis.register_script(_RENEW)
         self._count = redis.register_script(_COUNT)
 
@@ -113,8 +115,8 @@ class Capacity:
         With ``prefixes_key``, the prefix's owners (text) are written to the routing memory too.
         """
         ok, n = await self._acquire(
-            keys=[self.keys.node_inflight(node), self.keys.job(job_id), prefixes_key],
-            args=[
+            [self.keys.node_inflight(node), self.keys.job(job_id), prefixes_key],
+            [
                 slot_member(job_id, attempt),
                 capacity,
                 lease_ms,

@@ -3,11 +3,29 @@ inference worker runs beside its engine.
 
 vLLM publishes them with ``--kv-events-config '{"enable_kv_cache_events": true, "publisher":
 "zmq", "endpoint": "tcp://127.0.0.1:PORT", "topic": "kv-events"}'``: a ZMQ PUB socket sends
-multipart frames ``[topic, seq (8 bytes, big-endian), msgpack(EventBatch)]``. An EventBatch is
-``[ts, [event, ...], (data_parallel_rank)]``; each event an array whose first item is its type:
-``["BlockStored", block_hashes, parent_block_hash, token_ids, block_size, ...]``,
-``["BlockRemoved", block_hashes, ...]``, ``["AllBlocksCleared"]``
-(vllm/distributed/kv_events.py). The simulator sends the same.
+multipart frames ``[topic, seq (8 bytes, big-endian), msgpack(EventBatch)]``. vLLM *binds* only a
+wildcard endpoint (``tcp://*:PORT``) and *connects* to any other, so with a loopback address the
+subscriber (the mirror) binds it and vLLM connects; the simulator's publisher does the same.
+
+An EventBatch is ``[ts, [event, ...], data_parallel_rank]``. vLLM 0.32 encodes each event as a
+map tagged by type (msgspec ``tag=True``, fields with default values omitted)::
+
+    {"type": "BlockStored", "block_hashes": [...], "parent_block_hash": h | None,
+     "token_ids": [...], "block_size": 128, "lora_id": None, "medium": "GPU", "lora_name": None,
+     "extra_keys": [...], "group_idx": 5, "kv_cache_spec_kind": "full_attention", ...}
+    {"type": "BlockRemoved", "block_hashes": [...], "medium": "GPU", "group_idx": 5}
+    {"type": "AllBlocksCleared"}
+
+Earlier vLLM versions sent the same fields as arrays (``["BlockStored", block_hashes, ...]``);
+:func:`decode_batch` reads both and returns arrays in vLLM's field order. Block hashes are 64-bit
+ints by default (``VLLM_KV_EVENTS_USE_INT_BLOCK_HASHES``), else bytes.
+
+A hybrid model has one KV cache group per attention kind (Gemma 3: five sliding-window groups
+and one full-attention group, measured on vLLM 0.32's CPU build). Every group reports the same
+block hashes, but a sliding-window group skips the blocks that fell out of its window, so its
+``block_hashes`` do not line up with its ``token_ids``. Only full-attention groups (or events
+without a kind) describe the whole prefix; the mirror follows those and ignores the others'
+stored and removed blocks.
 
 The mirror (:class:`KvMirror`) follows the engine's stored blocks by their chain
 ``(parent hash, block tokens) → hash`` and tells which of the prefixes this worker built are
@@ -56,26 +74,87 @@ def vllm_config(port: int) -> str:
     )
 
 
-def encode_batch(events: list[list[Any]], ts: float | None = None) -> bytes:
-    """An EventBatch as vLLM encodes it (msgspec array_like structs, tagged by type)."""
-    return msgpack.packb([time.time() if ts is None else ts, events], use_bin_type=True)
+#: vLLM 0.32's event fields in order (msgspec array_like order of ``vllm.distributed.kv_events``).
+FIELDS: dict[str, tuple[str, ...]] = {
+    "BlockStored": (
+        "block_hashes",
+        "parent_block_hash",
+        "token_ids",
+        "block_size",
+        "lora_id",
+        "medium",
+        "lora_name",
+        "extra_keys",
+        "group_idx",
+        "kv_cache_spec_kind",
+        "kv_cache_spec_sliding_window",
+        "locality",
+        "ownership",
+        "session_id",
+    ),
+    "BlockRemoved": ("block_hashes", "medium", "group_idx", "locality", "ownership"),
+    "AllBlocksCleared": (),
+}
+#: Fields vLLM always writes (no default); the others are left out when None.
+_REQUIRED = {
+    "BlockStored": 7,  # block_hashes .. lora_name
+    "BlockRemoved": 2,  # block_hashes, medium
+    "AllBlocksCleared": 0,
+}
+
+
+def to_wire(event: list[Any]) -> dict[str, Any]:
+    """An event in array form as vLLM 0.32 sends it: a map tagged by ``type``."""
+    kind = event[0]
+    names = FIELDS.get(kind, ())
+    out: dict[str, Any] = {"type": kind}
+    for i, name in enumerate(names):
+        value = event[i + 1] if i + 1 < len(event) else None
+        if value is not None or i < _REQUIRED.get(kind, 0):
+            out[name] = value
+    return out
+
+
+def from_wire(event: Any) -> list[Any] | None:
+    """An event as received (vLLM 0.32's tagged map, or the array of earlier versions) in array
+    form, fields in vLLM's order; None if it is neither."""
+    if isinstance(event, list):
+        return event or None
+    if isinstance(event, dict) and isinstance(event.get("type"), str):
+        kind = event["type"]
+        names = FIELDS.get(kind, ())
+        values = [event.get(name) for name in names]
+        while values and values[-1] is None and len(values) > _REQUIRED.get(kind, 0):
+            values.pop()
+        return [kind, *values]
+    return None
+
+
+def encode_batch(events: list[list[Any]], ts: float | None = None, dp_rank: int = 0) -> bytes:
+    """An EventBatch as vLLM 0.32 encodes it (events in array form in, tagged maps on the wire)."""
+    batch = [time.time() if ts is None else ts, [to_wire(e) for e in events], dp_rank]
+    return msgpack.packb(batch, use_bin_type=True)
 
 
 def decode_batch(payload: bytes) -> list[list[Any]]:
-    """The events of an EventBatch (unknown event types are kept; the caller skips them)."""
+    """The events of an EventBatch in array form (unknown event types are kept; the caller skips
+    them)."""
     batch = msgpack.unpackb(payload, raw=False, strict_map_key=False)
-    return [e for e in batch[1] if isinstance(e, list) and e] if isinstance(batch, list) else []
+    if not isinstance(batch, list) or len(batch) < 2 or not isinstance(batch[1], list):
+        return []
+    return [e for e in map(from_wire, batch[1]) if e is not None]
 
 
 class Publisher:
-    """A ZMQ PUB socket sending event batches as vLLM does (the simulator's side)."""
+    """A ZMQ PUB socket sending event batches as vLLM does (the simulator's side): like vLLM with
+    a loopback endpoint, it connects to the subscriber, which binds."""
 
     def __init__(self, port: int, host: str = "127.0.0.1") -> None:
         self.ctx = zmq.Context.instance()
         self.sock = self.ctx.socket(zmq.PUB)
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.setsockopt(zmq.SNDHWM, 100_000)
-        self.sock.bind(endpoint(host, port))
+        self.sock.connect(endpoint(host, port))
         self.seq = 0
 
     def send(self, events: list[list[Any]]) -> None:
@@ -109,8 +188,12 @@ class BlockChains:
         self.prefixes: dict[str, list[int]] = {}
         #: prefix key → its full blocks' tokens at ``block_size``
         self._blocks: dict[str, list[tuple[int, ...]]] = {}
-        #: The engine's block size, learned from its first BlockStored event.
+        #: The engine's block size, learned from its first followed BlockStored event.
         self.block_size = 0
+        #: KV cache group → followed (full attention, or no kind given) or not (sliding window…).
+        self.groups: dict[int, bool] = {}
+        #: Events skipped: another group's, or a block size other than the engine's.
+        self.skipped = 0
 
     def register_prefix(self, key: str, prefix_ids: list[int], limit: int = 10_000) -> None:
         """Remember a prefix this worker sent to the engine (its token ids)."""
@@ -126,15 +209,37 @@ class BlockChains:
                 self._blocks[key] = blocks
         return blocks
 
+    def _follows_stored(self, e: list[Any]) -> bool:
+        """True if a BlockStored event is one the chains follow (and learn its group's kind)."""
+        group = e[9] if len(e) > 9 else None
+        kind = e[10] if len(e) > 10 else None
+        follow = kind is None or kind == "full_attention"
+        if isinstance(group, int):
+            self.groups[group] = follow
+        return follow
+
+    def _follows_removed(self, e: list[Any]) -> bool:
+        """True if a BlockRemoved event is of a followed group (or names none)."""
+        group = e[3] if len(e) > 3 else None
+        return group is None or self.groups.get(group) is True
+
     def apply(self, events: Iterable[list[Any]]) -> None:
-        """Apply a batch of events."""
+        """Apply a batch of events (in array form, see :func:`decode_batch`)."""
         for e in events:
             kind = e[0]
             if kind == "BlockStored" and len(e) >= 5:
-                hashes, parent, tokens, size = e[1], _key(e[2]), list(e[3]), int(e[4])
-                if size != self.block_size:
+                hashes, parent, tokens, size = e[1], _key(e[2]), list(e[3] or ()), int(e[4] or 0)
+                if not self._follows_stored(e) or size <= 0 or len(tokens) != len(hashes) * size:
+                    self.skipped += 1
+                    continue
+                if not self.block_size:
                     self.block_size = size
                     self._blocks.clear()
+                elif size != self.block_size:
+                    # A partial-block entry (vLLM's hash_block_size < block_size): finer than the
+                    # prefixes are matched at; it never completes one.
+                    self.skipped += 1
+                    continue
                 for i, h in enumerate(hashes):
                     block = tuple(tokens[i * size : (i + 1) * size])
                     h = _key(h)
@@ -142,6 +247,9 @@ class BlockChains:
                     self.child[(parent, block)] = h
                     parent = h
             elif kind == "BlockRemoved" and len(e) >= 2:
+                if not self._follows_removed(e):
+                    self.skipped += 1
+                    continue
                 for h in e[1]:
                     entry = self.blocks.pop(_key(h), None)
                     if entry is not None and self.child.get(entry) == _key(h):
@@ -185,11 +293,19 @@ class KvMirror:
         sock = ctx.socket(zmq.SUB)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.RCVHWM, 100_000)
-        sock.connect(endpoint("127.0.0.1", self.port))
-        sock.setsockopt(zmq.SUBSCRIBE, TOPIC.encode())
         loop = asyncio.get_running_loop()
         next_publish = next_ttl = 0.0
         try:
+            # vLLM connects to a non-wildcard endpoint: the subscriber binds it (loopback only).
+            # A worker restarted at once may find its predecessor's socket still there: retry.
+            while True:
+                try:
+                    sock.bind(endpoint("127.0.0.1", self.port))
+                    break
+                except zmq.ZMQError as e:
+                    log.warning("KV events: cannot bind 127.0.0.1:%d (%s); retrying", self.port, e)
+                    await asyncio.sleep(1.0)
+            sock.setsockopt(zmq.SUBSCRIBE, TOPIC.encode())
             while True:
                 with contextlib.suppress(TimeoutError):
                     frames = await asyncio.wait_for(sock.recv_multipart(), publish_every_s)
