@@ -64,7 +64,8 @@ router = APIRouter(tags=["openai"])
 
 #: max_tokens of a completion that names none (OpenAI's and vLLM's default).
 DEFAULT_COMPLETION_TOKENS = 16
-#: How long one blocking read of a token stream waits before the job's state is looked at.
+#: How long one blocking read of a token stream waits before the job's state is looked at (a job
+#: that fails before its first token is seen within this).
 _BLOCK_MS = 1000
 #: Longest a finished token stream's job may take to show its final state (non-streamed answers).
 _FINAL_WAIT_S = 30.0
@@ -341,31 +342,25 @@ async def _follow(app: FastAPI, job_id: str) -> AsyncIterator[dict[str, str]]:
     r = _blocking(app)
     key = keys.token_stream(job_id)
     last = "0"
-    waiters = app.state.waiters
-    ev = waiters.add(job_id)
-    try:
-        while True:
-            resp = await r.xread({key: last}, count=1024, block=_BLOCK_MS)
-            if resp:
-                for eid, fields in resp[0][1]:
-                    last = eid
-                    yield fields
-                    if CHUNK_USAGE in fields or CHUNK_ERROR in fields:
-                        return
-                continue
-            # Nothing for a second, or the job changed state: is it final?
-            ev.clear()
-            state, error = await app.state.redis.hmget(keys.job(job_id), "state", "error")
-            if state is None or state in _TERMINAL:
-                resp = await r.xread({key: last}, count=1024)
-                for _eid, fields in resp[0][1] if resp else []:
-                    yield fields
-                    if CHUNK_USAGE in fields or CHUNK_ERROR in fields:
-                        return
-                yield {"state": state or "expired", "error": error or ""}
-                return
-    finally:
-        waiters.remove(job_id, ev)
+    while True:
+        resp = await r.xread({key: last}, count=1024, block=_BLOCK_MS)
+        if resp:
+            for eid, fields in resp[0][1]:
+                last = eid
+                yield fields
+                if CHUNK_USAGE in fields or CHUNK_ERROR in fields:
+                    return
+            continue
+        # Nothing for a second: is the job final (it failed before any token)?
+        state, error = await app.state.redis.hmget(keys.job(job_id), "state", "error")
+        if state is None or state in _TERMINAL:
+            resp = await r.xread({key: last}, count=1024)
+            for _eid, fields in resp[0][1] if resp else []:
+                yield fields
+                if CHUNK_USAGE in fields or CHUNK_ERROR in fields:
+                    return
+            yield {"state": state or "expired", "error": error or ""}
+            return
 
 
 async def _wait_final(app: FastAPI, job_id: str) -> tuple[str, str]:

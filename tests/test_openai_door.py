@@ -44,8 +44,9 @@ def _job(stack: Stack, http: httpx.Client, job_id: str) -> dict[str, object]:
 
 
 def test_models_lists_what_the_nodes_serve(stack: Stack, client: openai.OpenAI) -> None:
-    models = [m.id for m in client.models.list()]
-    assert models == ["llmconsole-sim"]
+    # The node's heartbeat names its model from its first beat after the engine was ready.
+    wait_until(lambda: bool(client.models.list().data), 30, "a model in /v1/models")
+    assert [m.id for m in client.models.list()] == ["llmconsole-sim"]
 
 
 def test_completion_not_streamed_is_a_job_with_every_stage(
