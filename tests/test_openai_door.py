@@ -359,7 +359,11 @@ def test_a_job_cancelled_while_queued_never_runs(make_stack: Callable[..., Stack
             ]
         ),
         st.recursive(
-            st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats() | st.text(max_size=30),
+            st.none()
+            | st.booleans()
+            | st.integers(-(2**70), 2**70)
+            | st.floats(allow_nan=False, allow_infinity=False)
+            | st.text(max_size=30),
             lambda inner: (
                 st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=3)
             ),
