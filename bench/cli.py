@@ -184,6 +184,12 @@ def run_parser(settings: Settings) -> argparse.ArgumentParser:
         "--path", choices=["pipeline", "direct", "both"], default="pipeline", help="default pipeline"
     )
     m.add_argument(
+        "--pipeline-api",
+        choices=["jobs", "openai"],
+        default="jobs",
+        help="pipeline path through the job API (default) or the OpenAI door (streamed, client-timed)",
+    )
+    m.add_argument(
         "--routing",
         choices=get_args(RoutingPolicy),
         help=f"routing policy of the run's jobs (default: the proxy workers' ROUTING, {settings.routing})",
@@ -246,6 +252,7 @@ def config_from_args(ns: argparse.Namespace, settings: Settings | None = None) -
         sweep=sweep,
         path=ns.path,
         routing=ns.routing,
+        pipeline_api=ns.pipeline_api,
         prefix_groups=ns.prefix_groups,
         goodput=parse_goodput(ns.goodput or []),
         percentiles=parse_percentiles(ns.percentiles),

@@ -137,6 +137,11 @@ class BenchConfig(BaseModel):
     routing: RoutingPolicy | None = Field(
         None, description="Routing policy of the run's jobs (default: the proxy workers' ROUTING)."
     )
+    pipeline_api: Literal["jobs", "openai"] = Field(
+        "jobs",
+        description="How the pipeline path sends: the job API (engine-side timings), or the OpenAI door "
+        "(streamed; TTFT, TPOT and ITL timed by the client as on the direct path).",
+    )
     goodput: dict[str, float] = Field(
         default_factory=dict, description="SLOs in ms for goodput, keys ttft/tpot/e2el (vLLM's --goodput)."
     )

@@ -77,6 +77,8 @@ class DirectPath:
 
     def __init__(self, engine: EngineClient, run_id: str, build_concurrency: int = 16) -> None:
         self.engine = engine
+        #: Who the completions stream from (the engine here; the OpenAI door on the pipeline).
+        self.streamer = engine
         self.run_id = run_id
         self.builder = PromptBuilder(engine)
         self._prompts: dict[int, list[int] | str] = {}
@@ -119,7 +121,8 @@ class DirectPath:
         rec.requested_output_tokens = item.output_tokens
         try:
             async with asyncio.timeout(max(deadline_s - clock.now(), 0.0)):
-                res = await self.engine.stream_completion(prompt, item.output_tokens, exact=True)
+                res = await self.streamer.stream_completion(prompt, item.output_tokens, exact=True)
+                rec.job_id = res.job_id
         except EngineError as e:
             rec.error = str(e)[:500]
             rec.latency_s = clock.now() - rec.sent_s
@@ -145,6 +148,59 @@ class DirectPath:
         rec.token_mismatch = token_mismatches(
             item.input_tokens, item.output_tokens, res.prompt_tokens, res.completion_tokens
         )
+
+
+class OpenAIPipelinePath(DirectPath):
+    """The pipeline through ingestion's OpenAI door (``--pipeline-api openai``).
+
+    The same prompts as the direct path (token ids built before the clock starts), streamed from
+    ``/v1/completions`` on ingestion with the same client code, so TTFT, TPOT and ITL are timed
+    by the client on both paths. Each request is a job; its stage timestamps stay in the job API
+    (``X-Job-Id``), not in this record.
+    """
+
+    name = "pipeline"
+
+    def __init__(self, settings: Settings, engine: EngineClient, run_id: str, timeout_s: float) -> None:
+        super().__init__(engine, run_id)
+        self.streamer = EngineClient(
+            settings.ingestion_url, settings.api_key.get_secret_value(), timeout_s=timeout_s
+        )
+
+        key = settings.api_key.get_secret_value()
+        self.jobs = httpx.AsyncClient(
+            base_url=settings.ingestion_url,
+            timeout=httpx.Timeout(30.0, connect=5.0),
+            headers={"Authorization": f"Bearer {key}"} if key else {},
+        )
+
+    async def aclose(self) -> None:
+        """Close the door's connections."""
+        await self.streamer.aclose()
+        await self.jobs.aclose()
+
+    async def send(self, item: WorkItem, rec: RequestRecord, clock: StepClock, deadline_s: float) -> None:
+        """Stream through the door (client timings), then add the job's stages from the job API."""
+        await super().send(item, rec, clock, deadline_s)
+        if not rec.job_id:
+            return
+        with contextlib.suppress(httpx.HTTPError, ValueError):
+            resp = await self.jobs.get(f"/v1/jobs/{rec.job_id}", params={"wait": "10"})
+            if resp.status_code != 200:
+                return
+            view = JobView.model_validate_json(resp.content)
+            ts = view.timestamps
+            rec.attempt, rec.state = view.attempt, view.state.value
+            rec.stages_s = dict(view.stages_s)
+            rec.server_e2e_s = end_to_end_s(ts)
+            rec.engine_time_s = engine_time_s(ts)
+            rec.node, rec.policy = view.node, view.policy
+            rec.node_start_s = clock.wall_offset(ts.get("t_dispatched"))
+            rec.node_end_s = clock.wall_offset(ts.get("t_result_received"))
+            if rec.server_e2e_s is not None and rec.latency_s is not None:
+                rec.client_s = rec.latency_s - rec.server_e2e_s
+            if view.result is not None:
+                rec.engine, rec.model = view.result.engine, view.result.model
 
 
 class RunFollower:

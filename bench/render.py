@@ -103,7 +103,15 @@ def summary_renderables(summary: dict[str, Any]) -> list[RenderableType]:
         row("Mean client queue time (ms)", "mean_client_queue_time_ms")
         row("Mean E2EL incl. client queue (ms)", "mean_e2el_including_client_queue_ms")
     out.append(t)
-    if both:
+    if both and (summary.get("config") or {}).get("pipeline_api") == "openai":
+        out.append(
+            Text(
+                "Pipeline through its OpenAI door: TTFT, TPOT, ITL and E2EL are timed by this client on both "
+                "paths, so every difference is the pipeline's overhead.",
+                style="dim",
+            )
+        )
+    elif both:
         out.append(
             Text(
                 "TTFT, TPOT and ITL: pipeline = engine-side (timed by the inference worker), direct = timed by this "

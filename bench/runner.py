@@ -43,7 +43,7 @@ from bench.metrics import (
     prefix_cache_delta,
     routing_metrics,
 )
-from bench.paths import DirectPath, PipelinePath, StepClock
+from bench.paths import DirectPath, OpenAIPipelinePath, PipelinePath, StepClock
 from bench.records import RequestRecord
 from bench.store import RunStore
 from bench.workload import DatasetPrompt, WorkItem, build_workload, derive_seed, interleave
@@ -340,8 +340,10 @@ async def run_benchmark(
     loads = step_loads(cfg)
     pnames = cfg.paths
     engine = EngineClient(s.engine_url, s.engine_api_key.get_secret_value(), timeout_s=cfg.timeout_s)
-    pipeline = (
-        PipelinePath(
+    pipeline: PipelinePath | OpenAIPipelinePath | None = (
+        OpenAIPipelinePath(s, engine, run_id, cfg.timeout_s)
+        if "pipeline" in pnames and cfg.pipeline_api == "openai"
+        else PipelinePath(
             s,
             run_id,
             cfg.label,

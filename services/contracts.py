@@ -206,6 +206,48 @@ class JobRequest(BaseModel):
         return self
 
 
+#: Bounds of the OpenAI door's requests (``services/openai_api.py``).
+MAX_CHAT_MESSAGES = 256
+MAX_STOP_SEQUENCES = 4
+MAX_STOP_CHARS = 256
+
+#: Fields of a token-stream entry (``Keys.token_stream``): a JSON list of chunk texts, the finish
+#: reason of the last of them, the usage JSON (the stream's end), an error message (its end too).
+CHUNK_TEXTS = "c"
+CHUNK_FINISH = "f"
+CHUNK_USAGE = "u"
+CHUNK_ERROR = "e"
+
+
+class ChatMessage(BaseModel):
+    """One chat message of an OpenAI chat request (text content only)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str = Field(max_length=MAX_PROMPT_CHARS)
+
+
+class OpenAIJob(BaseModel):
+    """How a job that came through the OpenAI door asks the engine (``JobSpec.openai``).
+
+    The inference worker sends ``sampling`` to the engine as it is, forwards every token chunk
+    on the job's token stream, and does not force the output length (unless ``ignore_eos`` and
+    ``min_tokens`` say so).
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    endpoint: Literal["completions", "chat"]
+    messages: list[ChatMessage] | None = Field(None, max_length=MAX_CHAT_MESSAGES)
+    #: A completion prompt given as token ids (``JobSpec.prompt`` is then None).
+    prompt_token_ids: list[int] | None = Field(None, max_length=MAX_INPUT_TOKENS)
+    #: False when the client gave no ``max_tokens``: the engine's default (the rest of the context).
+    max_tokens_given: bool = True
+    #: Sampling fields passed to the engine: temperature, top_p, seed, stop, min_tokens, ignore_eos…
+    sampling: dict[str, Any] = Field(default_factory=dict)
+
+
 class JobSpec(BaseModel):
     """A job as resolved by ingestion: defaults filled in. Stored in the job hash."""
 
@@ -221,6 +263,8 @@ class JobSpec(BaseModel):
     seed: int
     prefix_group: int | None = None
     routing: RoutingPolicy | None = None
+    #: Set for jobs that came through the OpenAI door (``/v1/completions``, ``/v1/chat/completions``).
+    openai: OpenAIJob | None = None
 
 
 class GpuJobStats(BaseModel):
@@ -378,6 +422,20 @@ class Keys:
         """Pub/sub channel of job events (JSON: job_id, state, t)."""
         return f"{self.prefix}events"
 
+    # the OpenAI door
+    def token_stream(self, job_id: str) -> str:
+        """Short-lived stream of a job's token chunks (inference worker → ingestion), with a TTL."""
+        return f"{self.prefix}tokens:{job_id}"
+
+    def cancelled(self, job_id: str) -> str:
+        """Present (with a TTL) once the client of a job went away: the job is not to run."""
+        return f"{self.prefix}cancel:{job_id}"
+
+    @property
+    def cancels(self) -> str:
+        """Pub/sub channel of cancelled job ids (inference workers abort their engine request)."""
+        return f"{self.prefix}cancels"
+
     # runs
     def run(self, run_id: str) -> str:
         """Hash of one benchmark run (summary JSON, state, params)."""
@@ -473,6 +531,12 @@ def prefix_key(spec: JobSpec) -> str:
     seeds the prefix from); a literal prompt is keyed by its first ``PREFIX_KEY_CHARS``
     characters. Routers and the bench's per-node figures use the same key.
     """
+    if spec.openai is not None and spec.openai.messages:
+        head = json.dumps([m.model_dump() for m in spec.openai.messages])[:PREFIX_KEY_CHARS]
+        return "p" + hashlib.blake2b(head.encode(), digest_size=8).hexdigest()
+    if spec.openai is not None and spec.openai.prompt_token_ids:
+        head = ",".join(map(str, spec.openai.prompt_token_ids[:64]))
+        return "p" + hashlib.blake2b(head.encode(), digest_size=8).hexdigest()
     if spec.prompt is not None:
         head = spec.prompt[:PREFIX_KEY_CHARS]
         return "p" + hashlib.blake2b(head.encode(), digest_size=8).hexdigest()

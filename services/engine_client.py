@@ -65,6 +65,8 @@ class StreamResult:
     cached_tokens: int | None = None
     finish_reason: str | None = None
     chunks: int = 0
+    #: The answer's ``X-Job-Id`` (ingestion's OpenAI door: the job behind it), else None.
+    job_id: str | None = None
 
 
 def _auth_headers(api_key: str) -> dict[str, str]:
@@ -199,27 +201,37 @@ class EngineClient:
 
     async def stream_completion(
         self,
-        prompt: str | list[int],
-        max_tokens: int,
+        prompt: str | list[int] | None,
+        max_tokens: int | None,
         *,
         exact: bool = True,
         extra: dict[str, Any] | None = None,
         on_first_token: Callable[[], None] | None = None,
+        messages: list[dict[str, str]] | None = None,
+        on_chunk: Callable[[str, str | None], None] | None = None,
     ) -> StreamResult:
-        """Stream ``/v1/completions`` and time it.
+        """Stream ``/v1/completions`` (or, given ``messages``, ``/v1/chat/completions``) and time it.
 
         With ``exact`` the engine is forced to produce exactly ``max_tokens``
-        (``min_tokens`` = ``max_tokens`` and ``ignore_eos``), as the seed asks.
+        (``min_tokens`` = ``max_tokens`` and ``ignore_eos``), as the seed asks. ``max_tokens``
+        None leaves the engine's default. ``on_chunk(text, finish_reason)`` is called for every
+        token-bearing chunk as it arrives (the OpenAI door forwards them).
         """
+        chat = messages is not None
+        path = "/v1/chat/completions" if chat else "/v1/completions"
         body: dict[str, Any] = {
             "model": await self.model(),
-            "prompt": prompt,
-            "max_tokens": max_tokens,
             "stream": True,
             "stream_options": {"include_usage": True},
             "temperature": 0.0,
         }
-        if exact:
+        if chat:
+            body["messages"] = messages
+        else:
+            body["prompt"] = prompt
+        if max_tokens is not None:
+            body["max_tokens"] = max_tokens
+        if exact and max_tokens is not None:
             body.update(min_tokens=max_tokens, ignore_eos=True)
         if extra:
             body.update(extra)
@@ -236,13 +248,14 @@ class EngineClient:
         # own benchmark client streams with aiohttp too. Per chunk: one timestamp and one JSON parse.
         session = self._stream_session()
         try:
-            async with session.post(f"{self.base_url}/v1/completions", json=body) as resp:
+            async with session.post(f"{self.base_url}{path}", json=body) as resp:
                 if resp.status >= 400:
                     text = await resp.text(errors="replace")
                     raise EngineError(
-                        f"engine {resp.status} on /v1/completions: {_error_text(text, resp.reason)}",
+                        f"engine {resp.status} on {path}: {_error_text(text, resp.reason)}",
                         resp.status,
                     )
+                res.job_id = resp.headers.get("x-job-id")
                 done = False
                 async for raw in resp.content:
                     if not raw.startswith(b"data:"):
@@ -263,8 +276,21 @@ class EngineClient:
                         # One chunk per engine step that produced tokens, even when their text is
                         # empty (special tokens under ignore_eos, half a UTF-8 character): vLLM
                         # sends it, and its benchmark counts it, for TTFT and ITL alike.
+                        if chat:
+                            delta = choice.get("delta") or {}
+                            if (
+                                "role" in delta
+                                and not delta.get("content")
+                                and not choice.get("finish_reason")
+                            ):
+                                continue  # the chat stream's opening chunk: a role, no token
+                            text = delta.get("content") or ""
+                        else:
+                            text = choice.get("text") or ""
                         if choice.get("finish_reason"):
                             res.finish_reason = choice["finish_reason"]
+                        if on_chunk is not None:
+                            on_chunk(text, choice.get("finish_reason"))
                         res.chunks += 1
                         if m_first is None:
                             m_first = now
@@ -274,7 +300,7 @@ class EngineClient:
                         else:
                             itl.append(now - m_last)
                         m_last = now
-                        parts.append(choice.get("text") or "")
+                        parts.append(text)
                 if not done:
                     # A clean close without the terminator: the engine stopped mid-answer.
                     raise EngineError(f"engine stream ended before [DONE] after {res.chunks} token chunks")

@@ -21,21 +21,23 @@ import logging
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 from fastapi import Depends, FastAPI, Header, HTTPException, Request
 from fastapi.responses import JSONResponse, Response
 
-from services import procstats, prom, runtime, telemetry
+from services import procstats, prom, runtime, telemetry, token_stream
 from services.contracts import (
     InferRequest,
     InferResult,
+    JobSpec,
     Keys,
     NodeHeartbeat,
     NodeState,
     now_ns,
     prefix_key,
 )
-from services.engine_client import EngineClient, EngineError
+from services.engine_client import EngineClient, EngineError, StreamResult
 from services.prompts import PromptBuilder, prefix_seed_for_run, split_tokens
 from services.queue import REDIS_DOWN, raise_if_cancelling, redis_client
 from services.routing import kv_events
@@ -73,6 +75,9 @@ class WorkerState:
         )
         self.in_flight = 0
         self.tasks: list[asyncio.Task[None]] = []
+        #: Token streams and cancels of OpenAI-door jobs (``services.token_stream``).
+        self.redis = redis_client(settings)
+        self.cancels = token_stream.CancelWatcher(settings, self.keys)
 
     async def describe_engine(self) -> None:
         """Learn the engine's name, version, model and context length (once ready)."""
@@ -210,6 +215,7 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
         asyncio.create_task(_heartbeat(state)),
         asyncio.create_task(_publish_gpu(state)),
         asyncio.create_task(_report_cpu(state)),
+        asyncio.create_task(state.cancels.run()),
     ]
     if state.kv is not None:
         state.tasks.append(asyncio.create_task(_mirror_kv(state)))
@@ -222,6 +228,7 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await t
         await state.engine.aclose()
+        await state.redis.aclose()
 
 
 def _exposed(settings: Settings) -> bool:
@@ -273,8 +280,25 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         """Run one job on the engine and return its timings and usage."""
         state: WorkerState = app.state.worker
         state.in_flight += 1
+        job_id = req.spec.job_id
         try:
-            result = await _infer(state, req)
+            if req.spec.openai is not None:
+                # An OpenAI-door job runs in its own task, which a cancel from its client ends.
+                task = asyncio.create_task(_infer(state, req))
+                state.cancels.register(job_id, task)
+                try:
+                    result = await task
+                except asyncio.CancelledError:
+                    if not state.cancels.unregister(job_id):
+                        raise
+                    prom.WORKER_REQUESTS.labels(state.node, state.model, "cancelled").inc()
+                    return JSONResponse(
+                        {"detail": "cancelled: the client went away; the engine request was aborted"},
+                        status_code=499,
+                    )
+                state.cancels.unregister(job_id)
+            else:
+                result = await _infer(state, req)
             prom.WORKER_REQUESTS.labels(state.node, state.model, "ok").inc()
             prom.WORKER_PROMPT_TOKENS.labels(state.node, state.model).inc(result.prompt_tokens)
             if result.cached_tokens:
@@ -282,6 +306,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             # Serialised once by pydantic (the response model stays for the OpenAPI schema):
             # FastAPI would validate the model again and encode it through jsonable_encoder.
             return Response(result.model_dump_json(), media_type="application/json")
+        except StreamBroken as e:
+            prom.WORKER_REQUESTS.labels(state.node, state.model, "refused").inc()
+            return JSONResponse({"detail": str(e), "retryable": False}, status_code=422)
+        except JobCancelled as e:
+            prom.WORKER_REQUESTS.labels(state.node, state.model, "cancelled").inc()
+            return JSONResponse({"detail": str(e)}, status_code=499)
         except EngineError as e:
             if e.overloaded:
                 code, outcome = 503, "overloaded"
@@ -295,6 +325,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             prom.WORKER_REQUESTS.labels(state.node, state.model, "refused").inc()
             return JSONResponse({"detail": str(e), "retryable": False}, status_code=422)
         finally:
+            state.cancels.unregister(job_id)
             state.in_flight -= 1
 
     @app.get("/metrics", dependencies=[Depends(_require_key)], response_class=Response)
@@ -306,14 +337,68 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     return app
 
 
+class StreamBroken(Exception):
+    """An OpenAI-door job failed after tokens went to its client: final, never restarted."""
+
+
+class JobCancelled(Exception):
+    """The client of an OpenAI-door job went away before it started."""
+
+
+async def _openai_stream(
+    state: WorkerState, spec: JobSpec, prompt: str | list[int] | None
+) -> tuple[StreamResult, token_stream.TokenSink]:
+    """Stream an OpenAI-door job, forwarding every chunk on its token stream.
+
+    A job whose client cancelled is not started; a job whose earlier attempt already put tokens
+    on the stream is not restarted (that would duplicate them at the client); a failure after the
+    first token ends the client's stream with an error and the job as failed.
+    """
+    oa = spec.openai
+    assert oa is not None
+    cancelled, entries = await token_stream.prior(state.redis, state.keys, spec.job_id)
+    if cancelled:
+        raise JobCancelled("cancelled: the client went away before the job started")
+    if entries:
+        raise StreamBroken(
+            f"an earlier attempt already streamed {entries} entries of tokens to the client; "
+            "not restarted (the client would get tokens twice)"
+        )
+    sink = token_stream.TokenSink(state.redis, state.keys, spec.job_id, state.settings.token_stream_ttl_s)
+    messages = [m.model_dump() for m in oa.messages] if oa.messages is not None else None
+    try:
+        res = await state.engine.stream_completion(
+            prompt,
+            spec.output_tokens if oa.max_tokens_given else None,
+            exact=False,
+            extra=oa.sampling,
+            messages=messages,
+            on_chunk=sink.push,
+        )
+    except asyncio.CancelledError:
+        sink.abort()
+        raise
+    except EngineError as e:
+        if not sink.started:
+            sink.abort()
+            raise  # nothing reached the client: retried as any job
+        sink.fail(f"the engine failed after {sink.pushed} token chunks: {e}")
+        await sink.close()
+        raise StreamBroken(f"stream broken after {sink.pushed} token chunks reached the client: {e}") from e
+    return res, sink
+
+
 async def _infer(state: WorkerState, req: InferRequest) -> InferResult:
     t_received = now_ns()
     spec = req.spec
     if not state.model:
         await state.describe_engine()
     prefix_tokens = 0
-    prompt: str | list[int]
-    if spec.prompt is not None:
+    prompt: str | list[int] | None
+    sink: token_stream.TokenSink | None = None
+    if spec.openai is not None:
+        prompt = spec.prompt if spec.prompt is not None else spec.openai.prompt_token_ids
+    elif spec.prompt is not None:
         prompt = spec.prompt
     else:
         assert spec.input_tokens is not None
@@ -326,7 +411,27 @@ async def _infer(state: WorkerState, req: InferRequest) -> InferResult:
             state.kv.chains.register_prefix(prefix_key(spec), built.token_ids[:prefix_tokens])
     sampler = telemetry.JobGpuSampler(state.gpu, state.settings.telemetry_interval_s)
     async with sampler:
-        res = await state.engine.stream_completion(prompt, spec.output_tokens, exact=True)
+        if spec.openai is not None:
+            res, sink = await _openai_stream(state, spec, prompt)
+        else:
+            res = await state.engine.stream_completion(prompt, spec.output_tokens, exact=True)
+    if sink is not None:
+        if res.chunks == 0:
+            sink.abort()  # nothing reached the client: retried below like any job
+        elif res.completion_tokens is None:
+            sink.fail("the engine's stream had no usage after its tokens")
+            await sink.close()
+            raise StreamBroken("the engine's stream had no usage after its tokens")
+        else:
+            usage: dict[str, Any] = {
+                "prompt_tokens": res.prompt_tokens or 0,
+                "completion_tokens": res.completion_tokens,
+                "total_tokens": (res.prompt_tokens or 0) + res.completion_tokens,
+            }
+            if res.cached_tokens is not None:
+                usage["prompt_tokens_details"] = {"cached_tokens": res.cached_tokens}
+            sink.end(usage)
+            await sink.close()
     if res.chunks == 0 or res.completion_tokens is None:
         # No token or no usage is an answer that failed, not a result: vLLM's own benchmark
         # counts a request without output as failed. Another attempt may go better.
@@ -337,7 +442,7 @@ async def _infer(state: WorkerState, req: InferRequest) -> InferResult:
     mismatches: list[str] = []
     if spec.input_tokens is not None and res.prompt_tokens != spec.input_tokens:
         mismatches.append(f"prompt_tokens {res.prompt_tokens} != requested {spec.input_tokens}")
-    if res.completion_tokens != spec.output_tokens:
+    if res.completion_tokens != spec.output_tokens and spec.openai is None:
         mismatches.append(f"completion_tokens {res.completion_tokens} != requested {spec.output_tokens}")
     if res.completion_tokens is not None and res.chunks and res.chunks != res.completion_tokens:
         # Not an error (an engine may pack tokens into one chunk), but the ITL list is per chunk.

@@ -27,7 +27,7 @@ from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBea
 from redis.exceptions import OutOfMemoryError
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from services import procstats, prom, runtime
+from services import openai_api, procstats, prom, runtime
 from services.contracts import (
     ID_PATTERN,
     MAX_BODY_BYTES,
@@ -132,6 +132,7 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        await openai_api.aclose(app)
         await app.state.redis.aclose()
 
 
@@ -528,6 +529,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.memory = MemoryGauge(app.state.redis, settings)
 
     app.add_middleware(BodyLimit)
+    # The OpenAI-compatible door (services/openai_api.py): /v1/completions, /v1/chat/completions, /v1/models.
+    openai_api.install(app)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_request: Request, exc: RequestValidationError) -> JSONResponse:

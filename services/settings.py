@@ -135,6 +135,8 @@ class Settings(BaseSettings):
     job_timeout_s: float = Field(1800.0, gt=0)
     #: Longest a final job is kept (its hash and full result); retention may prune it sooner (below).
     result_ttl_s: int = Field(7 * 24 * 3600, ge=60)
+    #: Lifetime of a job's token stream (the OpenAI door), renewed at its first and last write.
+    token_stream_ttl_s: int = Field(300, ge=10)
     # --- retention and Redis memory (services/retention.py) ------------------
     #: Most final jobs kept in Redis; the oldest go first.
     job_retention_max: int = Field(1_000_000, ge=1)

@@ -899,6 +899,53 @@ class CompletionRequest(_ApiModel):
     add_special_tokens: bool = True
 
 
+class ChatMessageIn(_ApiModel):
+    """One message of a chat request (text content, or a list of text parts)."""
+
+    role: str
+    content: str | list[dict[str, Any]] | None = None
+
+    def text(self) -> str:
+        """The message's text (text parts joined)."""
+        if isinstance(self.content, list):
+            return "".join(str(p.get("text", "")) for p in self.content if p.get("type") == "text")
+        return self.content or ""
+
+
+class ChatCompletionRequest(_ApiModel):
+    """``POST /v1/chat/completions`` body: rendered with a plain chat template, then a completion."""
+
+    model: str | None = None
+    messages: list[ChatMessageIn] = Field(min_length=1)
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    min_tokens: int = Field(0, ge=0)
+    ignore_eos: bool = False
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    temperature: float | None = Field(None, ge=0)
+    top_p: float | None = Field(None, gt=0, le=1)
+    seed: int | None = None
+    n: int = Field(1, ge=1)
+
+    def as_completion(self) -> CompletionRequest:
+        """The completion request of the rendered conversation."""
+        prompt = "".join(f"<|{m.role}|>\n{m.text()}\n" for m in self.messages) + "<|assistant|>\n"
+        return CompletionRequest(
+            model=self.model,
+            prompt=prompt,
+            max_tokens=self.max_completion_tokens or self.max_tokens,
+            min_tokens=self.min_tokens,
+            ignore_eos=self.ignore_eos,
+            stream=self.stream,
+            stream_options=self.stream_options,
+            temperature=self.temperature,
+            top_p=self.top_p,
+            seed=self.seed,
+            n=self.n,
+        )
+
+
 class TokenizeRequest(_ApiModel):
     """``POST /tokenize`` body (the completion form)."""
 
@@ -1016,8 +1063,8 @@ class SimServer:
             "prompt_tokens_details": {"cached_tokens": seq.num_cached},
         }
 
-    async def completion(self, request: Request, req: CompletionRequest) -> Response:
-        """Serve one completion, streamed or not."""
+    async def completion(self, request: Request, req: CompletionRequest, chat: bool = False) -> Response:
+        """Serve one completion (or, with ``chat``, one chat completion), streamed or not."""
         self.check_model(req.model)
         ids = self.prompt_ids(req)
         max_tokens = self.limits(req, len(ids))
@@ -1034,14 +1081,18 @@ class SimServer:
         seq.on_update = event.set
         self.engine.submit(seq)
         head = {
-            "id": f"cmpl-{uuid.uuid4().hex}",
-            "object": "text_completion",
+            "id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}",
+            "object": "chat.completion.chunk" if chat and req.stream else "text_completion",
             "created": int(time.time()),
             "model": self.model,
         }
+        if chat and not req.stream:
+            head["object"] = "chat.completion"
         if req.stream:
             opts = req.stream_options or StreamOptions(include_usage=False)
-            return StreamingResponse(self._stream(seq, event, head, opts), media_type="text/event-stream")
+            return StreamingResponse(
+                self._stream(seq, event, head, opts, chat), media_type="text/event-stream"
+            )
         waiter = asyncio.ensure_future(event_wait_finished(seq, event))
         listener = asyncio.ensure_future(_listen_for_disconnect(request))
         try:
@@ -1053,7 +1104,7 @@ class SimServer:
         if seq.finish_reason == "abort":
             raise ApiError(ABORTED_MESSAGE, 503, "ServiceUnavailableError")
         text = "".join(self.tokenizer.piece(t) for t in seq.output)
-        choice = {
+        choice: dict[str, Any] = {
             "index": 0,
             "text": text,
             "logprobs": None,
@@ -1061,14 +1112,25 @@ class SimServer:
             "stop_reason": None,
             "prompt_logprobs": None,
         }
+        if chat:
+            del choice["text"], choice["prompt_logprobs"]
+            choice["message"] = {"role": "assistant", "content": text}
         body = {**head, "choices": [choice], "usage": self.usage(seq), "system_fingerprint": None}
         return JSONResponse(body)
 
     async def _stream(
-        self, seq: Sequence, event: asyncio.Event, head: dict[str, Any], opts: StreamOptions
+        self,
+        seq: Sequence,
+        event: asyncio.Event,
+        head: dict[str, Any],
+        opts: StreamOptions,
+        chat: bool = False,
     ) -> AsyncIterator[str]:
         sent = 0
         try:
+            if chat:  # vLLM opens a chat stream with the role, before any token
+                role = {"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}
+                yield f"data: {json.dumps({**head, 'choices': [role], 'usage': None})}\n\n"
             while True:
                 await event.wait()
                 event.clear()
@@ -1076,13 +1138,17 @@ class SimServer:
                 out = seq.output
                 while sent < len(out):
                     last = done and sent == len(out) - 1
-                    choice = {
+                    piece = self.tokenizer.piece(out[sent])
+                    choice: dict[str, Any] = {
                         "index": 0,
-                        "text": self.tokenizer.piece(out[sent]),
+                        "text": piece,
                         "logprobs": None,
                         "finish_reason": seq.finish_reason if last else None,
                         "stop_reason": None,
                     }
+                    if chat:
+                        del choice["text"]
+                        choice["delta"] = {"content": piece}
                     sent += 1
                     chunk: dict[str, Any] = {**head, "choices": [choice], "usage": None}
                     if opts.continuous_usage_stats:
@@ -1240,6 +1306,15 @@ def create_app(
                 "simulated engine failure (fault-injection marker in the prompt)", 500, "InternalServerError"
             )
         return await srv.completion(request, req)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request, req: ChatCompletionRequest) -> Response:
+        """OpenAI chat completions (a plain chat template), streamed (SSE) or not."""
+        if any(FAIL_MARKER in m.text() for m in req.messages):
+            return error_response(
+                "simulated engine failure (fault-injection marker in the prompt)", 500, "InternalServerError"
+            )
+        return await srv.completion(request, req.as_completion(), chat=True)
 
     @app.get("/metrics")
     async def metrics() -> Response:

@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
+import openai
 import pytest
 import redis
 
@@ -149,6 +150,64 @@ def test_the_worker_mirrors_the_real_engines_kv_events(cpu: SupervisedStack) -> 
         assert 0 < r.ttl(held) <= int(s.node_ttl_s)
     finally:
         r.close()
+
+
+def _metric(st: SupervisedStack, name: str) -> float:
+    text = httpx.get(f"{st.settings.engine_url}/metrics", timeout=10).text
+    return metric_sum(parse_prometheus(text), name) or 0.0
+
+
+def test_openai_door_on_the_real_engine(cpu: SupervisedStack) -> None:
+    """The OpenAI door in front of vLLM itself: chat (the model's own template) streamed with
+    usage, a completion not streamed, and a client leaving mid-stream aborts vLLM's request."""
+    client = openai.OpenAI(
+        base_url=f"{cpu.settings.ingestion_url}/v1", api_key=cpu.headers["Authorization"][7:], max_retries=0
+    )
+    # The node's heartbeat names its model from its first beat after the engine was ready.
+    wait_until(lambda: bool(client.models.list().data), 30, "a model in /v1/models")
+    assert [m.id for m in client.models.list()] == [DEFAULT_CPU_MODEL_NAME]
+    stream = client.chat.completions.create(
+        model=DEFAULT_CPU_MODEL_NAME,
+        messages=[{"role": "user", "content": "Say hello."}],
+        max_tokens=8,
+        stream=True,
+        stream_options={"include_usage": True},
+        extra_body={"ignore_eos": True, "min_tokens": 8},
+    )
+    deltas, usage = 0, None
+    for chunk in stream:
+        if chunk.choices and chunk.choices[0].delta.content is not None:
+            deltas += 1
+        usage = chunk.usage or usage
+    assert usage is not None and usage.completion_tokens == 8 and deltas >= 1
+    done = client.completions.create(
+        model=DEFAULT_CPU_MODEL_NAME, prompt="The sea is", max_tokens=5, extra_body={"ignore_eos": True}
+    )
+    assert done.usage is not None and done.usage.completion_tokens == 5
+    body = {
+        "model": DEFAULT_CPU_MODEL_NAME,
+        "prompt": "Once",
+        "max_tokens": 1500,
+        "ignore_eos": True,
+        "stream": True,
+    }
+    generated = _metric(cpu, VllmMetric.GENERATION_TOKENS)
+    with httpx.Client(timeout=120) as c:
+        with c.stream(
+            "POST", f"{cpu.settings.ingestion_url}/v1/completions", json=body, headers=cpu.headers
+        ) as resp:
+            assert resp.status_code == 200
+            job_id = resp.headers["x-job-id"]
+            lines = resp.iter_lines()
+            while not next(lines).startswith("data: {"):
+                pass
+        job = cpu.wait_jobs(c, [job_id])[0]
+    assert job["state"] == "failed" and "cancel" in str(job["error"]), job
+
+    wait_until(lambda: _metric(cpu, VllmMetric.RUNNING) == 0, 60, "vLLM's running count back to 0")
+    # aborted, not run to its end: vLLM generated far fewer than the 1500 tokens asked
+    assert _metric(cpu, VllmMetric.GENERATION_TOKENS) - generated < 1500
+    client.close()
 
 
 def test_stop_leaves_no_engine_process(cpu: SupervisedStack) -> None:
