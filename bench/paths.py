@@ -121,7 +121,10 @@ class DirectPath:
         rec.requested_output_tokens = item.output_tokens
         try:
             async with asyncio.timeout(max(deadline_s - clock.now(), 0.0)):
-                res = await self.streamer.stream_completion(prompt, item.output_tokens, exact=True)
+                # Like vLLM's benchmark client: a timestamp per token chunk, the text not kept.
+                res = await self.streamer.stream_completion(
+                    prompt, item.output_tokens, exact=True, text_chars=0
+                )
                 rec.job_id = res.job_id
         except EngineError as e:
             rec.error = str(e)[:500]

@@ -28,6 +28,7 @@ from fastapi.responses import JSONResponse, Response
 
 from services import procstats, prom, runtime, telemetry, token_stream
 from services.contracts import (
+    RESULT_TEXT_HEAD_MAX,
     InferRequest,
     InferResult,
     JobSpec,
@@ -414,7 +415,10 @@ async def _infer(state: WorkerState, req: InferRequest) -> InferResult:
         if spec.openai is not None:
             res, sink = await _openai_stream(state, spec, prompt)
         else:
-            res = await state.engine.stream_completion(prompt, spec.output_tokens, exact=True)
+            # Only the stored preview of the text is kept: the other token chunks are just timed.
+            res = await state.engine.stream_completion(
+                prompt, spec.output_tokens, exact=True, text_chars=RESULT_TEXT_HEAD_MAX
+            )
     if sink is not None:
         if res.chunks == 0:
             sink.abort()  # nothing reached the client: retried below like any job

@@ -94,26 +94,36 @@ def engine() -> Iterator[ScriptedEngine]:
     e.server.server_close()
 
 
-async def _stream(engine: ScriptedEngine, script: list[Step], on_first_token: Any = None) -> Any:
+async def _stream(
+    engine: ScriptedEngine, script: list[Step], on_first_token: Any = None, text_chars: int | None = None
+) -> Any:
     engine.script, engine.held, engine.sent_ns = script, [], []
     client = EngineClient(engine.url, timeout_s=10)
     try:
-        return await client.stream_completion([1, 2, 3], 4, on_first_token=on_first_token)
+        return await client.stream_completion(
+            [1, 2, 3], 4, on_first_token=on_first_token, text_chars=text_chars
+        )
     finally:
         await client.aclose()
 
 
-async def test_empty_text_chunks_are_tokens(engine: ScriptedEngine) -> None:
+#: Whole parse of every chunk (None), and the lazy path that keeps no text (0) or a little (1).
+TEXT_KEPT = pytest.mark.parametrize("text_chars", [None, 0, 1])
+
+
+@TEXT_KEPT
+async def test_empty_text_chunks_are_tokens(engine: ScriptedEngine, text_chars: int | None) -> None:
     # vLLM sends a chunk for a token whose text is empty (a special token under ignore_eos, half a
     # UTF-8 character); its benchmark counts it for TTFT and ITL, and so does this client.
     # The stream holds after the empty token until the client has taken its first token: the
     # order of events, not a duration, shows which chunk started the clock.
     first = threading.Event()
     script: list[Step] = [_tok(""), first, _tok("a"), _tok(""), _tok("b", "length"), USAGE, DONE]
-    res = await _stream(engine, script, on_first_token=first.set)
+    res = await _stream(engine, script, on_first_token=first.set, text_chars=text_chars)
     assert engine.held == [True], "the first token was not taken at the empty chunk"
     assert res.t_first_token < engine.sent_ns[1]  # before "a" was even sent
-    assert res.chunks == 4 and len(res.itl_s) == 3 and res.text == "ab"
+    assert res.chunks == 4 and len(res.itl_s) == 3
+    assert res.text == "ab"[:text_chars]
     assert (res.prompt_tokens, res.completion_tokens, res.finish_reason) == (7, 4, "length")
 
 
@@ -124,10 +134,13 @@ async def test_a_stream_cut_before_done_is_a_retryable_error(engine: ScriptedEng
     assert err.value.retryable and not err.value.overloaded
 
 
+@TEXT_KEPT
 @pytest.mark.parametrize("event", ["data: {trunc", "data: null", "data: [1, 2]"])
-async def test_malformed_events_are_retryable_engine_errors(engine: ScriptedEngine, event: str) -> None:
+async def test_malformed_events_are_retryable_engine_errors(
+    engine: ScriptedEngine, event: str, text_chars: int | None
+) -> None:
     with pytest.raises(EngineError) as err:
-        await _stream(engine, [_tok("a"), event, DONE])
+        await _stream(engine, [_tok("a"), event, DONE], text_chars=text_chars)
     assert "engine sent a" in str(err.value) and err.value.retryable
 
 
@@ -139,11 +152,19 @@ async def test_malformed_events_are_retryable_engine_errors(engine: ScriptedEngi
         ({"error": {"message": "boom"}}, 500, False, True),
     ],
 )
+@TEXT_KEPT
 async def test_error_events_keep_their_status(
-    engine: ScriptedEngine, error: dict[str, Any], status: int, overloaded: bool, retryable: bool
+    engine: ScriptedEngine,
+    error: dict[str, Any],
+    status: int,
+    overloaded: bool,
+    retryable: bool,
+    text_chars: int | None,
 ) -> None:
     with pytest.raises(EngineError) as err:
-        await _stream(engine, [_tok("a"), "data: " + json.dumps(error), DONE])
+        await _stream(
+            engine, [_tok("a"), _tok("b"), "data: " + json.dumps(error), DONE], text_chars=text_chars
+        )
     assert err.value.status == status
     assert (err.value.overloaded, err.value.retryable) == (overloaded, retryable)
 
@@ -185,3 +206,26 @@ async def test_the_worker_refuses_an_answer_without_tokens_or_usage(
     await app.state.worker.engine.aclose()
     assert resp.status_code == 502, resp.text
     assert why in resp.json()["detail"] and resp.json()["retryable"] is True
+
+
+def test_plain_token_chunks_are_recognised_by_bytes_alone() -> None:
+    """The lazy path skips a chunk's parse only when it is a token chunk with nothing else in it;
+    text that spells the key patterns is escaped JSON and never matches."""
+    from services.engine_client import _plain_token_chunk
+
+    def chunk(text: str, finish: str | None = None, usage: dict[str, int] | None = None) -> bytes:
+        body = {"choices": [{"index": 0, "text": text, "finish_reason": finish}], "usage": usage}
+        return json.dumps(body).encode()
+
+    assert _plain_token_chunk(chunk("hello"))
+    assert _plain_token_chunk(
+        json.dumps({"choices": [{"text": "x", "finish_reason": None}]}, separators=(",", ":")).encode()
+    )
+    assert not _plain_token_chunk(chunk("end", finish="length"))
+    assert not _plain_token_chunk(chunk("", usage={"prompt_tokens": 3, "completion_tokens": 2}))
+    assert not _plain_token_chunk(json.dumps({"error": {"message": "boom", "code": 500}}).encode())
+    assert not _plain_token_chunk(json.dumps({"choices": [], "usage": {"completion_tokens": 2}}).encode())
+    # Generated text that spells the patterns is escaped inside its JSON string.
+    sneaky = chunk('"finish_reason": "stop", "usage": {"x": 1}, "error"', finish="stop")
+    assert not _plain_token_chunk(sneaky)
+    assert _plain_token_chunk(chunk('"error" "usage": {'))
