@@ -14,9 +14,11 @@ length, it measures the CPU time of *this* process (``time.process_time``: all i
 threads, not the simulator's) per job, median over ``--reps`` repetitions, of:
 
 ``engine stream``
-    :meth:`services.engine_client.EngineClient.stream_completion`, the inference worker's
-    streaming client: the per-chunk loop (a timestamp and a JSON parse per token chunk), on
-    uvloop as the worker runs under uvicorn.
+    :meth:`services.engine_client.EngineClient.stream_completion` as the inference worker calls
+    it (``text_chars`` = the stored preview): after the preview, a timestamp and a byte test per
+    token chunk; on uvloop as the worker runs under uvicorn.
+``engine stream, every chunk parsed``
+    the same with ``text_chars=None``: a timestamp and a JSON parse per token chunk.
 ``bench direct``
     :meth:`bench.paths.DirectPath.send`, the bench client's direct path: the same stream, then
     the :class:`~bench.records.RequestRecord` it fills, on asyncio's loop as the bench runs.
@@ -70,6 +72,7 @@ from bench.paths import DirectPath, StepClock  # noqa: E402
 from bench.records import RequestRecord  # noqa: E402
 from bench.workload import WorkItem  # noqa: E402
 from services.contracts import (  # noqa: E402
+    RESULT_TEXT_HEAD_MAX,
     GpuJobStats,
     GpuSample,
     InferResult,
@@ -85,6 +88,7 @@ PROMPT = "measure what the pipeline spends on every streamed token"
 #: The stages, in the order they are printed.
 STAGES = (
     "engine stream",
+    "engine stream, every chunk parsed",
     "bench direct",
     "gpu sampler",
     "worker result json",
@@ -283,23 +287,27 @@ async def worker_stages(
     engine = EngineClient(base_url, timeout_s=120)
     try:
         for n in sizes:
-            # Warm-up: the connection, the model id, first-call paths.
-            for _ in range(2):
-                await engine.stream_completion(PROMPT, n, exact=True)
-            say(f"{n} tokens: engine stream")
-            runs: list[float] = []
-            for _ in range(reps):
-                res_box: list[Any] = []
+            for stage, keep in (
+                ("engine stream", RESULT_TEXT_HEAD_MAX),
+                ("engine stream, every chunk parsed", None),
+            ):
+                # Warm-up: the connection, the model id, first-call paths.
+                for _ in range(2):
+                    await engine.stream_completion(PROMPT, n, exact=True, text_chars=keep)
+                say(f"{n} tokens: {stage}")
+                runs: list[float] = []
+                for _ in range(reps):
+                    res_box: list[Any] = []
 
-                async def one() -> None:
-                    res_box.append(await engine.stream_completion(PROMPT, n, exact=True))  # noqa: B023
+                    async def one() -> None:
+                        res_box.append(await engine.stream_completion(PROMPT, n, exact=True, text_chars=keep))  # noqa: B023
 
-                runs.append(await cpu_of(one))
-                if res_box[0].completion_tokens != n or res_box[0].chunks != n:
-                    raise RuntimeError(
-                        f"asked {n} tokens, got {res_box[0].completion_tokens} in {res_box[0].chunks} chunks"
-                    )
-            cpu["engine stream"][n] = statistics.median(runs)
+                    runs.append(await cpu_of(one))
+                    if res_box[0].completion_tokens != n or res_box[0].chunks != n:
+                        raise RuntimeError(
+                            f"asked {n} tokens, got {res_box[0].completion_tokens} in {res_box[0].chunks} chunks"
+                        )
+                cpu[stage][n] = statistics.median(runs)
 
             say(f"{n} tokens: gpu sampler")
             frames = round(n * itl_ms / 1000 / interval_s)
