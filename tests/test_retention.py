@@ -213,6 +213,21 @@ async def test_every_key_family_is_bounded(make_stack: Callable[..., Stack], tmp
     async with httpx.AsyncClient(timeout=30) as c:  # an idempotent submit (its key has a TTL)
         await c.post(f"{s.ingestion_url}/v1/jobs", json={"input_tokens": 8, "output_tokens": 2},
                headers={**st.headers, "Idempotency-Key": "retention-test"})  # fmt: skip
+        # The OpenAI door: a streamed completion (its token stream), and one whose client leaves
+        # after its first chunk (its cancel marker).
+        door = {"model": "llmconsole-sim", "prompt": "tell", "max_tokens": 4, "stream": True}
+        async with c.stream(
+            "POST", f"{s.ingestion_url}/v1/completions", json=door, headers=st.headers
+        ) as resp:
+            assert resp.status_code == 200
+            _ = [line async for line in resp.aiter_lines()]
+        long = {**door, "max_tokens": 1500, "ignore_eos": True}
+        async with c.stream(
+            "POST", f"{s.ingestion_url}/v1/completions", json=long, headers=st.headers
+        ) as resp:
+            lines = resp.aiter_lines()
+            while not (await anext(lines)).startswith("data: {"):
+                pass
     r = redis.Redis(port=st.redis.port, password=st.redis.password, decode_responses=True)
     try:
         wait_until(lambda: r.get(keys.active) == "0", 30, "every job final")
@@ -268,6 +283,10 @@ async def test_every_key_family_is_bounded(make_stack: Callable[..., Stack], tmp
             ),
             "routing_prefixes": lambda: ttl_bounded("routing_prefixes"),
             "node_kv_prefixes": lambda: ttl_bounded("node_kv_prefixes"),  # refreshed by the node's worker
+            # the OpenAI door: a job's token stream and its cancel marker live minutes at most
+            "token_stream": lambda: ttl_bounded("token_stream", int(s.job_timeout_s) + s.token_stream_ttl_s),
+            "cancelled": lambda: ttl_bounded("cancelled", int(s.job_timeout_s) + s.token_stream_ttl_s),
+            "cancels": lambda: at_most("cancels", lambda k: 1, 0),  # a channel, never a key
         }
         undeclared = sorted(set(families) - set(checks))
         assert not undeclared, f"key families without a declared bound: {undeclared} (add them here)"
@@ -279,6 +298,7 @@ async def test_every_key_family_is_bounded(make_stack: Callable[..., Stack], tmp
             if JobState(h["state"]).terminal:
                 assert r.zscore(keys.finished, h["job_id"]) is not None, key
         assert len(found["job"]) >= 30 and found["finished"] and found["run"] and found["idempotency"]
+        assert found["token_stream"] and found["cancelled"]
     finally:
         r.close()
 
