@@ -153,6 +153,21 @@ class DirectPath:
         )
 
 
+def fill_stages(view: JobView, rec: RequestRecord, clock: StepClock) -> None:
+    """A job's attempt, state, stages, node and server-side times into ``rec`` (both pipeline APIs)."""
+    ts = view.timestamps
+    rec.attempt = view.attempt
+    rec.state = view.state.value
+    rec.stages_s = dict(view.stages_s)
+    rec.server_e2e_s = end_to_end_s(ts)
+    rec.engine_time_s = engine_time_s(ts)
+    rec.node, rec.policy = view.node, view.policy
+    rec.node_start_s = clock.wall_offset(ts.get("t_dispatched"))
+    rec.node_end_s = clock.wall_offset(ts.get("t_result_received"))
+    if rec.server_e2e_s is not None and rec.latency_s is not None:
+        rec.client_s = rec.latency_s - rec.server_e2e_s
+
+
 class OpenAIPipelinePath(DirectPath):
     """The pipeline through ingestion's OpenAI door (``--pipeline-api openai``).
 
@@ -192,16 +207,7 @@ class OpenAIPipelinePath(DirectPath):
             if resp.status_code != 200:
                 return
             view = JobView.model_validate_json(resp.content)
-            ts = view.timestamps
-            rec.attempt, rec.state = view.attempt, view.state.value
-            rec.stages_s = dict(view.stages_s)
-            rec.server_e2e_s = end_to_end_s(ts)
-            rec.engine_time_s = engine_time_s(ts)
-            rec.node, rec.policy = view.node, view.policy
-            rec.node_start_s = clock.wall_offset(ts.get("t_dispatched"))
-            rec.node_end_s = clock.wall_offset(ts.get("t_result_received"))
-            if rec.server_e2e_s is not None and rec.latency_s is not None:
-                rec.client_s = rec.latency_s - rec.server_e2e_s
+            fill_stages(view, rec, clock)
             if view.result is not None:
                 rec.engine, rec.model = view.result.engine, view.result.model
 
@@ -497,17 +503,7 @@ class PipelinePath:
             return None
 
     def _fill(self, view: JobView, rec: RequestRecord, clock: StepClock) -> None:
-        ts = view.timestamps
-        rec.attempt = view.attempt
-        rec.state = view.state.value
-        rec.stages_s = dict(view.stages_s)
-        rec.server_e2e_s = end_to_end_s(ts)
-        rec.engine_time_s = engine_time_s(ts)
-        rec.node, rec.policy = view.node, view.policy
-        rec.node_start_s = clock.wall_offset(ts.get("t_dispatched"))
-        rec.node_end_s = clock.wall_offset(ts.get("t_result_received"))
-        if rec.server_e2e_s is not None and rec.latency_s is not None:
-            rec.client_s = rec.latency_s - rec.server_e2e_s
+        fill_stages(view, rec, clock)
         res = view.result
         if view.state != JobState.SUCCEEDED or res is None:
             rec.error = view.error or f"job ended {view.state.value}"

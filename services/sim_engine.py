@@ -882,12 +882,10 @@ class StreamOptions(_ApiModel):
     continuous_usage_stats: bool | None = False
 
 
-class CompletionRequest(_ApiModel):
-    """``POST /v1/completions`` body (sampling fields beyond these are accepted and ignored)."""
+class _SamplingRequest(_ApiModel):
+    """The fields completions and chat completions share (others are accepted and ignored)."""
 
     model: str | None = None
-    prompt: str | list[StrictInt] | list[str] | list[list[StrictInt]]
-    max_tokens: int | None = Field(16, ge=1)
     min_tokens: int = Field(0, ge=0)
     ignore_eos: bool = False
     stream: bool = False
@@ -896,6 +894,13 @@ class CompletionRequest(_ApiModel):
     top_p: float | None = Field(None, gt=0, le=1)
     seed: int | None = None
     n: int = Field(1, ge=1)
+
+
+class CompletionRequest(_SamplingRequest):
+    """``POST /v1/completions`` body (sampling fields beyond these are accepted and ignored)."""
+
+    prompt: str | list[StrictInt] | list[str] | list[list[StrictInt]]
+    max_tokens: int | None = Field(16, ge=1)
     add_special_tokens: bool = True
 
 
@@ -912,21 +917,12 @@ class ChatMessageIn(_ApiModel):
         return self.content or ""
 
 
-class ChatCompletionRequest(_ApiModel):
+class ChatCompletionRequest(_SamplingRequest):
     """``POST /v1/chat/completions`` body: rendered with a plain chat template, then a completion."""
 
-    model: str | None = None
     messages: list[ChatMessageIn] = Field(min_length=1)
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
-    min_tokens: int = Field(0, ge=0)
-    ignore_eos: bool = False
-    stream: bool = False
-    stream_options: StreamOptions | None = None
-    temperature: float | None = Field(None, ge=0)
-    top_p: float | None = Field(None, gt=0, le=1)
-    seed: int | None = None
-    n: int = Field(1, ge=1)
 
     def as_completion(self) -> CompletionRequest:
         """The completion request of the rendered conversation."""
