@@ -80,6 +80,7 @@ from services.contracts import (  # noqa: E402
     encode_result,
     now_ns,
 )
+from services import runtime  # noqa: E402
 from services.engine_client import EngineClient  # noqa: E402
 from services.telemetry import FakeGpu, FakeGpuBackend, JobGpuSampler  # noqa: E402
 
@@ -259,10 +260,9 @@ def fit_line(xs: list[int], ys: list[float]) -> tuple[float, float]:
 def run_on(loop: str, coro: Coroutine[Any, Any, None]) -> None:
     """Run ``coro`` on ``"uvloop"`` (the services' loop under uvicorn, where installed) or ``"asyncio"``."""
     if loop == "uvloop":
-        try:
-            import uvloop
-        except ImportError:  # pragma: no cover - uvloop ships with uvicorn[standard] on Linux
-            asyncio.run(coro)
+        runtime.run(coro)  # the services' own runner
+    else:
+        asyncio.run(coro)
             return
         with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
             runner.run(coro)
