@@ -71,6 +71,7 @@ import httpx  # noqa: E402
 from bench.paths import DirectPath, StepClock  # noqa: E402
 from bench.records import RequestRecord  # noqa: E402
 from bench.workload import WorkItem  # noqa: E402
+from services import runtime  # noqa: E402
 from services.contracts import (  # noqa: E402
     RESULT_TEXT_HEAD_MAX,
     GpuJobStats,
@@ -80,7 +81,6 @@ from services.contracts import (  # noqa: E402
     encode_result,
     now_ns,
 )
-from services import runtime  # noqa: E402
 from services.engine_client import EngineClient  # noqa: E402
 from services.telemetry import FakeGpu, FakeGpuBackend, JobGpuSampler  # noqa: E402
 
@@ -263,11 +263,6 @@ def run_on(loop: str, coro: Coroutine[Any, Any, None]) -> None:
         runtime.run(coro)  # the services' own runner
     else:
         asyncio.run(coro)
-            return
-        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-            runner.run(coro)
-        return
-    asyncio.run(coro)
 
 
 async def worker_stages(
