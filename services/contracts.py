@@ -15,7 +15,7 @@ import time
 import uuid
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -153,7 +153,8 @@ def end_to_end_s(ts: dict[str, int | None]) -> float | None:
 
 #: The routing policies (``ROUTING`` setting, ``JobRequest.routing``).
 RoutingPolicy = Literal["round_robin", "least_loaded", "prefix_affinity", "kv_events"]
-ROUTING_POLICIES: tuple[str, ...] = ("round_robin", "least_loaded", "prefix_affinity", "kv_events")
+#: The same names as a tuple (for choices and loops), derived so that the two cannot drift.
+ROUTING_POLICIES: tuple[str, ...] = get_args(RoutingPolicy)
 
 
 class JobRequest(BaseModel):
