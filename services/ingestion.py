@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
-import hmac
 import json
 import logging
 import re
@@ -24,10 +23,10 @@ from fastapi import Depends, FastAPI, Header, HTTPException, Path, Query, Reques
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
-from redis.exceptions import OutOfMemoryError
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from services import openai_api, procstats, prom, runtime
+from services.admission import REDIS_DOWN_DETAIL, Refusal, enqueue, key_ok, live_nodes
 from services.contracts import (
     ID_PATTERN,
     MAX_BODY_BYTES,
@@ -145,12 +144,13 @@ async def _require_key(
     bearer: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
     x_api_key: Annotated[str | None, Depends(_x_api_key)],
 ) -> None:
-    """Check the API key in constant time (skipped when none is configured)."""
-    key = request.app.state.settings.api_key.get_secret_value()
-    if not key:
-        return
-    given = bearer.credentials if bearer else (x_api_key or "")
-    if not hmac.compare_digest(given.encode(), key.encode()):
+    """Check the API key in constant time (skipped when none is configured).
+
+    ``bearer`` and ``x_api_key`` declare the two schemes in the OpenAPI schema; the check itself
+    is :func:`services.admission.key_ok`, shared with the submit fast path and the OpenAI door.
+    """
+    del bearer
+    if not key_ok(request.app.state.settings, request.headers.get("authorization"), x_api_key):
         raise HTTPException(
             401,
             "missing or wrong API key: send 'Authorization: Bearer <API_KEY>' (the key is in var/llmconsole.env)",
@@ -280,12 +280,12 @@ async def _fast_submit(scope: Scope, receive: Receive, send: Send) -> Receive | 
             ctype = value
         elif name == b"idempotency-key" and idem is None:
             idem = value
-    key = app.state.settings.api_key.get_secret_value()
-    if key:
-        scheme, _, cred = (auth or b"").partition(b" ")
-        given = cred if auth is not None and scheme.lower() == b"bearer" else (api_key or b"")
-        if not hmac.compare_digest(given, key.encode()):
-            return replay
+    if not key_ok(
+        app.state.settings,
+        auth.decode("latin-1") if auth is not None else None,
+        api_key.decode("latin-1") if api_key is not None else None,
+    ):
+        return replay
     if ctype is None or ctype.partition(b";")[0].strip().lower() != b"application/json":
         return replay
     idempotency_key: str | None = None
@@ -388,36 +388,7 @@ async def _run_events(app: FastAPI, run_id: str, start: str) -> AsyncIterator[by
 
 
 def _redis_down() -> JSONResponse:
-    return JSONResponse(
-        {"detail": "Redis is unavailable; the job was not accepted. Retry shortly."},
-        status_code=503,
-        headers={"Retry-After": "1"},
-    )
-
-
-#: How long the engines' context length is reused before it is read from Redis again.
-_CONTEXT_LIMIT_TTL_S = 2.0
-
-
-async def _context_limit(app: FastAPI) -> int:
-    """The smallest context length of the live engines (else the configured one).
-
-    Read from the node heartbeats at most every couple of seconds, not on every submit:
-    it changes only when an engine restarts with other settings.
-    """
-    now = asyncio.get_running_loop().time()
-    cached: tuple[float, int] | None = app.state.context_limit
-    if cached is not None and now < cached[0]:
-        return cached[1]
-    s: Settings = app.state.settings
-    keys: Keys = app.state.keys
-    r = app.state.redis
-    nodes = list(await r.smembers(keys.nodes))
-    values = await asyncio.gather(*(r.hget(keys.node(n), "max_model_len") for n in nodes))
-    limits = [int(v) for v in values if v and v.isdigit()]
-    limit = min(limits) if limits else s.max_model_len
-    app.state.context_limit = (now + _CONTEXT_LIMIT_TTL_S, limit)
-    return limit
+    return JSONResponse({"detail": REDIS_DOWN_DETAIL}, status_code=503, headers={"Retry-After": "1"})
 
 
 async def _accept(
@@ -429,75 +400,59 @@ async def _accept(
     responses (never raised), so both callers answer them the same way.
     """
     s: Settings = app.state.settings
-    full = app.state.memory.refusal()
-    if full is not None:
-        # Redis near its maxmemory: refuse before it would refuse the results of accepted jobs.
-        prom.JOBS_REFUSED.labels("redis_full").inc()
-        return JSONResponse({"detail": full}, status_code=503, headers={"Retry-After": "2"})
     input_tokens = None if job.prompt is not None else (job.input_tokens or s.input_tokens)
     output_tokens = job.output_tokens or s.output_tokens
     try:
-        limit = await _context_limit(app)
-        if input_tokens is not None and input_tokens + output_tokens > limit:
-            return _unprocessable(
-                f"input_tokens + output_tokens = {input_tokens + output_tokens} exceeds the engine's "
-                f"context length {limit}; lower one of them"
-            )
-        if input_tokens is None and output_tokens >= limit:
-            # A literal prompt is at least one token; its real length is known only to the
-            # engine's tokenizer, which refuses what does not fit (the job then fails, kept).
-            return _unprocessable(
-                f"output_tokens = {output_tokens} leaves no room for the prompt in the engine's "
-                f"context length {limit}; lower output_tokens"
-            )
-        job_id = new_id("j")
-        spec = JobSpec(
-            job_id=job_id,
-            input_tokens=input_tokens,
-            output_tokens=output_tokens,
-            prefix_share=s.prefix_share if job.prefix_share is None else job.prefix_share,
-            prompt=job.prompt,
-            run_id=job.run_id,
-            label=job.label,
-            seed=job.seed if job.seed is not None else int.from_bytes(job_id.encode()[-8:], "big"),
-            prefix_group=job.prefix_group,
-            routing=job.routing,
+        _models, limit = await live_nodes(app)
+    except REDIS_DOWN:
+        prom.JOBS_REFUSED.labels("redis_down").inc()
+        return _redis_down()
+    if input_tokens is not None and input_tokens + output_tokens > limit:
+        return _unprocessable(
+            f"input_tokens + output_tokens = {input_tokens + output_tokens} exceeds the engine's "
+            f"context length {limit}; lower one of them"
         )
-        out = await app.state.queue.submit(
+    if input_tokens is None and output_tokens >= limit:
+        # A literal prompt is at least one token; its real length is known only to the
+        # engine's tokenizer, which refuses what does not fit (the job then fails, kept).
+        return _unprocessable(
+            f"output_tokens = {output_tokens} leaves no room for the prompt in the engine's "
+            f"context length {limit}; lower output_tokens"
+        )
+    job_id = new_id("j")
+    spec = JobSpec(
+        job_id=job_id,
+        input_tokens=input_tokens,
+        output_tokens=output_tokens,
+        prefix_share=s.prefix_share if job.prefix_share is None else job.prefix_share,
+        prompt=job.prompt,
+        run_id=job.run_id,
+        label=job.label,
+        seed=job.seed if job.seed is not None else int.from_bytes(job_id.encode()[-8:], "big"),
+        prefix_group=job.prefix_group,
+        routing=job.routing,
+    )
+    try:
+        out = await enqueue(
+            app,
             spec,
             t_received,
-            max_active=s.max_active_jobs,
             idempotency_key=idempotency_key,
-            idempotency_ttl_s=s.idempotency_ttl_s,
             # Only a keyed submit needs the request's fingerprint (a hash per submit otherwise).
             fingerprint=hashlib.sha256(job.model_dump_json().encode()).hexdigest()[:32]
             if idempotency_key
             else "",
         )
-    except REDIS_DOWN:
-        prom.JOBS_REFUSED.labels("redis_down").inc()
-        return _redis_down()
-    except OutOfMemoryError:
-        # Redis reached maxmemory before the 200 ms gauge saw it: the script wrote nothing.
-        prom.JOBS_REFUSED.labels("redis_full").inc()
-        detail = app.state.memory.refusal(redis_refused=True)
-        return JSONResponse({"detail": detail}, status_code=503, headers={"Retry-After": "2"})
-    if out.status == "busy":
-        prom.JOBS_REFUSED.labels("busy").inc()
-        return JSONResponse(
-            {"detail": f"too many active jobs ({out.active} ≥ {s.max_active_jobs}); retry later"},
-            status_code=429,
-            headers={"Retry-After": "1"},
-        )
+    except Refusal as r:
+        return JSONResponse({"detail": r.detail}, status_code=r.status, headers=r.headers)
     if out.status == "conflict":
         return _unprocessable(
             f"Idempotency-Key {idempotency_key!r} was already used for job {out.job_id} with a "
             "different request: send the same body to get that job, or use a new key"
         )
-    if out.status == "dup":
-        return JobAccepted(job_id=out.job_id, state=JobState.QUEUED, run_id=job.run_id, duplicate=True)
-    prom.JOBS.labels("submitted").inc()
-    return JobAccepted(job_id=out.job_id, state=JobState.QUEUED, run_id=job.run_id)
+    return JobAccepted(
+        job_id=out.job_id, state=JobState.QUEUED, run_id=job.run_id, duplicate=out.status == "dup"
+    )
 
 
 def _unprocessable(detail: str) -> JSONResponse:
@@ -524,7 +479,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.queue = JobQueue(app.state.redis, app.state.keys)
     app.state.waiters = Waiters()
     app.state.result_streams = 0
-    app.state.context_limit = None
     #: Redis's used/max memory, read every 200 ms in the background (not per submit).
     app.state.memory = MemoryGauge(app.state.redis, settings)
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
 import json
 import logging
 import time
@@ -30,9 +29,9 @@ import redis.asyncio as aioredis
 from fastapi import APIRouter, FastAPI, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
-from redis.exceptions import OutOfMemoryError
 
 from services import prom, token_stream
+from services.admission import Refusal, enqueue, key_ok, live_nodes
 from services.contracts import (
     CHUNK_ERROR,
     CHUNK_FINISH,
@@ -49,7 +48,6 @@ from services.contracts import (
     JobSpec,
     JobState,
     Keys,
-    NodeHeartbeat,
     OpenAIJob,
     new_id,
     now_ns,
@@ -70,8 +68,6 @@ _BLOCK_MS = 1000
 #: Longest a finished token stream's job may take to show its final state (non-streamed answers).
 _FINAL_WAIT_S = 30.0
 _TERMINAL = {s.value for s in (JobState.SUCCEEDED, JobState.FAILED, JobState.DEAD)}
-#: How long the live nodes' models and context lengths are reused.
-_NODES_TTL_S = 2.0
 
 
 # ---------------------------------------------------------------------------
@@ -287,43 +283,6 @@ class ChatBody(_Sampling):
 # ---------------------------------------------------------------------------
 
 
-async def _nodes(app: FastAPI) -> tuple[list[str], int]:
-    """The models the live ready nodes serve, and their smallest context length (cached 2 s)."""
-    now = asyncio.get_running_loop().time()
-    cached: tuple[float, list[str], int] | None = getattr(app.state, "openai_nodes", None)
-    if cached is not None and now < cached[0]:
-        return cached[1], cached[2]
-    s: Settings = app.state.settings
-    keys: Keys = app.state.keys
-    r = app.state.redis
-    ids = sorted(await r.smembers(keys.nodes))
-    async with r.pipeline(transaction=False) as p:
-        for n in ids:
-            p.hgetall(keys.node(n))
-        hashes = await p.execute()
-    models: list[str] = []
-    limits: list[int] = []
-    for h in hashes:
-        if not h:
-            continue
-        with contextlib.suppress(ValueError):
-            hb = NodeHeartbeat.from_redis(h)
-            if hb.model and hb.model not in models:
-                models.append(hb.model)
-            if hb.max_model_len:
-                limits.append(hb.max_model_len)
-    if not models and s.model:
-        models = [s.model]  # no node heard yet: the configured engine model
-    limit = min(limits) if limits else s.max_model_len
-    app.state.openai_nodes = (now + _NODES_TTL_S, models, limit)
-    return models, limit
-
-
-# ---------------------------------------------------------------------------
-# The relay of a job's token stream
-# ---------------------------------------------------------------------------
-
-
 def _blocking(app: FastAPI) -> aioredis.Redis:
     """The pool of blocking Redis connections token streams are read over (made on first use)."""
     r: aioredis.Redis | None = getattr(app.state, "openai_redis", None)
@@ -521,12 +480,8 @@ class _Shape:
 
 
 def _check_key(request: Request) -> None:
-    key = request.app.state.settings.api_key.get_secret_value()
-    if not key:
-        return
-    auth = request.headers.get("authorization", "")
-    given = auth[7:].strip() if auth[:7].lower() == "bearer " else request.headers.get("x-api-key", "")
-    if not hmac.compare_digest(given.encode(), key.encode()):
+    h = request.headers
+    if not key_ok(request.app.state.settings, h.get("authorization"), h.get("x-api-key")):
         raise OpenAIError(
             401,
             "Incorrect API key provided: send 'Authorization: Bearer <API_KEY>' (the key is in var/llmconsole.env)",
@@ -550,7 +505,7 @@ async def list_models(request: Request) -> JSONResponse:
     """The models the live nodes serve (OpenAI's model list)."""
     try:
         _check_key(request)
-        models, limit = await _nodes(request.app)
+        models, limit = await live_nodes(request.app)
     except OpenAIError as e:
         return e.response()
     except REDIS_DOWN:
@@ -618,7 +573,7 @@ async def _serve(request: Request, chat: bool) -> Response:
 
 async def _spec(request: Request, body: CompletionBody | ChatBody, chat: bool) -> tuple[JobSpec, str]:
     app: FastAPI = request.app
-    models, limit = await _nodes(app)
+    models, limit = await live_nodes(app)
     if body.model is not None and models and body.model not in models:
         raise OpenAIError(
             404, f"The model `{body.model}` does not exist.", param="model", code="model_not_found"
@@ -687,28 +642,14 @@ async def _spec(request: Request, body: CompletionBody | ChatBody, chat: bool) -
 
 
 async def _submit(app: FastAPI, spec: JobSpec, t_received: int) -> str:
-    s: Settings = app.state.settings
-    full = app.state.memory.refusal()
-    if full is not None:
-        prom.JOBS_REFUSED.labels("redis_full").inc()
-        raise OpenAIError(503, full, "server_error", headers={"Retry-After": "2"})
     try:
-        out = await app.state.queue.submit(spec, t_received, max_active=s.max_active_jobs)
-    except OutOfMemoryError:
-        prom.JOBS_REFUSED.labels("redis_full").inc()
-        raise OpenAIError(
-            503, app.state.memory.refusal(redis_refused=True), "server_error", headers={"Retry-After": "2"}
-        ) from None
-    if out.status == "busy":
-        prom.JOBS_REFUSED.labels("busy").inc()
-        raise OpenAIError(
-            429,
-            f"too many active jobs ({out.active} ≥ {s.max_active_jobs}); retry later",
-            "rate_limit_error",
-            code="rate_limit_exceeded",
-            headers={"Retry-After": "1"},
-        )
-    prom.JOBS.labels("submitted").inc()
+        out = await enqueue(app, spec, t_received)
+    except Refusal as r:
+        if r.status == 429:
+            raise OpenAIError(
+                429, r.detail, "rate_limit_error", code="rate_limit_exceeded", headers=r.headers
+            ) from None
+        raise OpenAIError(r.status, r.detail, "server_error", headers=r.headers) from None
     return out.job_id
 
 
