@@ -32,6 +32,7 @@ from services.contracts import (
     MAX_BODY_BYTES,
     MAX_HEADER_BYTES,
     MAX_WAIT_S,
+    TERMINAL_STATES,
     JobAccepted,
     JobRequest,
     JobSpec,
@@ -50,7 +51,6 @@ log = logging.getLogger("llmconsole.ingestion")
 
 IDEMPOTENCY_PATTERN = r"^[A-Za-z0-9_.:-]{1,128}$"
 _IDEM_RE = re.compile(IDEMPOTENCY_PATTERN)
-_TERMINAL = {s.value for s in (JobState.SUCCEEDED, JobState.FAILED, JobState.DEAD)}
 
 
 class Waiters:
@@ -570,7 +570,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 if not h:
                     raise HTTPException(404, f"no job {job_id} (unknown, or expired after its TTL)")
                 remaining = deadline - loop.time()
-                if ev is None or h.get("state") in _TERMINAL or remaining <= 0:
+                if ev is None or h.get("state") in TERMINAL_STATES or remaining <= 0:
                     return job_hash_to_view(h)
                 ev.clear()
                 with contextlib.suppress(asyncio.TimeoutError):

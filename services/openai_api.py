@@ -44,6 +44,7 @@ from services.contracts import (
     MAX_PROMPT_CHARS,
     MAX_STOP_CHARS,
     MAX_STOP_SEQUENCES,
+    TERMINAL_STATES,
     ChatMessage,
     JobSpec,
     JobState,
@@ -67,7 +68,6 @@ DEFAULT_COMPLETION_TOKENS = 16
 _BLOCK_MS = 1000
 #: Longest a finished token stream's job may take to show its final state (non-streamed answers).
 _FINAL_WAIT_S = 30.0
-_TERMINAL = {s.value for s in (JobState.SUCCEEDED, JobState.FAILED, JobState.DEAD)}
 
 
 # ---------------------------------------------------------------------------
@@ -312,7 +312,7 @@ async def _follow(app: FastAPI, job_id: str) -> AsyncIterator[dict[str, str]]:
             continue
         # Nothing for a second: is the job final (it failed before any token)?
         state, error = await app.state.redis.hmget(keys.job(job_id), "state", "error")
-        if state is None or state in _TERMINAL:
+        if state is None or state in TERMINAL_STATES:
             resp = await r.xread({key: last}, count=1024)
             for _eid, fields in resp[0][1] if resp else []:
                 yield fields
@@ -332,7 +332,7 @@ async def _wait_final(app: FastAPI, job_id: str) -> tuple[str, str]:
     try:
         while True:
             state, error = await app.state.redis.hmget(keys.job(job_id), "state", "error")
-            if state is None or state in _TERMINAL or loop.time() >= deadline:
+            if state is None or state in TERMINAL_STATES or loop.time() >= deadline:
                 return state or "expired", error or ""
             ev.clear()
             with contextlib.suppress(TimeoutError):
