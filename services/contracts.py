@@ -369,8 +369,13 @@ class RunState(StrEnum):
 
 #: Consumer group of the job stream.
 JOB_GROUP = "workers"
-#: The stream entry's only field: the job id (the job hash is the truth).
+#: The stream entry's field naming its job (the job hash is the truth).
 STREAM_FIELD = "job_id"
+#: Routing hints on the stream entry, written at submit: the job's :func:`prefix_key` and its
+#: routing policy ("" = the proxy's default). A proxy worker picks the node from the entry it
+#: read, so that claiming the job and taking that node's slot are one Redis call, not two.
+STREAM_PREFIX_FIELD = "prefix"
+STREAM_ROUTING_FIELD = "routing"
 
 
 class Keys:

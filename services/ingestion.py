@@ -25,7 +25,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from services import openai_api, procstats, prom, runtime
+from services import asgi, openai_api, procstats, prom, runtime
 from services.admission import REDIS_DOWN_DETAIL, Refusal, enqueue, key_ok, live_nodes
 from services.contracts import (
     ID_PATTERN,
@@ -182,11 +182,13 @@ class BodyLimit:
                 break
         if length is not None:
             if not length.isdigit():
-                await _send(send, JSONResponse({"detail": "invalid Content-Length header"}, status_code=400))
+                await asgi.send_response(
+                    send, JSONResponse({"detail": "invalid Content-Length header"}, status_code=400)
+                )
                 return
             if int(length) > MAX_BODY_BYTES:
                 detail = f"request body too large: {length.decode()} bytes, limit {MAX_BODY_BYTES}"
-                await _send(send, JSONResponse({"detail": detail}, status_code=413))
+                await asgi.send_response(send, JSONResponse({"detail": detail}, status_code=413))
                 return
         elif scope["method"] in ("POST", "PUT", "PATCH"):
             # No length announced (chunked): read it here, bounded, and hand the app the buffer.
@@ -198,11 +200,11 @@ class BodyLimit:
                 body += msg.get("body", b"")
                 if len(body) > MAX_BODY_BYTES:
                     detail = f"request body over {MAX_BODY_BYTES} bytes"
-                    await _send(send, JSONResponse({"detail": detail}, status_code=413))
+                    await asgi.send_response(send, JSONResponse({"detail": detail}, status_code=413))
                     return
                 if not msg.get("more_body"):
                     break
-            receive = _replay(bytes(body), receive)
+            receive = asgi.replay(bytes(body), receive)
         started = False
 
         async def tracking_send(message: Message) -> None:
@@ -220,13 +222,13 @@ class BodyLimit:
         except REDIS_DOWN:
             if started:
                 raise
-            await _send(send, _redis_down())
+            await asgi.send_response(send, _redis_down())
         except RuntimeError as e:
             # Under uvloop a command on a connection Redis just closed (a restart) raises this
             # instead of a ConnectionError: the same "Redis is down", not a server error.
             if started or "closed" not in str(e):
                 raise
-            await _send(send, _redis_down())
+            await asgi.send_response(send, _redis_down())
 
 
 #: The submit route, served by :func:`_fast_submit` when the request is well-formed.
@@ -248,26 +250,15 @@ async def _fast_submit(scope: Scope, receive: Receive, send: Send) -> Receive | 
     schema. Returns None when it answered (or the client left).
     """
     t_received = now_ns()
-    chunks: list[bytes] = []
-    size = 0
-    while True:
-        msg = await receive()
-        if msg["type"] != "http.request":
-            return None  # the client went away before sending its body
-        chunk = msg.get("body", b"")
-        size += len(chunk)
-        if size > MAX_BODY_BYTES:  # over the bound: the route's checks answer (413 above)
-            break
-        chunks.append(chunk)
-        if not msg.get("more_body"):
-            break
-    body = b"".join(chunks)
-    replay = _replay(body, receive)
-    if size > MAX_BODY_BYTES:
-        await _send(
-            send, JSONResponse({"detail": f"request body over {MAX_BODY_BYTES} bytes"}, status_code=413)
-        )
+    got = await asgi.read_body(receive, MAX_BODY_BYTES)
+    if got is None:
+        return None  # the client went away before sending its body
+    body, over = got
+    if over:  # over the bound (a chunked body: a declared one was refused above)
+        detail = f"request body over {MAX_BODY_BYTES} bytes"
+        await asgi.send_response(send, JSONResponse({"detail": detail}, status_code=413))
         return None
+    replay = asgi.replay(body, receive)
     app: FastAPI = scope["app"]
     auth = api_key = ctype = idem = None
     for name, value in scope["headers"]:
@@ -299,44 +290,10 @@ async def _fast_submit(scope: Scope, receive: Receive, send: Send) -> Receive | 
         return replay
     out = await _accept(app, job, idempotency_key, t_received)
     if isinstance(out, Response):
-        await out(scope, _no_receive, send)
+        await out(scope, asgi.no_receive, send)
         return None
-    payload = out.model_dump_json().encode()
-    await send(
-        {
-            "type": "http.response.start",
-            "status": 202,
-            "headers": [
-                (b"content-type", b"application/json"),
-                (b"content-length", str(len(payload)).encode()),
-            ],
-        }
-    )
-    await send({"type": "http.response.body", "body": payload})
+    await asgi.send_json(send, 202, out.model_dump_json().encode())
     return None
-
-
-def _replay(body: bytes, receive: Receive) -> Receive:
-    """A ``receive`` that yields ``body`` once, then defers to the real one (disconnects)."""
-    sent = False
-
-    async def replay() -> Message:
-        nonlocal sent
-        if not sent:
-            sent = True
-            return {"type": "http.request", "body": body, "more_body": False}
-        return await receive()
-
-    return replay
-
-
-async def _send(send: Send, response: Response) -> None:
-    """Send a whole response straight through ASGI (outside the app)."""
-    await response({"type": "http"}, _no_receive, send)
-
-
-async def _no_receive() -> Message:
-    return {"type": "http.disconnect"}
 
 
 #: Result streams one ingestion process serves at once (each holds a blocking Redis read).

@@ -30,6 +30,7 @@ import random
 import signal
 import socket
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import aiohttp
@@ -46,16 +47,26 @@ from services.contracts import (
     new_id,
     now_ns,
 )
-from services.queue import REDIS_DOWN, Delivery, JobQueue, raise_if_cancelling, redis_client
+from services.queue import REDIS_DOWN, Delivery, Entry, JobQueue, raise_if_cancelling, redis_client
 from services.retention import Retention
-from services.routing.capacity import Capacity, slot_member
-from services.routing.policies import Guards, choose
+from services.routing.capacity import Acquired, Capacity, slot_member
+from services.routing.policies import Guards, JobInfo, choose
 from services.routing.registry import Registry, encode_owners
 from services.settings import Settings, get_settings
 
 T = TypeVar("T")
 
 log = logging.getLogger("llmconsole.proxy_worker")
+
+
+@dataclass(frozen=True, slots=True)
+class _Choice:
+    """A node chosen for a job, and what taking one of its slots writes (routing memory)."""
+
+    node: str
+    url: str
+    capacity: int
+    slot_args: dict[str, Any]
 
 
 class Superseded(Exception):
@@ -199,7 +210,7 @@ class ProxyWorker:
         while not self.stopping.is_set():
             await self.slots.acquire()
             free = min(1 + self.slots.free(), 64)
-            entries: list[tuple[str, str]] = []
+            entries: list[Entry] = []
             try:
                 if loop.time() >= max(next_reclaim, self._hold_reclaim_until):
                     next_reclaim = loop.time() + interval
@@ -220,21 +231,21 @@ class ProxyWorker:
             if not entries:
                 self.slots.release()
                 continue
-            self._launch(*entries[0])
-            for entry_id, job_id in entries[1:]:
+            self._launch(entries[0])
+            for entry in entries[1:]:
                 self.slots.take()  # claimed already: it starts now, whatever the limit
-                self._launch(entry_id, job_id)
+                self._launch(entry)
 
-    async def _reclaim(self, count: int) -> list[tuple[str, str]]:
+    async def _reclaim(self, count: int) -> list[Entry]:
         """Up to ``count`` entries whose consumer stopped renewing (or handed them back)."""
         taken = []
-        for entry_id, job_id in await self.q.reclaim(self.consumer, self.s.lease_ms, count=count):
-            if job_id in self.running:
+        for entry in await self.q.reclaim(self.consumer, self.s.lease_ms, count=count):
+            if entry.job_id in self.running:
                 # Our own live job, idle only because renewals could not reach Redis for a while:
                 # the claim just renewed it, and its task goes on.
                 continue
-            log.info("reclaimed %s (entry %s) from a stopped consumer", job_id, entry_id)
-            taken.append((entry_id, job_id))
+            log.info("reclaimed %s (entry %s) from a stopped consumer", entry.job_id, entry.entry_id)
+            taken.append(entry)
         if taken:
             prom.JOBS_RECLAIMED.inc(len(taken))
             with contextlib.suppress(*REDIS_DOWN):
@@ -281,6 +292,69 @@ class ProxyWorker:
                 log.exception("node registry refresh failed")
             await asyncio.sleep(self.s.registry_refresh_s)
 
+    def _decide(self, policy: str, job: JobInfo) -> _Choice | None:
+        """A node for the job by ``policy`` now, with what taking its slot writes; None if none."""
+        self._turn += 1
+        dec = choose(policy, job, self.registry.views(), self._turn, self.guards)
+        node = self.registry.nodes.get(dec.node) if dec else None
+        if dec is None or node is None:
+            return None
+        slot_args: dict[str, Any] = {
+            "lease_ms": self.s.lease_ms,
+            "policy": policy,
+            "prefix": job.prefix,
+            "owners": encode_owners(dec.owners),
+            "prefixes_key": self.registry.remember(job.prefix, dec.owners),
+            "prefixes_ttl_s": self.registry.prefix_ttl_s,
+        }
+        return _Choice(dec.node, node.url, node.capacity, slot_args)
+
+    def _took(self, choice: _Choice, policy: str, d: Delivery, got: Acquired) -> bool:
+        """Note the outcome of taking a slot on the chosen node; True if it is held now."""
+        self.registry.in_flight[choice.node] = got.in_flight if got.ok else choice.capacity
+        if got.ok:
+            self.held.setdefault(choice.node, set()).add(slot_member(d.job_id, d.attempt))
+            prom.ROUTING_DECISIONS.labels(choice.node, policy).inc()
+        return got.ok
+
+    async def _start(self, entry: Entry) -> tuple[Delivery | None, tuple[str, str] | None]:
+        """Claim a read entry: (delivery or None, (node, worker URL) when a slot was taken too).
+
+        The entry's routing hints let the node be chosen before the claim, so the claim takes
+        its slot in the same round trip; an entry without hints (or no node to choose now) is
+        claimed alone and routed from its spec afterwards (:meth:`_route`).
+        """
+        # Sent again after a lost reply, the claim returns the attempt it already began (same
+        # nonce) and holds the one slot (same node: the choice is made once, here).
+        nonce = new_id()
+        what = f"start {entry.job_id}"
+        policy = entry.routing or self.s.routing
+        choice = (
+            self._decide(policy, self.registry.prefix_info(entry.prefix, policy))
+            if entry.prefix is not None
+            else None
+        )
+        if choice is None:
+            call = functools.partial(self.q.start, entry.entry_id, entry.job_id, self.consumer, nonce)
+            return await self._until_redis_answers(what, call), None
+        d, got = await self._until_redis_answers(
+            what,
+            functools.partial(
+                self.cap.start_and_acquire,
+                entry.entry_id,
+                entry.job_id,
+                self.consumer,
+                nonce,
+                choice.node,
+                choice.capacity,
+                group=self.q.group,
+                **choice.slot_args,
+            ),
+        )
+        if d is None or not self._took(choice, policy, d, got):
+            return d, None
+        return d, (choice.node, choice.url)
+
     async def _route(self, d: Delivery, spec: JobSpec, deadline: float) -> tuple[str, str] | None:
         """Pick a node by policy and take one of its slots: (node, worker URL).
 
@@ -288,38 +362,24 @@ class ProxyWorker:
         """
         policy = spec.routing or self.s.routing
         loop = asyncio.get_running_loop()
-        member = slot_member(d.job_id, d.attempt)
         while True:
-            self._turn += 1
-            views = self.registry.views()
-            job = self.registry.job_info(spec, policy)
-            dec = choose(policy, job, views, self._turn, self.guards)
-            node = self.registry.nodes.get(dec.node) if dec else None
-            if dec is not None and node is not None:
-                mem_key = self.registry.remember(job.prefix, dec.owners)
+            choice = self._decide(policy, self.registry.job_info(spec, policy))
+            if choice is not None:
                 got = await self._until_redis_answers(
                     f"acquire a slot for {d.job_id}",
                     functools.partial(
                         self.cap.acquire,
-                        dec.node,
-                        node.capacity,
+                        choice.node,
+                        choice.capacity,
                         job_id=d.job_id,
                         attempt=d.attempt,
-                        lease_ms=self.s.lease_ms,
-                        policy=policy,
-                        prefix=job.prefix,
-                        owners=encode_owners(dec.owners),
-                        prefixes_key=mem_key,
-                        prefixes_ttl_s=self.registry.prefix_ttl_s,
+                        **choice.slot_args,
                     ),
                 )
                 if got.stale:
                     raise Superseded(d.job_id)
-                self.registry.in_flight[dec.node] = got.in_flight if got.ok else node.capacity
-                if got.ok:
-                    self.held.setdefault(dec.node, set()).add(member)
-                    prom.ROUTING_DECISIONS.labels(dec.node, policy).inc()
-                    return dec.node, node.url
+                if self._took(choice, policy, d, got):
+                    return choice.node, choice.url
                 continue  # full meanwhile (another proxy took the room): choose again
             if loop.time() >= deadline:
                 return None
@@ -327,18 +387,25 @@ class ProxyWorker:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._freed.wait(), self.s.registry_refresh_s)
 
-    def _release_slot(self, node: str, d: Delivery) -> None:
-        """Give the node slot of this attempt back (in the background: nothing waits on it)."""
+    def _release_slot(self, node: str, d: Delivery, *, in_redis: bool = True) -> bool:
+        """Give the node slot of this attempt back; False if it was not held.
+
+        Here at once; in Redis in the background (nothing waits on it), or, with ``in_redis``
+        False, by the caller (a result's finish gives it back in its own round trip).
+        """
         member = slot_member(d.job_id, d.attempt)
         held = self.held.get(node)
         if held is None or member not in held:
-            return
+            return False
         held.discard(member)
         self.registry.adjust(node, -1)
         self._freed.set()
+        if not in_redis:
+            return True
         task = asyncio.create_task(self._release_in_redis(node, d))
         self._releases.add(task)
         task.add_done_callback(self._releases.discard)
+        return True
 
     async def _release_in_redis(self, node: str, d: Delivery) -> None:
         with contextlib.suppress(*REDIS_DOWN):
@@ -383,18 +450,15 @@ class ProxyWorker:
                 log.info("handed back %d unfinished job(s)", len(ids))
 
     # --- one job ----------------------------------------------------------
-    def _launch(self, entry_id: str, job_id: str) -> None:
-        task = asyncio.create_task(self._process(entry_id, job_id))
+    def _launch(self, entry: Entry) -> None:
+        task = asyncio.create_task(self._process(entry))
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
         task.add_done_callback(lambda _t: self.slots.release())
 
-    async def _process(self, entry_id: str, job_id: str) -> None:
-        # Sent again after a lost reply, START returns the attempt it already began (same nonce).
-        nonce = new_id()
-        d = await self._until_redis_answers(
-            f"start {job_id}", functools.partial(self.q.start, entry_id, job_id, self.consumer, nonce)
-        )
+    async def _process(self, entry: Entry) -> None:
+        job_id = entry.job_id
+        d, routed = await self._start(entry)
         if d is None:
             return
         task = asyncio.current_task()
@@ -402,7 +466,7 @@ class ProxyWorker:
         self.running[job_id] = (d, task)
         renewer = asyncio.create_task(self._renew_loop(d, task))
         try:
-            await self._run_attempt(d)
+            await self._run_attempt(d, routed)
         except Superseded:
             log.info("job %s attempt %d was reclaimed elsewhere; dropped here", job_id, d.attempt)
         except asyncio.CancelledError:
@@ -464,10 +528,17 @@ class ProxyWorker:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 2.0)
 
-    async def _finish(self, d: Delivery, state: JobState, fields: dict[str, Any], reason: str = "") -> None:
+    async def _finish(
+        self,
+        d: Delivery,
+        state: JobState,
+        fields: dict[str, Any],
+        reason: str = "",
+        slot: tuple[str, str] | None = None,
+    ) -> None:
         ok = await self._until_redis_answers(
             f"finish {d.job_id}",
-            lambda: self.q.finish(d, state, fields, ttl_s=self.s.result_ttl_s, reason=reason),
+            lambda: self.q.finish(d, state, fields, ttl_s=self.s.result_ttl_s, reason=reason, slot=slot),
         )
         if not ok:
             raise Superseded(d.job_id)
@@ -493,8 +564,10 @@ class ProxyWorker:
         async with self._session().post(f"{url}/v1/infer", data=body) as resp:
             return resp.status, await resp.read()
 
-    async def _run_attempt(self, d: Delivery) -> None:
+    async def _run_attempt(self, d: Delivery, routed_at_claim: tuple[str, str] | None = None) -> None:
         if d.spec_json is None:  # a hash without its spec: nothing to run
+            if routed_at_claim is not None:
+                self._release_slot(routed_at_claim[0], d)
             await self._finish(d, JobState.DEAD, {"error": "job has no spec"}, "no spec")
             return
         spec = JobSpec.model_validate_json(d.spec_json)
@@ -503,6 +576,8 @@ class ProxyWorker:
         crashed = d.attempt - 1 - d.handbacks
         if crashed >= self.s.max_attempts:
             reason = f"delivered {d.attempt} times; {crashed} workers died on it without a result"
+            if routed_at_claim is not None:
+                self._release_slot(routed_at_claim[0], d)
             await self._finish(d, JobState.DEAD, {"error": reason}, reason)
             return
         tries = d.tries
@@ -511,9 +586,16 @@ class ProxyWorker:
         deadline = loop.time() + self.s.job_timeout_s
         body = InferRequest(spec=spec, attempt=d.attempt).model_dump_json().encode()
         while True:
-            routed = await self._route(d, spec, deadline)
+            # The first try goes where the claim took a slot (if it did); any later one is routed anew.
+            routed = routed_at_claim or await self._route(d, spec, deadline)
+            routed_at_claim = None
             t_dispatched = now_ns()
-            status: int | None
+            status: int | None = None
+            resp: bytes | None = None
+            # A result's finish gives the node slot back in Redis (one round trip for both);
+            # otherwise it goes back in the background. (Should that finish never run, the
+            # slot's lease runs out: it is no longer renewed.)
+            slot: tuple[str, str] | None = None
             if routed is None:
                 status, resp, err = None, None, "no node had room before the job's timeout"
             else:
@@ -531,7 +613,11 @@ class ProxyWorker:
                         self.registry.suspect(node)  # the connection broke: the worker died
                     status, resp, err = None, None, f"inference worker {url} failed mid-request: {e!r}"
                 finally:
-                    self._release_slot(node, d)
+                    if status == 200 and resp is not None:
+                        if self._release_slot(node, d, in_redis=False):
+                            slot = (self.keys.node_inflight(node), slot_member(d.job_id, d.attempt))
+                    else:
+                        self._release_slot(node, d)
             if status == 200 and resp is not None:
                 result = InferResult.model_validate_json(resp)
                 fields = {
@@ -543,7 +629,7 @@ class ProxyWorker:
                     "t_engine_end": result.t_engine_end,
                     "t_result_received": now_ns(),
                 }
-                await self._finish(d, JobState.SUCCEEDED, fields)
+                await self._finish(d, JobState.SUCCEEDED, fields, slot=slot)
                 prom.observe_job({**d.stamps, **fields, "t_finished": now_ns()}, result.node)
                 return
             if resp is not None:

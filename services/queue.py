@@ -17,7 +17,7 @@ import asyncio
 import json
 import socket
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
@@ -33,11 +33,14 @@ from services.contracts import (
     RUN_DONE_MAXLEN,
     RUN_DONE_TTL_S,
     STREAM_FIELD,
+    STREAM_PREFIX_FIELD,
+    STREAM_ROUTING_FIELD,
     JobSpec,
     JobState,
     Keys,
     new_id,
     now_ns,
+    prefix_key,
 )
 from services.settings import Settings
 
@@ -104,7 +107,8 @@ def redis_client(settings: Settings, *, blocking: bool = False) -> aioredis.Redi
 _SUBMIT = """
 -- KEYS: job, stream, active, stats, recent, idem ('' = none)
 -- ARGV: job_id, spec, t_received, request fingerprint, max_active, idem_ttl, channel, run_id, label,
---       recent_max, group. The idempotency key stores "job_id|fingerprint".
+--       recent_max, group, then the entry's routing hints: prefix key, routing policy.
+-- The idempotency key stores "job_id|fingerprint".
 -- Job ids are new per request: an existing hash means this very call was sent again (redis-py
 -- re-sends a command that timed out or lost its connection) after it had already run.
 if redis.call('EXISTS', KEYS[1]) == 1 then return {'ok', ARGV[1]} end
@@ -133,7 +137,7 @@ redis.call('HSET', KEYS[1], 'job_id', ARGV[1], 'state', 'queued', 'attempt', 0, 
 if redis.call('EXISTS', KEYS[2]) == 0 then
   redis.call('XGROUP', 'CREATE', KEYS[2], ARGV[11], '0', 'MKSTREAM')
 end
-local entry = redis.call('XADD', KEYS[2], '*', 'job_id', ARGV[1])
+local entry = redis.call('XADD', KEYS[2], '*', 'job_id', ARGV[1], 'prefix', ARGV[12], 'routing', ARGV[13])
 redis.call('HSET', KEYS[1], 'entry', entry)
 redis.call('INCR', KEYS[3])
 redis.call('HINCRBY', KEYS[4], 'submitted', 1)
@@ -144,33 +148,45 @@ redis.call('PUBLISH', ARGV[7], cjson.encode({job_id=ARGV[1], state='queued'}))
 return {'ok', ARGV[1]}
 """
 
-_START = """
--- KEYS: job, stream, stats ; ARGV: entry, consumer, t_dequeued, group, channel, nonce
-local st = redis.call('HGET', KEYS[1], 'state')
--- The same call sent again (a retry after a timeout): the attempt it already began.
--- Both "running" answers carry what the worker needs next (spec, handbacks, tries): no HGETALL.
-if st == 'running' and redis.call('HGET', KEYS[1], 'start_nonce') == ARGV[6] then
-  return {tonumber(redis.call('HGET', KEYS[1], 'attempt')), 'running',
-    unpack(redis.call('HMGET', KEYS[1], 'spec', 'handbacks', 'tries', 't_received', 't_enqueued', 't_dequeued'))}
+#: Begins an attempt (a Lua function, so that services.routing.capacity's claim-and-slot script
+#: runs the very same code). Both "running" answers carry what the worker needs next (spec,
+#: handbacks, tries, the early timestamps): no HGETALL per job.
+START_LUA = """
+local function start(job, stream, stats, entry, consumer, t_dequeued, group, channel, nonce)
+  local st = redis.call('HGET', job, 'state')
+  -- The same call sent again (a retry after a timeout): the attempt it already began.
+  if st == 'running' and redis.call('HGET', job, 'start_nonce') == nonce then
+    return {tonumber(redis.call('HGET', job, 'attempt')), 'running',
+      unpack(redis.call('HMGET', job, 'spec', 'handbacks', 'tries', 't_received', 't_enqueued', 't_dequeued'))}
+  end
+  if not st then
+    redis.call('XACK', stream, group, entry)
+    return {-1, 'missing'}
+  end
+  if st == 'succeeded' or st == 'failed' or st == 'dead' then
+    redis.call('XACK', stream, group, entry)
+    return {-2, st}
+  end
+  local attempt = redis.call('HINCRBY', job, 'attempt', 1)
+  if attempt > 1 then redis.call('HINCRBY', stats, 'redelivered', 1) end
+  redis.call('HDEL', job, 't_dispatched', 't_worker_received', 't_engine_start', 't_first_token',
+    't_engine_end', 't_result_received', 't_finished')
+  redis.call('HSET', job, 'state', 'running', 't_dequeued', t_dequeued, 'worker', consumer, 'entry', entry,
+    'start_nonce', nonce)
+  redis.call('PUBLISH', channel, cjson.encode({job_id=redis.call('HGET', job, 'job_id'), state='running',
+    attempt=attempt}))
+  return {attempt, 'running',
+    unpack(redis.call('HMGET', job, 'spec', 'handbacks', 'tries', 't_received', 't_enqueued', 't_dequeued'))}
 end
-if not st then
-  redis.call('XACK', KEYS[2], ARGV[4], ARGV[1])
-  return {-1, 'missing'}
-end
-if st == 'succeeded' or st == 'failed' or st == 'dead' then
-  redis.call('XACK', KEYS[2], ARGV[4], ARGV[1])
-  return {-2, st}
-end
-local attempt = redis.call('HINCRBY', KEYS[1], 'attempt', 1)
-if attempt > 1 then redis.call('HINCRBY', KEYS[3], 'redelivered', 1) end
-redis.call('HDEL', KEYS[1], 't_dispatched', 't_worker_received', 't_engine_start', 't_first_token',
-  't_engine_end', 't_result_received', 't_finished')
-redis.call('HSET', KEYS[1], 'state', 'running', 't_dequeued', ARGV[3], 'worker', ARGV[2], 'entry', ARGV[1],
-  'start_nonce', ARGV[6])
-redis.call('PUBLISH', ARGV[5], cjson.encode({job_id=redis.call('HGET', KEYS[1], 'job_id'), state='running',
-  attempt=attempt}))
-return {attempt, 'running', unpack(redis.call('HMGET', KEYS[1], 'spec', 'handbacks', 'tries', 't_received', 't_enqueued', 't_dequeued'))}
 """
+
+_START = (
+    START_LUA
+    + """
+-- KEYS: job, stream, stats ; ARGV: entry, consumer, t_dequeued, group, channel, nonce
+return start(KEYS[1], KEYS[2], KEYS[3], ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6])
+"""
+)
 
 _RENEW = """
 -- KEYS: job, stream ; ARGV: attempt, group, consumer
@@ -182,15 +198,19 @@ return 1
 """
 
 _FINISH = """
--- KEYS: job, stream, active, stats, dead, finished (retention index), run's done stream ('' = none)
+-- KEYS: job, stream, active, stats, dead, finished (retention index), run's done stream ('' = none),
+--       the node's slot set ('' = none)
 -- ARGV: attempt, state, group, ttl, channel, job_id, reason, run_done_maxlen, run_done_ttl,
---       then field/value pairs
+--       slot member, then field/value pairs
+-- The attempt's node slot is given back whatever the outcome (a superseded attempt holds it too):
+-- in this same round trip rather than one more per job.
+if KEYS[8] ~= '' then redis.call('ZREM', KEYS[8], ARGV[10]) end
 if redis.call('HGET', KEYS[1], 'attempt') ~= ARGV[1] then return 0 end
 local st = redis.call('HGET', KEYS[1], 'state')
 -- Already finished by this very attempt: the same call sent again after a timeout.
 if st == ARGV[2] and redis.call('HEXISTS', KEYS[1], 't_finished') == 1 then return 1 end
 if st ~= 'running' then return 0 end
-for i = 10, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
+for i = 11, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
 -- t_finished is the moment of this write, on Redis's clock (where the event happens).
 local now = redis.call('TIME')
 redis.call('HSET', KEYS[1], 'state', ARGV[2], 't_finished', now[1] .. string.format('%06d', now[2]) .. '000')
@@ -265,6 +285,38 @@ class Delivery:
     tries: int = 0
     #: The job's earlier timestamps (t_received, t_enqueued, t_dequeued), for the stage metrics.
     stamps: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def from_start(cls, entry_id: str, job_id: str, reply: list[Any]) -> Delivery | None:
+        """The delivery a START reply describes ({attempt, state, spec, handbacks, tries,
+        t_received, t_enqueued, t_dequeued}); None when the job is gone or already final."""
+        if int(reply[0]) < 1:
+            return None
+        spec, handbacks, tries, *times = (list(reply[2:]) + [None] * 6)[:6]
+        stamps = {k: v for k, v in zip(("t_received", "t_enqueued", "t_dequeued"), times, strict=True) if v}
+        return cls(entry_id, job_id, int(reply[0]), None, spec, int(handbacks or 0), int(tries or 0), stamps)
+
+
+class Entry(NamedTuple):
+    """A job stream entry as read: its id, its job, and the routing hints written at submit."""
+
+    entry_id: str
+    job_id: str
+    #: The job's prefix key ("" = shares none); None on an entry without hints (written by an
+    #: older build): its job is routed from the spec, after the claim.
+    prefix: str | None = None
+    #: Its routing policy ("" = the proxy worker's default).
+    routing: str = ""
+
+    @classmethod
+    def of(cls, entry_id: str, fields: dict[str, str]) -> Entry:
+        """An entry from its stream fields."""
+        return cls(
+            entry_id,
+            fields.get(STREAM_FIELD, ""),
+            fields.get(STREAM_PREFIX_FIELD),
+            fields.get(STREAM_ROUTING_FIELD, ""),
+        )
 
 
 @dataclass
@@ -417,31 +469,29 @@ class JobQueue:
             spec.label or "",
             RECENT_JOBS_MAX,
             self.group,
+            prefix_key(spec),
+            spec.routing or "",
         ]
         status, value = await self._submit(keys, args)
         if status == "busy":
             return SubmitOutcome("busy", "", int(value))
         return SubmitOutcome(status, value)
 
-    async def read(self, consumer: str, count: int, block_ms: int) -> list[tuple[str, str]]:
-        """Blocking read of new entries for ``consumer``: [(entry_id, job_id)]."""
+    async def read(self, consumer: str, count: int, block_ms: int) -> list[Entry]:
+        """Blocking read of new entries for ``consumer``."""
         resp = await self.r.xreadgroup(
             self.group, consumer, {self.keys.stream: ">"}, count=count, block=block_ms
         )
-        out: list[tuple[str, str]] = []
-        for _stream, entries in resp or []:
-            for entry_id, fields in entries:
-                out.append((entry_id, fields.get(STREAM_FIELD, "")))
-        return out
+        return [Entry.of(entry_id, fields) for _stream, entries in resp or [] for entry_id, fields in entries]
 
-    async def reclaim(self, consumer: str, min_idle_ms: int, count: int = 32) -> list[tuple[str, str]]:
+    async def reclaim(self, consumer: str, min_idle_ms: int, count: int = 32) -> list[Entry]:
         """Take over up to ``count`` entries idle longer than the lease from stopped consumers.
 
         XAUTOCLAIM looks at no more than ten entries per one it may claim, so a small ``count``
         would only ever see the oldest pending entries (live jobs of other workers): the scan
         goes on from where the last pass stopped, for a bounded number of calls per pass.
         """
-        out: list[tuple[str, str]] = []
+        out: list[Entry] = []
         for _ in range(_RECLAIM_CALLS_PER_PASS):
             resp = await self.r.xautoclaim(
                 self.keys.stream,
@@ -455,7 +505,7 @@ class JobQueue:
             for entry_id, fields in resp[1] if len(resp) > 1 else []:
                 if fields is None:  # entry trimmed away: nothing to redeliver
                     continue
-                out.append((entry_id, fields.get(STREAM_FIELD, "")))
+                out.append(Entry.of(entry_id, fields))
             if len(out) >= count or self._reclaim_cursor == "0-0":
                 break
         return out
@@ -471,13 +521,7 @@ class JobQueue:
             [self.keys.job(job_id), self.keys.stream, self.keys.stats],
             [entry_id, consumer, now_ns(), self.group, self.keys.events, nonce or new_id()],
         )
-        if int(reply[0]) < 1:
-            return None
-        spec, handbacks, tries, *times = (list(reply[2:]) + [None] * 6)[:6]
-        stamps = {k: v for k, v in zip(("t_received", "t_enqueued", "t_dequeued"), times, strict=True) if v}
-        return Delivery(
-            entry_id, job_id, int(reply[0]), None, spec, int(handbacks or 0), int(tries or 0), stamps
-        )
+        return Delivery.from_start(entry_id, job_id, reply)
 
     async def renew(self, d: Delivery, consumer: str) -> bool:
         """Renew this consumer's lease on the job; False if the attempt is no longer current."""
@@ -506,10 +550,12 @@ class JobQueue:
         *,
         ttl_s: int,
         reason: str = "",
+        slot: tuple[str, str] | None = None,
     ) -> bool:
         """Write the final state and fields if ``d.attempt`` is current; ack the entry.
 
-        Returns False (and writes nothing) when the attempt was superseded.
+        ``slot`` (the node's slot set, the member) is given back in the same call, in any case.
+        Returns False (and writes nothing else) when the attempt was superseded.
         """
         flat: list[Any] = []
         for k, v in fields.items():
@@ -525,6 +571,7 @@ class JobQueue:
                 self.keys.dead,
                 self.keys.finished,
                 self.keys.run_done(d.run_id) if d.run_id else "",
+                slot[0] if slot else "",
             ],
             [
                 d.attempt,
@@ -536,6 +583,7 @@ class JobQueue:
                 reason,
                 RUN_DONE_MAXLEN,
                 RUN_DONE_TTL_S,
+                slot[1] if slot else "",
                 *flat,
             ],
         )

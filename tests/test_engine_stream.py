@@ -208,6 +208,48 @@ async def test_the_worker_refuses_an_answer_without_tokens_or_usage(
     assert why in resp.json()["detail"] and resp.json()["retryable"] is True
 
 
+async def test_the_workers_infer_fast_path_answers_well_formed_requests_and_leaves_refusals_to_the_route(
+    engine: ScriptedEngine,
+) -> None:
+    # POST /v1/infer is served without FastAPI's layers when authorised and valid; a wrong key or
+    # a bad body goes on to the FastAPI route, whose refusals (401, 422 field by field) stay as
+    # documented. The route's own ASGI app counts what reaches it.
+    import httpx
+
+    from services.inference_worker import INFER_PATH, create_app
+    from services.settings import Settings
+
+    engine.script = [_tok("a"), _tok("b"), _tok("c"), _tok("d", "length"), USAGE, DONE]
+    port = int(engine.url.rsplit(":", 1)[1])
+    app = create_app(Settings(_env_file=None, engine_port=port, worker_api_key="wk"))  # type: ignore[call-arg]
+    (route,) = [r for r in app.router.routes if getattr(r, "path", "") == INFER_PATH]
+    reached: list[str] = []
+    route_app = route.app  # type: ignore[attr-defined]
+
+    async def counting(scope: Any, receive: Any, send: Any) -> None:
+        reached.append(scope["path"])
+        await route_app(scope, receive, send)
+
+    route.app = counting  # type: ignore[attr-defined]
+    spec = {"job_id": "j1", "input_tokens": None, "output_tokens": 4, "prefix_share": 0.5, "prompt": "hi"}
+    body = {"spec": {**spec, "seed": 1}, "attempt": 1}
+    key = {"Authorization": "Bearer wk"}
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://worker") as c:
+        ok = await c.post(INFER_PATH, json=body, headers=key)
+        assert ok.status_code == 200, ok.text
+        assert (
+            ok.json()["completion_tokens"] == 4 and ok.json()["t_engine_end"] >= ok.json()["t_engine_start"]
+        )
+        assert reached == []  # answered by the fast path
+        wrong = await c.post(INFER_PATH, json=body, headers={"Authorization": "Bearer nope"})
+        assert wrong.status_code == 401 and "WORKER_API_KEY" in wrong.json()["detail"]
+        bad = await c.post(INFER_PATH, json={"spec": spec, "attempt": 1}, headers=key)  # no seed
+        assert bad.status_code == 422
+        assert any("seed" in [str(x) for x in e["loc"]] for e in bad.json()["detail"])
+    await app.state.worker.engine.aclose()
+    assert reached == [INFER_PATH, INFER_PATH]  # both refusals came from the route
+
+
 def test_plain_token_chunks_are_recognised_by_bytes_alone() -> None:
     """The lazy path skips a chunk's parse only when it is a token chunk with nothing else in it;
     text that spells the key patterns is escaped JSON and never matches."""

@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator
 import pytest
 import redis.asyncio as aioredis
 
-from services.contracts import JobSpec, JobState, Keys, new_id, now_ns
+from services.contracts import JobSpec, JobState, Keys, new_id, now_ns, prefix_key
 from services.queue import JobQueue
 from tests.stackutil import RedisServer
 
@@ -31,7 +31,9 @@ async def test_submit_claim_finish(q: JobQueue) -> None:
     out = await q.submit(spec, now_ns(), max_active=10)
     assert out.status == "ok" and out.job_id == spec.job_id
     entries = await q.read("c1", count=10, block_ms=100)
-    assert [j for _, j in entries] == [spec.job_id]
+    assert [e.job_id for e in entries] == [spec.job_id]
+    # The entry carries the routing hints the proxy worker chooses a node from before the claim.
+    assert entries[0].prefix == prefix_key(spec) != "" and entries[0].routing == ""
     d = await q.start(entries[0][0], spec.job_id, "c1")
     assert d is not None and d.attempt == 1
     assert (await q.get_job(spec.job_id))["state"] == "running"
@@ -46,12 +48,12 @@ async def test_submit_claim_finish(q: JobQueue) -> None:
 async def test_reclaimed_job_refuses_late_result(q: JobQueue) -> None:
     spec = _spec()
     await q.submit(spec, now_ns(), max_active=10)
-    ((entry, job_id),) = await q.read("frozen", count=1, block_ms=100)
+    ((entry, job_id, *_),) = await q.read("frozen", count=1, block_ms=100)
     d1 = await q.start(entry, job_id, "frozen")
     assert d1 is not None
     # The frozen consumer stops renewing; another takes the job over after the lease.
     reclaimed = await q.reclaim("alive", min_idle_ms=0)
-    assert reclaimed == [(entry, job_id)]
+    assert [(e.entry_id, e.job_id) for e in reclaimed] == [(entry, job_id)]
     d2 = await q.start(entry, job_id, "alive")
     assert d2 is not None and d2.attempt == 2
     # The late worker wakes up: its renew and its result are refused.
@@ -72,13 +74,14 @@ async def test_scripts_sent_twice_act_once(q: JobQueue) -> None:
     spec = _spec()
     keys = [q.keys.job(spec.job_id), q.keys.stream, q.keys.active, q.keys.stats, q.keys.recent, ""]
     args = [spec.job_id, spec.model_dump_json(), now_ns(), now_ns(), 10, 60, q.keys.events, "", "", 100]
+    args += [q.group, prefix_key(spec), ""]
     assert await q._submit(keys=keys, args=args) == ["ok", spec.job_id]
     assert await q._submit(keys=keys, args=args) == ["ok", spec.job_id]
     assert await q.r.xlen(q.keys.stream) == 1
     st = await q.stats()
     assert st.active == 1 and st.counters["submitted"] == 1
 
-    ((entry, job_id),) = await q.read("c1", count=1, block_ms=100)
+    ((entry, job_id, *_),) = await q.read("c1", count=1, block_ms=100)
     start_args = [entry, "c1", now_ns(), q.group, q.keys.events, "nonce-1"]
     start_keys = [q.keys.job(job_id), q.keys.stream, q.keys.stats]
     first = await q._start(keys=start_keys, args=start_args)
@@ -101,7 +104,7 @@ async def test_scripts_sent_twice_act_once(q: JobQueue) -> None:
 async def test_redelivery_of_finished_job_is_acked_not_rerun(q: JobQueue) -> None:
     spec = _spec()
     await q.submit(spec, now_ns(), max_active=10)
-    ((entry, job_id),) = await q.read("c", count=1, block_ms=100)
+    ((entry, job_id, *_),) = await q.read("c", count=1, block_ms=100)
     d = await q.start(entry, job_id, "c")
     assert d is not None
     await q.r.hset(q.keys.job(job_id), "state", "succeeded")  # finished, but the ack was lost
@@ -134,7 +137,7 @@ async def test_trim_keeps_pending_and_undelivered(q: JobQueue) -> None:
     for s in specs:
         await q.submit(s, now_ns(), max_active=100)
     entries = await q.read("c", count=4, block_ms=100)
-    ds = [await q.start(e, j, "c") for e, j in entries]
+    ds = [await q.start(e, j, "c") for e, j, *_ in entries]
     # Finish the 2nd..4th; the 1st stays pending, 5th and 6th undelivered.
     for d in ds[1:]:
         assert d is not None
@@ -156,7 +159,7 @@ async def test_trim_keeps_pending_and_undelivered(q: JobQueue) -> None:
 async def test_dead_goes_to_dead_letter(q: JobQueue) -> None:
     spec = _spec()
     await q.submit(spec, now_ns(), max_active=10)
-    ((entry, job_id),) = await q.read("c", count=1, block_ms=100)
+    ((entry, job_id, *_),) = await q.read("c", count=1, block_ms=100)
     d = await q.start(entry, job_id, "c")
     assert d is not None
     assert await q.finish(d, JobState.DEAD, {"error": "boom"}, ttl_s=60, reason="boom")
@@ -168,7 +171,7 @@ async def test_prune_consumers_keeps_busy_and_live_ones(q: JobQueue) -> None:
     for _ in range(2):
         await q.submit(_spec(), now_ns(), max_active=10)
     await q.read("gone", count=1, block_ms=100)  # dies holding a pending entry: must stay
-    ((entry, job_id),) = await q.read("left", count=1, block_ms=100)
+    ((entry, job_id, *_),) = await q.read("left", count=1, block_ms=100)
     d = await q.start(entry, job_id, "left")
     assert d is not None
     await q.finish(d, JobState.SUCCEEDED, {}, ttl_s=60)  # nothing pending, no heartbeat: goes
@@ -183,7 +186,7 @@ async def test_prune_consumers_keeps_busy_and_live_ones(q: JobQueue) -> None:
 async def test_release_hands_back_only_the_current_attempt(q: JobQueue) -> None:
     spec = _spec()
     await q.submit(spec, now_ns(), max_active=10)
-    ((entry, job_id),) = await q.read("stopping", count=1, block_ms=100)
+    ((entry, job_id, *_),) = await q.read("stopping", count=1, block_ms=100)
     d1 = await q.start(entry, job_id, "stopping")
     assert d1 is not None
     assert await q.release(d1)
@@ -227,7 +230,7 @@ async def test_reclaim_finds_a_dead_consumers_entries_behind_many_live_ones(q: J
     assert len(live) == 25 and len(dead) == 5
     await asyncio.sleep(0.3)
     # The live consumer renews its leases; the dead one cannot.
-    await q.r.xclaim(q.keys.stream, q.group, "live", 0, [e for e, _ in live], justid=True)
+    await q.r.xclaim(q.keys.stream, q.group, "live", 0, [e.entry_id for e in live], justid=True)
     found = []
     for _ in range(10):
         found += await q.reclaim("survivor", min_idle_ms=200, count=1)
@@ -259,4 +262,4 @@ async def test_concurrent_submits_share_round_trips_and_each_gets_its_own_answer
     outs = await asyncio.gather(*(q.submit(s, now_ns(), max_active=100) for s in more))
     assert [o.status for o in outs] == ["ok"] * 5
     entries = await q.read("c1", count=100, block_ms=100)
-    assert {j for _, j in entries} == {s.job_id for s in specs[:30] + more}
+    assert {e.job_id for e in entries} == {s.job_id for s in specs[:30] + more}

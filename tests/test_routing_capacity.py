@@ -9,7 +9,17 @@ from typing import Any
 import pytest
 import redis.asyncio as aioredis
 
-from services.contracts import JOB_NODE_FIELD, JOB_POLICY_FIELD, Keys, NodeHeartbeat, NodeState, new_id
+from services.contracts import (
+    JOB_NODE_FIELD,
+    JOB_POLICY_FIELD,
+    JobSpec,
+    JobState,
+    Keys,
+    NodeHeartbeat,
+    NodeState,
+    new_id,
+    prefix_key,
+)
 from services.routing.capacity import Capacity, slot_member
 from services.routing.registry import Registry, deregister, set_draining, static_node_id
 from services.settings import Settings
@@ -235,3 +245,45 @@ async def test_static_worker_urls_need_no_heartbeat(r: aioredis.Redis, keys: Key
         static_node_id("http://10.0.0.5:8001"): ("http://10.0.0.5:8001", 24),
         static_node_id("http://10.0.0.6:8001"): ("http://10.0.0.6:8001", 24),
     }
+
+
+async def test_claim_and_slot_in_one_call_acts_once_and_finish_gives_the_slot_back(
+    r: aioredis.Redis, keys: Keys
+) -> None:
+    # The proxy worker chooses a node from the stream entry's hints, then claims the job and
+    # takes that node's slot in one script; sent again (a lost reply) it begins one attempt and
+    # holds one slot; a full node leaves the job claimed but without a slot; the result's finish
+    # gives the slot back in its own call.
+    from services.queue import JobQueue
+
+    q = JobQueue(r, keys)
+    await q.ensure_group()
+    cap = Capacity(r, keys)
+    spec = JobSpec(job_id=new_id("j"), input_tokens=10, output_tokens=5, prefix_share=0.5, seed=1)
+    await q.submit(spec, 1, max_active=10)
+    (entry,) = await q.read("c", count=1, block_ms=100)
+    assert entry.prefix == prefix_key(spec)
+    slot_kw: dict[str, Any] = {"lease_ms": 30_000, "policy": "prefix_affinity", "prefix": entry.prefix}
+    d, got = await cap.start_and_acquire(entry.entry_id, entry.job_id, "c", "n1", "a", 1, **slot_kw)
+    assert d is not None and d.attempt == 1 and d.spec_json is not None
+    assert got.ok and got.in_flight == 1
+    h = await r.hgetall(keys.job(spec.job_id))
+    assert h["state"] == "running" and h[JOB_NODE_FIELD] == "a" and h[JOB_POLICY_FIELD] == "prefix_affinity"
+    again, got2 = await cap.start_and_acquire(entry.entry_id, entry.job_id, "c", "n1", "a", 1, **slot_kw)
+    assert again is not None and again.attempt == 1 and got2.ok
+    assert await cap.holders("a") == [slot_member(spec.job_id, 1)]
+
+    # A second job on the full node: claimed (attempt 1), no slot; routed later by the proxy.
+    spec2 = JobSpec(job_id=new_id("j"), input_tokens=10, output_tokens=5, prefix_share=0.5, seed=2)
+    await q.submit(spec2, 1, max_active=10)
+    (entry2,) = await q.read("c", count=1, block_ms=100)
+    d2, full = await cap.start_and_acquire(entry2.entry_id, entry2.job_id, "c", "n2", "a", 1, **slot_kw)
+    assert d2 is not None and d2.attempt == 1 and not full.ok and not full.stale and full.in_flight == 1
+    assert (await r.hget(keys.job(spec2.job_id), "state")) == "running"
+
+    # A job already final is not claimed, and takes no slot.
+    slot = (keys.node_inflight("a"), slot_member(spec.job_id, 1))
+    assert await q.finish(d, JobState.SUCCEEDED, {"result": "{}"}, ttl_s=60, slot=slot)
+    assert await cap.holders("a") == []
+    gone, none = await cap.start_and_acquire(entry.entry_id, entry.job_id, "c", "n3", "a", 1, **slot_kw)
+    assert gone is None and not none.ok and await cap.holders("a") == []

@@ -18,31 +18,67 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from services.contracts import JOB_NODE_FIELD, JOB_POLICY_FIELD, Keys
-from services.queue import ScriptBatcher
+from services.contracts import JOB_GROUP, JOB_NODE_FIELD, JOB_POLICY_FIELD, Keys, now_ns
+from services.queue import START_LUA, Delivery, ScriptBatcher
 
-_ACQUIRE = """
+#: Takes one slot of a node (a Lua function: the plain acquire and the claim-and-slot script share it).
+ACQUIRE_LUA = """
+local function acquire(inflight, job, prefixes, member, capacity, lease_ms, node, policy, attempt, prefix,
+                       owners, prefixes_ttl_s, node_field, policy_field)
+  if redis.call('HGET', job, 'attempt') ~= attempt then return {-1, 0} end
+  local t = redis.call('TIME')
+  local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  redis.call('ZREMRANGEBYSCORE', inflight, '-inf', now)
+  local n = redis.call('ZCARD', inflight)
+  if not redis.call('ZSCORE', inflight, member) then
+    -- (a member already there is this very call sent again: it holds its slot already)
+    if n >= tonumber(capacity) then return {0, n} end
+    n = n + 1
+  end
+  redis.call('ZADD', inflight, now + tonumber(lease_ms), member)
+  redis.call('HSET', job, node_field, node, policy_field, policy)
+  if prefixes ~= '' then
+    redis.call('HSET', prefixes, prefix, owners)
+    redis.call('EXPIRE', prefixes, tonumber(prefixes_ttl_s))
+  end
+  return {1, n}
+end
+"""
+
+_ACQUIRE = (
+    ACQUIRE_LUA
+    + """
 -- KEYS: inflight (zset), job (hash), prefixes (hash, '' = none)
 -- ARGV: member, capacity, lease_ms, node, policy, attempt, prefix, owners, prefixes_ttl_s,
 --       node field, policy field
-if redis.call('HGET', KEYS[2], 'attempt') ~= ARGV[6] then return {-1, 0} end
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
-local n = redis.call('ZCARD', KEYS[1])
-if not redis.call('ZSCORE', KEYS[1], ARGV[1]) then
-  -- (a member already there is this very call sent again: it holds its slot already)
-  if n >= tonumber(ARGV[2]) then return {0, n} end
-  n = n + 1
-end
-redis.call('ZADD', KEYS[1], now + tonumber(ARGV[3]), ARGV[1])
-redis.call('HSET', KEYS[2], ARGV[10], ARGV[4], ARGV[11], ARGV[5])
-if KEYS[3] ~= '' then
-  redis.call('HSET', KEYS[3], ARGV[7], ARGV[8])
-  redis.call('EXPIRE', KEYS[3], tonumber(ARGV[9]))
-end
-return {1, n}
+return acquire(KEYS[1], KEYS[2], KEYS[3], ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6], ARGV[7],
+  ARGV[8], ARGV[9], ARGV[10], ARGV[11])
 """
+)
+
+#: Claims a job (the queue's START) and, when that began an attempt, takes a slot of the node
+#: the proxy worker chose from the stream entry's hints: one round trip where there were two.
+_START_ACQUIRE = (
+    START_LUA
+    + ACQUIRE_LUA
+    + """
+-- KEYS: job, stream, stats, inflight (zset), prefixes (hash, '' = none)
+-- ARGV: entry, consumer, t_dequeued, group, channel, nonce (START's), then capacity, lease_ms, node,
+--       policy, prefix, owners, prefixes_ttl_s, node field, policy field.
+-- Returns START's reply with the slot's outcome after its first two items: {ok, in flight}.
+local r = start(KEYS[1], KEYS[2], KEYS[3], ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6])
+local got = {-1, 0}
+if r[1] >= 1 then
+  -- The member is services.routing.capacity.slot_member(job_id, attempt).
+  local member = redis.call('HGET', KEYS[1], 'job_id') .. ':' .. r[1]
+  got = acquire(KEYS[4], KEYS[1], KEYS[5], member, ARGV[7], ARGV[8], ARGV[9], ARGV[10], tostring(r[1]),
+    ARGV[11], ARGV[12], ARGV[13], ARGV[14], ARGV[15])
+end
+table.insert(r, 3, got[2])
+table.insert(r, 3, got[1])
+return r
+"""
+)
 
 _RENEW = """
 -- KEYS: inflight (zset) ; ARGV: lease_ms, members... Only members still held are renewed.
@@ -93,6 +129,7 @@ class Capacity:
         self.keys = keys
         # Jobs are routed concurrently: their acquires share pipelined round trips.
         self._acquire = ScriptBatcher(redis, redis.register_script(_ACQUIRE))
+        self._start_acquire = ScriptBatcher(redis, redis.register_script(_START_ACQUIRE))
         self._renew = redis.register_script(_RENEW)
         self._count = redis.register_script(_COUNT)
 
@@ -131,6 +168,53 @@ class Capacity:
             ],
         )
         return Acquired(int(ok) == 1, int(n), stale=int(ok) == -1)
+
+    async def start_and_acquire(
+        self,
+        entry_id: str,
+        job_id: str,
+        consumer: str,
+        nonce: str,
+        node: str,
+        capacity: int,
+        *,
+        lease_ms: int,
+        policy: str,
+        prefix: str = "",
+        owners: str = "",
+        prefixes_key: str = "",
+        prefixes_ttl_s: int = 0,
+        group: str = JOB_GROUP,
+    ) -> tuple[Delivery | None, Acquired]:
+        """Claim a delivered entry (:meth:`services.queue.JobQueue.start`, same script code) and,
+        if that began an attempt, take one slot on ``node`` for it; one round trip.
+
+        Calls with the same ``nonce`` begin one attempt and hold one slot (safe to send again).
+        """
+        keys = self.keys
+        reply = await self._start_acquire(
+            [keys.job(job_id), keys.stream, keys.stats, keys.node_inflight(node), prefixes_key],
+            [
+                entry_id,
+                consumer,
+                now_ns(),
+                group,
+                keys.events,
+                nonce,
+                capacity,
+                lease_ms,
+                node,
+                policy,
+                prefix,
+                owners,
+                prefixes_ttl_s,
+                JOB_NODE_FIELD,
+                JOB_POLICY_FIELD,
+            ],
+        )
+        ok, n = int(reply[2]), int(reply[3])
+        d = Delivery.from_start(entry_id, job_id, [reply[0], reply[1], *reply[4:]])
+        return d, Acquired(ok == 1, n, stale=ok == -1)
 
     async def release(self, node: str, job_id: str, attempt: int) -> bool:
         """Give the slot back; False if it was not held (expired, or released already)."""

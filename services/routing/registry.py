@@ -40,6 +40,10 @@ PREFIX_SAMPLE = 4096
 PREFIX_READ_S = 2.0
 
 
+#: Policies that route by the job's prompt prefix.
+_PREFIX_POLICIES = ("prefix_affinity", "kv_events")
+
+
 @dataclass(slots=True)
 class LiveNode:
     """A node a proxy worker may route to."""
@@ -112,12 +116,14 @@ class Registry:
     def job_info(self, spec: JobSpec, policy: str) -> JobInfo:
         """What a policy needs to know of a job: its prefix key, that prefix's owners and (for
         ``kv_events``) the nodes whose engine holds it now."""
+        return self.prefix_info(prefix_key(spec) if policy in _PREFIX_POLICIES else "", policy)
+
+    def prefix_info(self, prefix: str, policy: str) -> JobInfo:
+        """:meth:`job_info` from the job's prefix key (a stream entry's hint)."""
         if policy == "prefix_affinity":
-            prefix = prefix_key(spec)
             return JobInfo(prefix, self.owners(prefix))
         if policy == "kv_events":
             self.want_kv = True
-            prefix = prefix_key(spec)
             return JobInfo(prefix, self.owners(prefix), self.kv_holders.get(prefix, ()))
         return JobInfo()
 
