@@ -482,6 +482,11 @@ class ProxyWorker:
         finally:
             renewer.cancel()
             self.running.pop(job_id, None)
+            if routed is not None:
+                # The slot taken with the claim, should the attempt have ended before its hop
+                # (cancelled, superseded, a spec that does not parse): not held, nor renewed, on.
+                # A no-op once the hop gave it back.
+                self._release_slot(routed[0], d)
 
     async def _renew_loop(self, d: Delivery, task: asyncio.Task[None]) -> None:
         interval = max(self.s.lease_ms / 3000, 0.05)
@@ -566,8 +571,6 @@ class ProxyWorker:
 
     async def _run_attempt(self, d: Delivery, routed_at_claim: tuple[str, str] | None = None) -> None:
         if d.spec_json is None:  # a hash without its spec: nothing to run
-            if routed_at_claim is not None:
-                self._release_slot(routed_at_claim[0], d)
             await self._finish(d, JobState.DEAD, {"error": "job has no spec"}, "no spec")
             return
         spec = JobSpec.model_validate_json(d.spec_json)
@@ -576,8 +579,6 @@ class ProxyWorker:
         crashed = d.attempt - 1 - d.handbacks
         if crashed >= self.s.max_attempts:
             reason = f"delivered {d.attempt} times; {crashed} workers died on it without a result"
-            if routed_at_claim is not None:
-                self._release_slot(routed_at_claim[0], d)
             await self._finish(d, JobState.DEAD, {"error": reason}, reason)
             return
         tries = d.tries

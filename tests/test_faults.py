@@ -566,3 +566,50 @@ async def test_a_redis_blip_while_counting_a_reclaim_leaks_no_slot(make_stack: C
     finally:
         w.stop()
         await asyncio.wait_for(runner, 30)
+
+
+async def test_a_job_that_ends_before_its_hop_gives_back_the_slot_its_claim_took(
+    make_stack: Callable[..., Stack],
+) -> None:
+    # The claim takes the node slot in the same script; a job whose attempt ends before the hop
+    # to the worker (here: a spec that does not parse) must not keep that slot held and renewed.
+    from services.contracts import JobSpec, new_id, now_ns
+    from services.proxy_worker import ProxyWorker
+    from services.queue import JobQueue
+
+    st = make_stack(start=False, lease_ms=3000)
+    for name in ("engine", "inference_worker"):
+        st.procs[name].start()
+    for name in ("engine", "inference_worker"):
+        st.wait_ready(name)
+    w = ProxyWorker(st.settings, consumer="pw-under-test")
+    q = JobQueue(w.r, w.keys)
+    await q.ensure_group()
+    broken = JobSpec(job_id=new_id("j"), input_tokens=8, output_tokens=2, prefix_share=0.5, seed=1)
+    await q.submit(broken, now_ns(), max_active=100)
+    await w.r.hset(w.keys.job(broken.job_id), "spec", "{not json")  # as a corrupted hash would be
+    runner = asyncio.create_task(w.run())
+    try:
+        for _ in range(300):
+            if (await q.get_job(broken.job_id)).get("state") == "dead":
+                break
+            await asyncio.sleep(0.05)
+        job = await q.get_job(broken.job_id)
+        assert job["state"] == "dead" and job.get("node"), job  # it was claimed with a node slot
+        for _ in range(100):  # the release is written in the background
+            if not any(w.held.values()) and not await w.cap.holders(job["node"]):
+                break
+            await asyncio.sleep(0.05)
+        assert not any(w.held.values()), w.held
+        assert await w.cap.holders(job["node"]) == []
+        good = JobSpec(job_id=new_id("j"), input_tokens=8, output_tokens=2, prefix_share=0.5, seed=2)
+        await q.submit(good, now_ns(), max_active=100)
+        for _ in range(300):
+            if (await q.get_job(good.job_id)).get("state") == "succeeded":
+                break
+            await asyncio.sleep(0.1)
+        assert (await q.get_job(good.job_id))["state"] == "succeeded"
+        assert await w.cap.holders(job["node"]) == []
+    finally:
+        w.stop()
+        await asyncio.wait_for(runner, 30)
