@@ -220,14 +220,19 @@ class RunFollower:
     One stream for the whole run instead of a long poll per job, so the client stage measures
     the pipeline rather than the client's own event loop. Events that arrive before their
     submit's answer are kept until asked for; a cut connection resumes after the last event id.
+
+    Each event carries the moment its bytes arrived (``time.perf_counter``, taken once per
+    chunk read): a job's latency ends there, as the direct path's ends at its last chunk's
+    arrival, and not when the bench's own loop gets round to the waiting request (a burst of
+    results is one chunk, and the waiting requests resume one after another).
     """
 
     def __init__(self, client: httpx.AsyncClient, base: str, run_id: str) -> None:
         self.client = client
         self.url = f"{base}/v1/runs/{run_id}/results"
         self._last = "0"
-        self._early: dict[str, dict[str, Any]] = {}
-        self._waiters: dict[str, asyncio.Future[dict[str, Any]]] = {}
+        self._early: dict[str, tuple[dict[str, Any], float]] = {}
+        self._waiters: dict[str, asyncio.Future[tuple[dict[str, Any], float]]] = {}
         self._task: asyncio.Task[None] | None = None
         #: False once ingestion said it has no such endpoint (an older one): callers long-poll.
         self.available = True
@@ -245,12 +250,13 @@ class RunFollower:
                 await self._task
             self._task = None
 
-    async def wait(self, job_id: str, within_s: float) -> dict[str, Any] | None:
-        """The view of ``job_id`` (decoded JSON) once it finished, or None after ``within_s`` seconds."""
+    async def wait(self, job_id: str, within_s: float) -> tuple[dict[str, Any], float] | None:
+        """The view of ``job_id`` (decoded JSON) once it finished, with when its bytes arrived
+        (``time.perf_counter``); None after ``within_s`` seconds."""
         raw = self._early.pop(job_id, None)
         if raw is not None or not self.available:
             return raw
-        fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        fut: asyncio.Future[tuple[dict[str, Any], float]] = asyncio.get_running_loop().create_future()
         self._waiters[job_id] = fut
         try:
             async with asyncio.timeout(within_s):
@@ -281,20 +287,29 @@ class RunFollower:
                         await resp.aread()
                         raise httpx.TransportError(f"results stream answered {resp.status_code}")
                     backoff = 0.1
-                    event_id, data = "", ""
-                    async for line in resp.aiter_lines():
-                        if line.startswith("data:"):
-                            data = line[5:].strip()
-                        elif line.startswith("id:"):
-                            event_id = line[3:].strip()
-                        elif not line and data:
-                            self._deliver(event_id, data)
-                            data = ""
+                    buf = b""
+                    async for chunk in resp.aiter_bytes():
+                        arrived = time.perf_counter()
+                        buf += chunk
+                        *events, buf = buf.split(b"\n\n")
+                        for event in events:
+                            self._event(event, arrived)
             except httpx.TransportError:
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 2.0)
 
-    def _deliver(self, event_id: str, data: str) -> None:
+    def _event(self, event: bytes, arrived: float) -> None:
+        """One SSE event (its lines, without the blank line that ended it); comments ignored."""
+        event_id, data = "", ""
+        for line in event.decode("utf-8", "replace").splitlines():
+            if line.startswith("data:"):
+                data = line[5:].strip()
+            elif line.startswith("id:"):
+                event_id = line[3:].strip()
+        if data:
+            self._deliver(event_id, data, arrived)
+
+    def _deliver(self, event_id: str, data: str, arrived: float) -> None:
         if event_id:
             self._last = event_id
         try:  # parsed once here; the path validates the dict into a JobView
@@ -304,11 +319,11 @@ class RunFollower:
             return
         fut = self._waiters.pop(job_id, None)
         if fut is not None and not fut.done():
-            fut.set_result(view)
+            fut.set_result((view, arrived))
         else:
             # Finished before its submit answered (or a warm-up job nobody waits for any more):
             # kept, bounded, until asked for.
-            self._early[job_id] = view
+            self._early[job_id] = (view, arrived)
             if len(self._early) > _EARLY_MAX:
                 self._early.pop(next(iter(self._early)))
 
@@ -413,8 +428,9 @@ class PipelinePath:
             rec.latency_s = clock.now() - rec.sent_s
             return
         rec.job_id = job_id
-        view = await self._result(job_id, rec, clock, deadline_s)
-        rec.latency_s = clock.now() - rec.sent_s
+        view, arrived = await self._result(job_id, rec, clock, deadline_s)
+        # The result's arrival: on the results stream, when its bytes came in (see RunFollower).
+        rec.latency_s = (arrived - clock.t0 if arrived is not None else clock.now()) - rec.sent_s
         if view is None:
             return
         self._fill(view, rec, clock)
@@ -475,8 +491,9 @@ class PipelinePath:
 
     async def _result(
         self, job_id: str, rec: RequestRecord, clock: StepClock, deadline_s: float
-    ) -> JobView | None:
-        """The job's final view: from the run's results stream, else by long-polling it."""
+    ) -> tuple[JobView | None, float | None]:
+        """The job's final view: from the run's results stream (with when it arrived, as
+        ``time.perf_counter``), else by long-polling it (no arrival: the caller takes now)."""
         if self.follower is None:
             self.follower = RunFollower(self.client, self.base, self.run_id)
             self.follower.start()
@@ -484,22 +501,23 @@ class PipelinePath:
             remaining = deadline_s - clock.now()
             if remaining <= 0:
                 rec.error = f"timed out waiting for job {job_id}"
-                return None
-            raw = await self.follower.wait(job_id, min(remaining, _FOLLOW_CHECK_S))
-            if raw is not None:
+                return None, None
+            got = await self.follower.wait(job_id, min(remaining, _FOLLOW_CHECK_S))
+            if got is not None:
+                raw, arrived = got
                 try:
                     view = JobView.model_validate(raw)
                 except ValueError:  # an "expired" marker: the job is gone from Redis already
                     break
                 rec.error = ""
-                return view
+                return view, arrived
             if not self.follower.available:
                 break
             # No event yet: read the job once (cheap), in case its event was lost.
             view = await self._wait(job_id, rec, clock, min(deadline_s, clock.now() + 0.001))
             if view is not None:
-                return view
-        return await self._wait(job_id, rec, clock, deadline_s)
+                return view, None
+        return await self._wait(job_id, rec, clock, deadline_s), None
 
     async def _wait(
         self, job_id: str, rec: RequestRecord, clock: StepClock, deadline_s: float
