@@ -115,7 +115,7 @@ STAGES: tuple[Stage, ...] = (
         "prompt_build",
         "t_worker_received",
         "t_engine_start",
-        "exact-length prompt via the engine's /tokenize",
+        "exact-length prompt: token ids from a word-token pool learned once per engine",
     ),
     Stage("engine_ttft", "t_engine_start", "t_first_token", "engine queueing + prefill, to the first token"),
     Stage("decode", "t_first_token", "t_engine_end", "engine decode of the remaining tokens"),
