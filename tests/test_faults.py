@@ -14,6 +14,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import httpx
 import pytest
@@ -22,6 +23,10 @@ import redis
 from services.contracts import Keys, VllmMetric, now_ns
 from services.engine_client import metric_sum, parse_prometheus
 from tests.stackutil import RedisServer, Stack, wait_until
+
+if TYPE_CHECKING:
+    from services.proxy_worker import ProxyWorker
+    from services.queue import JobQueue
 
 pytestmark = pytest.mark.slow
 
@@ -512,14 +517,15 @@ def test_a_redis_restart_mid_job_uses_up_no_attempt(
         own.stop()
 
 
-async def test_a_redis_blip_while_counting_a_reclaim_leaks_no_slot(make_stack: Callable[..., Stack]) -> None:
-    from redis.exceptions import ConnectionError as RedisConnectionError
-
-    from services.contracts import JobSpec, new_id, now_ns
+async def _proxy_under_test(
+    make_stack: Callable[..., Stack], **settings: Any
+) -> tuple[ProxyWorker, JobQueue]:
+    """An engine and inference worker under their supervisor, and a proxy worker in this process
+    (not started: the test runs it), with its queue's group made."""
     from services.proxy_worker import ProxyWorker
     from services.queue import JobQueue
 
-    st = make_stack(start=False, proxy_concurrency=1, lease_ms=300)
+    st = make_stack(start=False, **settings)
     for name in ("engine", "inference_worker"):
         st.procs[name].start()
     for name in ("engine", "inference_worker"):
@@ -527,6 +533,15 @@ async def test_a_redis_blip_while_counting_a_reclaim_leaks_no_slot(make_stack: C
     w = ProxyWorker(st.settings, consumer="pw-under-test")
     q = JobQueue(w.r, w.keys)
     await q.ensure_group()
+    return w, q
+
+
+async def test_a_redis_blip_while_counting_a_reclaim_leaks_no_slot(make_stack: Callable[..., Stack]) -> None:
+    from redis.exceptions import ConnectionError as RedisConnectionError
+
+    from services.contracts import JobSpec, new_id, now_ns
+
+    w, q = await _proxy_under_test(make_stack, proxy_concurrency=1, lease_ms=300)
     stale = JobSpec(job_id=new_id("j"), input_tokens=8, output_tokens=2, prefix_share=0.5, seed=1)
     await q.submit(stale, now_ns(), max_active=100)
     await q.read("ghost", count=1, block_ms=100)  # a consumer that died holding it
@@ -574,17 +589,8 @@ async def test_a_job_that_ends_before_its_hop_gives_back_the_slot_its_claim_took
     # The claim takes the node slot in the same script; a job whose attempt ends before the hop
     # to the worker (here: a spec that does not parse) must not keep that slot held and renewed.
     from services.contracts import JobSpec, new_id, now_ns
-    from services.proxy_worker import ProxyWorker
-    from services.queue import JobQueue
 
-    st = make_stack(start=False, lease_ms=3000)
-    for name in ("engine", "inference_worker"):
-        st.procs[name].start()
-    for name in ("engine", "inference_worker"):
-        st.wait_ready(name)
-    w = ProxyWorker(st.settings, consumer="pw-under-test")
-    q = JobQueue(w.r, w.keys)
-    await q.ensure_group()
+    w, q = await _proxy_under_test(make_stack, lease_ms=3000)
     broken = JobSpec(job_id=new_id("j"), input_tokens=8, output_tokens=2, prefix_share=0.5, seed=1)
     await q.submit(broken, now_ns(), max_active=100)
     await w.r.hset(w.keys.job(broken.job_id), "spec", "{not json")  # as a corrupted hash would be

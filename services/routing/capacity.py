@@ -49,9 +49,9 @@ _ACQUIRE = (
     ACQUIRE_LUA
     + """
 -- KEYS: inflight (zset), job (hash), prefixes (hash, '' = none)
--- ARGV: member, capacity, lease_ms, node, policy, attempt, prefix, owners, prefixes_ttl_s,
---       node field, policy field
-return acquire(KEYS[1], KEYS[2], KEYS[3], ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6], ARGV[7],
+-- ARGV: member, attempt, then the slot's (Capacity._slot_argv): capacity, lease_ms, node, policy,
+--       prefix, owners, prefixes_ttl_s, node field, policy field
+return acquire(KEYS[1], KEYS[2], KEYS[3], ARGV[1], ARGV[3], ARGV[4], ARGV[5], ARGV[6], ARGV[2], ARGV[7],
   ARGV[8], ARGV[9], ARGV[10], ARGV[11])
 """
 )
@@ -63,8 +63,9 @@ _START_ACQUIRE = (
     + ACQUIRE_LUA
     + """
 -- KEYS: job, stream, stats, inflight (zset), prefixes (hash, '' = none)
--- ARGV: entry, consumer, t_dequeued, group, channel, nonce (START's), then capacity, lease_ms, node,
---       policy, prefix, owners, prefixes_ttl_s, node field, policy field.
+-- ARGV: entry, consumer, t_dequeued, group, channel, nonce (START's), then the slot's
+--       (Capacity._slot_argv): capacity, lease_ms, node, policy, prefix, owners, prefixes_ttl_s,
+--       node field, policy field.
 -- Returns START's reply with the slot's outcome after its first two items: {ok, in flight}.
 local r = start(KEYS[1], KEYS[2], KEYS[3], ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6])
 local got = {-1, 0}
@@ -121,6 +122,23 @@ class Acquired:
     stale: bool = False
 
 
+def _slot_argv(
+    node: str, capacity: int, lease_ms: int, policy: str, prefix: str, owners: str, prefixes_ttl_s: int
+) -> list[Any]:
+    """The arguments of the Lua ``acquire`` that both scripts pass, in their order."""
+    return [
+        capacity,
+        lease_ms,
+        node,
+        policy,
+        prefix,
+        owners,
+        prefixes_ttl_s,
+        JOB_NODE_FIELD,
+        JOB_POLICY_FIELD,
+    ]
+
+
 class Capacity:
     """Atomic per-node slot operations on one Redis."""
 
@@ -155,16 +173,8 @@ class Capacity:
             [self.keys.node_inflight(node), self.keys.job(job_id), prefixes_key],
             [
                 slot_member(job_id, attempt),
-                capacity,
-                lease_ms,
-                node,
-                policy,
                 attempt,
-                prefix,
-                owners,
-                prefixes_ttl_s,
-                JOB_NODE_FIELD,
-                JOB_POLICY_FIELD,
+                *_slot_argv(node, capacity, lease_ms, policy, prefix, owners, prefixes_ttl_s),
             ],
         )
         return Acquired(int(ok) == 1, int(n), stale=int(ok) == -1)
@@ -201,15 +211,7 @@ class Capacity:
                 group,
                 keys.events,
                 nonce,
-                capacity,
-                lease_ms,
-                node,
-                policy,
-                prefix,
-                owners,
-                prefixes_ttl_s,
-                JOB_NODE_FIELD,
-                JOB_POLICY_FIELD,
+                *_slot_argv(node, capacity, lease_ms, policy, prefix, owners, prefixes_ttl_s),
             ],
         )
         ok, n = int(reply[2]), int(reply[3])
