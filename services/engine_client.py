@@ -19,6 +19,10 @@ import httpx
 
 from services.contracts import now_ns
 
+#: The longest stream line read from an engine (a token chunk is a few hundred bytes; a bound
+#: keeps a broken engine from growing the worker's buffer without end).
+MAX_EVENT_BYTES = 1 << 20
+
 
 class EngineError(Exception):
     """The engine answered with an error or could not be reached.
@@ -269,59 +273,75 @@ class EngineClient:
                 lazy = text_chars is not None and on_chunk is None and not chat
                 limit = text_chars if text_chars is not None else 0
                 kept = 0
-                async for raw in resp.content:
-                    if not raw.startswith(b"data:"):
-                        continue
-                    data = raw[5:].strip()
-                    if data == b"[DONE]":
-                        done = True
-                        break
+                # Read whatever arrived (one event per read, usually: the engine writes one per
+                # token step) and split it into lines here: two awaited readline()s per event cost
+                # more than the rest of the loop (an event is a data line and a blank line).
+                content = resp.content
+                rest = b""
+                while not done:
+                    block = await content.readany()
                     now = time.perf_counter()
-                    if lazy and m_first is not None and kept >= limit and _plain_token_chunk(data):
-                        res.chunks += 1
-                        itl.append(now - m_last)
-                        m_last = now
-                        continue
-                    chunk = _stream_event(data)
-                    usage = chunk.get("usage")
-                    if usage:
-                        res.prompt_tokens = usage.get("prompt_tokens")
-                        res.completion_tokens = usage.get("completion_tokens")
-                        details = usage.get("prompt_tokens_details") or {}
-                        res.cached_tokens = details.get("cached_tokens")
-                    for choice in chunk.get("choices") or ():
-                        # One chunk per engine step that produced tokens, even when their text is
-                        # empty (special tokens under ignore_eos, half a UTF-8 character): vLLM
-                        # sends it, and its benchmark counts it, for TTFT and ITL alike.
-                        if chat:
-                            delta = choice.get("delta") or {}
-                            if (
-                                "role" in delta
-                                and not delta.get("content")
-                                and not choice.get("finish_reason")
-                            ):
-                                continue  # the chat stream's opening chunk: a role, no token
-                            text = delta.get("content") or ""
-                        else:
-                            text = choice.get("text") or ""
-                        if choice.get("finish_reason"):
-                            res.finish_reason = choice["finish_reason"]
-                        if on_chunk is not None:
-                            on_chunk(text, choice.get("finish_reason"))
-                        res.chunks += 1
-                        if m_first is None:
-                            m_first = now
-                            t_first = now_ns()
-                            if on_first_token:
-                                on_first_token()
-                        else:
+                    if not block:  # the end of the body
+                        if not rest:
+                            break
+                        block = b"\n"  # its last line came without a newline: read it all the same
+                    if rest:
+                        block = rest + block
+                    *lines, rest = block.split(b"\n")
+                    if len(rest) > MAX_EVENT_BYTES:
+                        raise EngineError(f"engine sent a stream line over {MAX_EVENT_BYTES} bytes")
+                    for raw in lines:
+                        if not raw.startswith(b"data:"):
+                            continue
+                        data = raw[5:].strip()
+                        if data == b"[DONE]":
+                            done = True
+                            break
+                        if lazy and m_first is not None and kept >= limit and _plain_token_chunk(data):
+                            res.chunks += 1
                             itl.append(now - m_last)
-                        m_last = now
-                        if text_chars is None:
-                            parts.append(text)
-                        elif kept < text_chars:
-                            parts.append(text[: text_chars - kept])
-                            kept += len(parts[-1])
+                            m_last = now
+                            continue
+                        chunk = _stream_event(data)
+                        usage = chunk.get("usage")
+                        if usage:
+                            res.prompt_tokens = usage.get("prompt_tokens")
+                            res.completion_tokens = usage.get("completion_tokens")
+                            details = usage.get("prompt_tokens_details") or {}
+                            res.cached_tokens = details.get("cached_tokens")
+                        for choice in chunk.get("choices") or ():
+                            # One chunk per engine step that produced tokens, even when their text is
+                            # empty (special tokens under ignore_eos, half a UTF-8 character): vLLM
+                            # sends it, and its benchmark counts it, for TTFT and ITL alike.
+                            if chat:
+                                delta = choice.get("delta") or {}
+                                if (
+                                    "role" in delta
+                                    and not delta.get("content")
+                                    and not choice.get("finish_reason")
+                                ):
+                                    continue  # the chat stream's opening chunk: a role, no token
+                                text = delta.get("content") or ""
+                            else:
+                                text = choice.get("text") or ""
+                            if choice.get("finish_reason"):
+                                res.finish_reason = choice["finish_reason"]
+                            if on_chunk is not None:
+                                on_chunk(text, choice.get("finish_reason"))
+                            res.chunks += 1
+                            if m_first is None:
+                                m_first = now
+                                t_first = now_ns()
+                                if on_first_token:
+                                    on_first_token()
+                            else:
+                                itl.append(now - m_last)
+                            m_last = now
+                            if text_chars is None:
+                                parts.append(text)
+                            elif kept < text_chars:
+                                parts.append(text[: text_chars - kept])
+                                kept += len(parts[-1])
                 if not done:
                     # A clean close without the terminator: the engine stopped mid-answer.
                     raise EngineError(f"engine stream ended before [DONE] after {res.chunks} token chunks")
@@ -331,7 +351,7 @@ class EngineClient:
             raise EngineError(f"engine not reachable at {self.base_url}: {e!r}", unavailable=True) from e
         except aiohttp.ClientError as e:
             raise EngineError(f"engine connection lost while streaming: {e!r}") from e
-        except ValueError as e:  # a stream line over aiohttp's limit: not an answer we can use
+        except ValueError as e:  # an unreadable body (aiohttp's own checks): not an answer we can use
             raise EngineError(f"engine sent an unreadable stream: {e}") from e
         m_end = time.perf_counter()
         res.t_end = now_ns()

@@ -29,15 +29,15 @@ USAGE = "data: " + json.dumps(
 DONE = "data: [DONE]"
 
 
-Step = str | float | threading.Event
+Step = str | bytes | float | threading.Event
 
 
 class ScriptedEngine:
     """Serves ``/v1/models`` and plays ``script`` for completions.
 
-    A step is an SSE line, a float (sleep), or an event: the stream holds until the test sets it
-    (at most 10 s; :attr:`held` records whether it was set in time, and :attr:`sent_ns` when each
-    following line went out).
+    A step is an SSE line (its blank line added), raw bytes (written as they are), a float
+    (sleep), or an event: the stream holds until the test sets it (at most 10 s; :attr:`held`
+    records whether it was set in time, and :attr:`sent_ns` when each following line went out).
     """
 
     def __init__(self) -> None:
@@ -71,7 +71,7 @@ class ScriptedEngine:
                         engine.held.append(step.wait(10))
                         continue
                     engine.sent_ns.append(time.time_ns())
-                    self.wfile.write(f"{step}\n\n".encode())
+                    self.wfile.write(step if isinstance(step, bytes) else f"{step}\n\n".encode())
                     self.wfile.flush()
                 self.close_connection = True
 
@@ -125,6 +125,31 @@ async def test_empty_text_chunks_are_tokens(engine: ScriptedEngine, text_chars: 
     assert res.chunks == 4 and len(res.itl_s) == 3
     assert res.text == "ab"[:text_chars]
     assert (res.prompt_tokens, res.completion_tokens, res.finish_reason) == (7, 4, "length")
+
+
+@TEXT_KEPT
+async def test_events_cut_across_reads_and_a_last_line_without_its_newline_are_read(
+    engine: ScriptedEngine, text_chars: int | None
+) -> None:
+    # The client splits what it reads into lines itself: an event may come in pieces (a pause
+    # between them forces two reads), several may come in one read, and the body may end on
+    # a line with no newline after it.
+    a = f"{_tok('a')}\n\n".encode()
+    script: list[Step] = [a[:20], 0.05, a[20:] + a[:-2], 0.05, b"\r\n\r\n", _tok("b", "length"), USAGE]
+    res = await _stream(engine, [*script, DONE.encode()], text_chars=text_chars)
+    assert res.chunks == 3 and len(res.itl_s) == 2
+    assert res.text == "aab"[:text_chars]
+    assert (res.completion_tokens, res.finish_reason) == (4, "length")
+
+
+async def test_a_stream_line_past_the_bound_is_an_engine_error(engine: ScriptedEngine) -> None:
+    # A broken engine that never ends its line must not grow the worker's buffer without end.
+    from services.engine_client import MAX_EVENT_BYTES
+
+    long = b"data: " + b"x" * (MAX_EVENT_BYTES // 4)
+    with pytest.raises(EngineError) as err:
+        await _stream(engine, [_tok("a"), long, long, long, long, long, DONE])
+    assert f"over {MAX_EVENT_BYTES} bytes" in str(err.value) and err.value.retryable
 
 
 async def test_a_stream_cut_before_done_is_a_retryable_error(engine: ScriptedEngine) -> None:
