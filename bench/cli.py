@@ -326,13 +326,14 @@ def cmd_run(argv: list[str], out: Console, err: Console) -> int:
         raise UsageError(str(e)) from None
 
     from bench.runner import BenchError, run_benchmark
+    from services.runtime import run as run_loop
 
     try:
         if ns.quiet or ns.json:
-            result = asyncio.run(run_benchmark(cfg, None, settings=settings))
+            result = run_loop(run_benchmark(cfg, None, settings=settings))
         else:
             with _Bar(err) as bar:
-                result = asyncio.run(run_benchmark(cfg, bar, settings=settings))
+                result = run_loop(run_benchmark(cfg, bar, settings=settings))
     except BenchError as e:
         err.print(f"[red]error:[/] {e}")
         return 1

@@ -51,6 +51,7 @@ from services import procstats
 from services.contracts import Keys, RunState, new_id, now_ns
 from services.engine_client import EngineClient, EngineError, Sample, parse_prometheus
 from services.queue import REDIS_DOWN, redis_client
+from services.runtime import run as run_loop
 from services.settings import Settings, get_settings
 
 ProgressCallback = Callable[[ProgressEvent], None]
@@ -629,4 +630,4 @@ def run_sync(
     config: BenchConfig, progress: ProgressCallback | None = None, *, settings: Settings | None = None
 ) -> RunResult:
     """:func:`run_benchmark` from synchronous code."""
-    return asyncio.run(run_benchmark(config, progress, settings=settings))
+    return run_loop(run_benchmark(config, progress, settings=settings))

@@ -9,8 +9,9 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Coroutine
-from typing import Any
+from typing import Any, TypeVar
 
+T = TypeVar("T")
 #: Libraries that log every request at INFO: a formatted line per HTTP call is per-job CPU
 #: (a few percent of the inference worker's, measured with py-spy) and fills the logs.
 _QUIET = ("httpx", "httpcore", "aiohttp.access")
@@ -23,12 +24,15 @@ def setup_logging() -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
 
 
-def run(main: Coroutine[Any, Any, None]) -> None:
-    """Run ``main`` on uvloop where installed (uvicorn's own choice), else asyncio's loop."""
+def run(main: Coroutine[Any, Any, T]) -> T:
+    """Run ``main`` on uvloop where installed (uvicorn's own choice), else asyncio's loop.
+
+    The bench runs on it too: its loop stamps when each answer arrived, and a slower loop
+    would put its own delay into the figures it reports.
+    """
     try:
         import uvloop
     except ImportError:  # pragma: no cover - uvloop ships with uvicorn[standard] on Linux
-        asyncio.run(main)
-        return
+        return asyncio.run(main)
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        runner.run(main)
+        return runner.run(main)
