@@ -326,7 +326,10 @@ def cmd_run(argv: list[str], out: Console, err: Console) -> int:
         raise UsageError(str(e)) from None
 
     from bench.runner import BenchError, run_benchmark
+    from services.runtime import freeze_startup_heap
     from services.runtime import run as run_loop
+
+    freeze_startup_heap()  # no full collection walks the bench's imports mid-run
 
     try:
         if ns.quiet or ns.json:

@@ -559,8 +559,10 @@ def main() -> None:
             f"WORKER_HOST={s.worker_host} is reachable from other machines: set WORKER_API_KEY "
             "(install.sh --join takes it from var/node.env) so that only proxy workers are served"
         )
+    app = create_app(s)
+    runtime.freeze_startup_heap()
     uvicorn.run(
-        create_app(s),
+        app,
         host=s.worker_host,
         port=s.worker_port,
         timeout_graceful_shutdown=int(s.shutdown_grace_s),

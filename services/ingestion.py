@@ -630,8 +630,10 @@ def main() -> None:
 
     s = get_settings()
     runtime.setup_logging()
+    app = create_app(s)
+    runtime.freeze_startup_heap()
     uvicorn.run(
-        create_app(s),
+        app,
         host=s.ingestion_host,
         port=s.ingestion_port,
         timeout_graceful_shutdown=int(s.shutdown_grace_s),

@@ -695,6 +695,7 @@ async def amain(settings: Settings | None = None) -> None:
 def main() -> None:
     """Entry point: ``python -m services.proxy_worker``."""
     runtime.setup_logging()
+    runtime.freeze_startup_heap()
     runtime.run(amain())
 
 

@@ -7,6 +7,7 @@ of a chatty library logger cannot creep back into one of them.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 from collections.abc import Coroutine
 from typing import Any, TypeVar
@@ -22,6 +23,21 @@ def setup_logging() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     for name in _QUIET:
         logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def freeze_startup_heap() -> None:
+    """Collect once, then hide every object alive now from the cyclic collector (``gc.freeze``).
+
+    A process's startup heap (modules, FastAPI, pydantic schemas, numpy) is most of what a full
+    (generation 2) collection walks, and it never becomes garbage. Walking it stopped the
+    event loop mid-run: 68 ms in the inference worker, 29 ms in the simulator and 81 ms in the
+    bench during one concurrency-32 run on a 2-core machine (``gc.callbacks`` timing). vLLM
+    freezes its own startup heap for the same reason. Frozen objects are still freed by
+    reference counting; only a cycle among them would stay, and startup objects live for the
+    whole process anyway. Call it once, after imports and set-up, before serving.
+    """
+    gc.collect()
+    gc.freeze()
 
 
 def run(main: Coroutine[Any, Any, T]) -> T:
