@@ -10,38 +10,50 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 import uvicorn
+from starlette.responses import StreamingResponse
 
 from services.contracts import VllmMetric
 from services.engine_client import histogram_quantile, metric_sum, parse_prometheus
 from services.settings import REPO_ROOT, Settings
 from services.sim_engine import (
+    ABORTED_MESSAGE,
     BOS_ID,
     EOS_ID,
+    FAIL_MARKER,
+    NUM_WORDS,
     PROFILE_DIR,
+    SSE_HEADERS,
+    SSE_MEDIA_TYPE,
     BlockPool,
     ProfileError,
     Scheduler,
+    Sequence,
     SimConfig,
+    SimServer,
     SimTokenizer,
+    StreamOptions,
+    chunk_template,
     create_app,
     hash_blocks,
     list_profiles,
     load_profile,
     render_metrics,
     save_profile,
+    token_chunk,
 )
 
 MODEL = "sim-test-model"
@@ -701,3 +713,342 @@ def test_cli_rejects_unknown_profile_and_lists_profiles() -> None:
     cmd = [sys.executable, "-m", "services.sim_engine", "--list-profiles"]
     r = subprocess.run(cmd, cwd=REPO_ROOT, env=_cli_env(), capture_output=True, text=True, timeout=30)
     assert r.returncode == 0 and "cpu-gemma3-270m" in r.stdout and "gpu-h100-qwen32b" in r.stdout
+
+
+# ---------------------------------------------------------------------------
+# streamed completions: chunk templates and the pure-ASGI fast path
+# ---------------------------------------------------------------------------
+
+
+async def _reference_stream(
+    srv: SimServer,
+    seq: Sequence,
+    event: asyncio.Event,
+    head: dict[str, Any],
+    opts: StreamOptions,
+    chat: bool = False,
+) -> AsyncIterator[str]:
+    """``SimServer._stream`` as it was before chunk templates (a dict and json.dumps per chunk)."""
+    sent = 0
+    try:
+        if chat:
+            role = {"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}
+            yield f"data: {json.dumps({**head, 'choices': [role], 'usage': None})}\n\n"
+        while True:
+            await event.wait()
+            event.clear()
+            done = seq.finished
+            out = seq.output
+            while sent < len(out):
+                last = done and sent == len(out) - 1
+                piece = srv.tokenizer.piece(out[sent])
+                choice: dict[str, Any] = {
+                    "index": 0,
+                    "text": piece,
+                    "logprobs": None,
+                    "finish_reason": seq.finish_reason if last else None,
+                    "stop_reason": None,
+                }
+                if chat:
+                    del choice["text"]
+                    choice["delta"] = {"content": piece}
+                sent += 1
+                chunk: dict[str, Any] = {**head, "choices": [choice], "usage": None}
+                if opts.continuous_usage_stats:
+                    chunk["usage"] = srv.usage(seq) | {"completion_tokens": sent}
+                    chunk["usage"]["total_tokens"] = len(seq.prompt_ids) + sent
+                yield f"data: {json.dumps(chunk)}\n\n"
+            if done:
+                break
+        if seq.finish_reason == "abort":
+            info = {"message": ABORTED_MESSAGE, "type": "ServiceUnavailableError", "param": None, "code": 503}
+            yield f"data: {json.dumps({'error': info, 'object': 'error', **info})}\n\n"
+        elif opts.include_usage:
+            yield f"data: {json.dumps({**head, 'choices': [], 'usage': srv.usage(seq)})}\n\n"
+        yield "data: [DONE]\n\n"
+    finally:
+        srv.engine.abort(seq)
+
+
+def _head(chat: bool, model: str = MODEL) -> dict[str, Any]:
+    return {
+        "id": f"{'chatcmpl' if chat else 'cmpl'}-{'0123456789abcdef' * 2}",
+        "object": "chat.completion.chunk" if chat else "text_completion",
+        "created": 1_780_000_000,
+        "model": model,
+    }
+
+
+@pytest.mark.parametrize("chat", [False, True])
+@pytest.mark.parametrize("model", [MODEL, 'a "quoted" \\ model ü 漢字 😀', "\x00llmconsole-sim-text\x00"])
+def test_chunk_template_renders_token_chunks_byte_for_byte(chat: bool, model: str) -> None:
+    texts = [
+        "",
+        " bada",
+        'say "hi"',
+        "back\\slash \\n",
+        "ü é 漢字 😀",
+        "\ud800 lone",
+        "\x00\x1f\t\n\r",
+        "</script>",
+    ]
+    texts += ["\x00llmconsole-sim-text\x00", '"\x00llmconsole-sim-text\x00"']
+    head = _head(chat, model)
+    template = chunk_template(head, chat)
+    if model.startswith("\x00"):  # the sentinel in the head: no template, every chunk rendered whole
+        assert template is None
+        return
+    assert template is not None
+    prefix, suffix = template
+    for text in texts:
+        # The pre-template rendering of a plain token chunk (no finish reason, no usage).
+        choice: dict[str, Any] = {
+            "index": 0,
+            "text": text,
+            "logprobs": None,
+            "finish_reason": None,
+            "stop_reason": None,
+        }
+        if chat:
+            del choice["text"]
+            choice["delta"] = {"content": text}
+        old = f"data: {json.dumps({**head, 'choices': [choice], 'usage': None})}\n\n".encode()
+        assert prefix + json.dumps(text).encode() + suffix == old, text
+        assert f"data: {json.dumps(token_chunk(head, text, None, chat))}\n\n".encode() == old
+
+
+def test_memoised_token_texts_are_json_dumps() -> None:
+    srv = SimServer(quiet(), MODEL, 2048, "", "")
+    for tid in [EOS_ID, *range(4, 4 + NUM_WORDS)]:
+        assert srv._piece_json(tid) == json.dumps(srv.tokenizer.piece(tid)).encode()
+
+
+@pytest.mark.parametrize("chat", [False, True])
+@pytest.mark.parametrize(
+    "opts",
+    [
+        StreamOptions(include_usage=False),
+        StreamOptions(include_usage=True),
+        StreamOptions(include_usage=True, continuous_usage_stats=True),
+    ],
+    ids=["plain", "usage", "continuous"],
+)
+@pytest.mark.parametrize("end", ["length", "stop", "abort"])
+async def test_streams_are_byte_for_byte_the_pre_template_ones(
+    chat: bool, opts: StreamOptions, end: str
+) -> None:
+    # Both renderings follow one sequence as the scheduler produces it, step by step (some
+    # steps give a stream two tokens at once), to its end: its length, an EOS, or an abort.
+    srv = SimServer(quiet(eos_prob=1.0 if end == "stop" else 0.0), MODEL, 2048, "", "")
+    sched = srv.engine.sched
+    seq = sched.new_sequence([BOS_ID, 10, 11, 12, 13], 9, min_tokens=6, seed=5)
+    events = (asyncio.Event(), asyncio.Event())
+
+    def wake_both() -> None:
+        for e in events:
+            e.set()
+
+    seq.on_update = wake_both
+    sched.add(seq)
+    head = _head(chat)
+    new: list[bytes] = []
+    old: list[bytes] = []
+
+    async def drain(gen: AsyncIterator[Any], into: list[bytes]) -> None:
+        async for item in gen:
+            into.append(item if isinstance(item, bytes) else item.encode())
+
+    tasks = [
+        asyncio.create_task(drain(srv._stream(seq, events[0], head, opts, chat), new)),
+        asyncio.create_task(drain(_reference_stream(srv, seq, events[1], head, opts, chat), old)),
+    ]
+    t, step = 0.0, 0
+    while not seq.finished:
+        if end == "abort" and step == 4:
+            sched.abort(seq)
+            break
+        plan = sched.schedule(t)
+        t += plan.duration_s
+        sched.complete(plan, t)
+        step += 1
+        if step % 2:  # the streams catch up after odd steps only
+            for _ in range(3):
+                await asyncio.sleep(0)
+    await asyncio.wait_for(asyncio.gather(*tasks), 5)
+    assert seq.finish_reason == end
+    assert len(new) > 4 and new == old
+    assert new[-1] == b"data: [DONE]\n\n"
+
+
+def _counting_routes(app: Any) -> list[str]:
+    """Count the requests that reach the FastAPI routes of the two completion endpoints."""
+    reached: list[str] = []
+    for route in app.router.routes:
+        if getattr(route, "path", "") in ("/v1/completions", "/v1/chat/completions"):
+            route_app = route.app
+
+            async def counting(scope: Any, receive: Any, send: Any, route_app: Any = route_app) -> None:
+                reached.append(scope["path"])
+                await route_app(scope, receive, send)
+
+            route.app = counting
+    return reached
+
+
+def _raw_post(base: str, path: str, body: bytes, headers: dict[str, str]) -> bytes:
+    """One HTTP/1.1 POST over a plain socket: the response's bytes exactly as sent."""
+    host, port = base.removeprefix("http://").split(":")
+    head = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+    request = (
+        f"POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Length: {len(body)}\r\n{head}"
+        "Connection: close\r\n\r\n"
+    ).encode() + body
+    with socket.create_connection((host, int(port)), timeout=10) as s:
+        s.sendall(request)
+        out = []
+        while chunk := s.recv(65536):
+            out.append(chunk)
+    return b"".join(out)
+
+
+def _normalised(raw: bytes) -> bytes:
+    """A response with its date, ids and creation times blanked (all of fixed width)."""
+    raw = re.sub(rb"\r\ndate: [^\r]*\r\n", b"\r\ndate: -\r\n", raw)
+    raw = re.sub(rb"(chatcmpl|cmpl)-[0-9a-f]{32}", rb"\1-" + b"x" * 32, raw)
+    return re.sub(rb'"created": \d{10}', b'"created": 0000000000', raw)
+
+
+def test_streamed_completions_take_the_fast_path_with_the_routes_exact_bytes() -> None:
+    # application/json is served by the fast path; the same request as another JSON media type
+    # (which FastAPI parses alike) goes to the route's StreamingResponse. The bytes on the wire
+    # (status line, headers, chunk framing, events) are the same.
+    server = ThreadServer(quiet(ttft_base_ms=1, prefill_ms_per_token=0, itl_ms=1, block_size=4)).start()
+    try:
+        reached = _counting_routes(server.app)
+        for path, body in [
+            ("/v1/completions", {"prompt": "bada", "max_tokens": 12, "seed": 7}),
+            ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 5, "seed": 7}),
+        ]:  # fmt: skip
+            for opts in [None, {"include_usage": True}, {"continuous_usage_stats": True}]:
+                data = json.dumps(
+                    {**body, "stream": True, "ignore_eos": True, "stream_options": opts}
+                ).encode()
+                fast = _raw_post(server.base, path, data, {"Content-Type": "application/json"})
+                assert reached == [], "a well-formed streamed request reached the route"
+                route = _raw_post(server.base, path, data, {"Content-Type": "application/x-sim+json"})
+                assert reached == [path]
+                reached.clear()
+                assert fast.startswith(b"HTTP/1.1 200 OK\r\n") and b"data: [DONE]" in fast
+                assert b"\r\ncontent-type: text/event-stream; charset=utf-8\r\n" in fast
+                assert b"\r\ntransfer-encoding: chunked\r\n" in fast
+                assert _normalised(fast) == _normalised(route)
+    finally:
+        server.stop()
+    assert SSE_HEADERS == StreamingResponse(iter(()), media_type=SSE_MEDIA_TYPE).raw_headers
+
+
+_STREAMED_REFUSALS = [
+    ({"prompt": "bada", "max_tokens": 0}, 400, "max_tokens"),
+    ({"prompt": "bada", "max_tokens": "many"}, 400, "max_tokens"),
+    ({"prompt": "bada", "max_tokens": 4000}, 400, "maximum context length"),
+    ({"prompt": [1] * 2047, "max_tokens": 2}, 400, "maximum context length"),
+    ({"prompt": "bada", "max_tokens": 5, "min_tokens": 6}, 400, "min_tokens"),
+    ({"prompt": [1, 10_000_000]}, 400, "out of vocabulary"),
+    ({"prompt": []}, 400, "empty"),
+    ({"prompt": 5}, 400, "prompt"),
+    ({"prompt": ["a", "b"]}, 400, "one prompt"),
+    ({"prompt": "bada", "n": 2}, 400, "n=1"),
+    ({"prompt": "bada", "temperature": -1}, 400, "temperature"),
+    ({"model": "other", "prompt": "bada"}, 404, "does not exist"),
+    ({"prompt": f"bada {FAIL_MARKER}"}, 500, "fault-injection"),
+]
+
+
+def test_streamed_refusals_and_other_requests_stay_the_routes() -> None:
+    server = ThreadServer(quiet(ttft_base_ms=1, prefill_ms_per_token=0, itl_ms=1, block_size=4)).start()
+    url = f"{server.base}/v1/completions"
+    try:
+        reached = _counting_routes(server.app)
+        for body, status, fragment in _STREAMED_REFUSALS:
+            streamed = httpx.post(url, json={**body, "stream": True})
+            plain = httpx.post(url, json=body)
+            assert streamed.status_code == status, (body, streamed.text)
+            assert fragment in streamed.json()["error"]["message"]
+            assert streamed.content == plain.content  # the route's answer, word for word
+        assert len(reached) == 2 * len(_STREAMED_REFUSALS)
+        reached.clear()
+        chat = {"messages": [{"role": "user", "content": FAIL_MARKER}], "stream": True}
+        r = httpx.post(f"{server.base}/v1/chat/completions", json=chat)
+        assert r.status_code == 500 and reached == ["/v1/chat/completions"]
+        bad = httpx.post(
+            url, content=b'{"prompt": "bada", "stream": tru', headers={"content-type": "application/json"}
+        )
+        assert bad.status_code == 400 and "invalid JSON" in bad.json()["error"]["message"]
+        no_type = httpx.post(url, content=b'{"prompt": "bada", "stream": true}')
+        assert no_type.status_code == 400
+        # Bodies pydantic's JSON parser refuses but the route's json.loads takes (a UTF-8 BOM, a
+        # lone surrogate) are served by the route, as before.
+        for data in [b'\xef\xbb\xbf{"prompt": "bada", "stream": true, "max_tokens": 2}',
+                     b'{"prompt": "bada \\ud800", "stream": true, "max_tokens": 2}']:  # fmt: skip
+            r = httpx.post(url, content=data, headers={"content-type": "application/json"})
+            assert r.status_code == 200 and r.text.endswith("data: [DONE]\n\n"), r.text
+        # The app sets no body bound, and neither does the fast path: a 3 MB body is read
+        # whole and replayed whole to the route (which refuses its length, not its JSON).
+        big = {"prompt": "bada " * 600_000, "max_tokens": 1, "stream": True}
+        r = httpx.post(url, json=big, timeout=60)
+        assert r.status_code == 400 and "maximum context length" in r.json()["error"]["message"], r.text
+        assert len(reached) == 6  # every one of them answered by the route
+    finally:
+        server.stop()
+
+
+def test_api_key_is_checked_before_the_fast_path() -> None:
+    server = ThreadServer(quiet(ttft_base_ms=1, prefill_ms_per_token=0, itl_ms=1), api_key="s3cret").start()
+    url = f"{server.base}/v1/completions"
+    body = {"prompt": "bada", "max_tokens": 3, "stream": True}
+    try:
+        reached = _counting_routes(server.app)
+        for headers in [{}, {"Authorization": "Bearer wrong"}, {"Authorization": "bearer s3cret"}]:
+            r = httpx.post(url, json=body, headers=headers)
+            assert r.status_code == 401 and r.json() == {"error": "Unauthorized"}
+        ok = httpx.post(url, json=body, headers={"Authorization": "Bearer s3cret"})
+        assert ok.status_code == 200 and ok.text.endswith("data: [DONE]\n\n")
+        assert reached == []
+    finally:
+        server.stop()
+
+
+@pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])
+async def test_client_leaving_a_quiet_stream_frees_its_slot(path: str) -> None:
+    # The first token comes at once, the next after a minute: a client that leaves in between
+    # (no token is being sent) frees its slot and its KV blocks at once, not at its next token.
+    server = ThreadServer(
+        quiet(ttft_base_ms=0, prefill_ms_per_token=0, itl_ms=60_000, max_num_seqs=2)
+    ).start()
+    if path.endswith("chat/completions"):
+        body: dict[str, Any] = {"messages": [{"role": "user", "content": "bada"}]}
+    else:
+        body = {"prompt": "bada kipo"}
+    body |= {"max_tokens": 50, "ignore_eos": True, "stream": True}
+    try:
+        reached = _counting_routes(server.app)
+        async with httpx.AsyncClient(timeout=10) as client:
+            async with client.stream("POST", f"{server.base}{path}", json=body) as r:
+                assert r.status_code == 200
+                async for line in r.aiter_lines():
+                    if (
+                        line.startswith("data: ")
+                        and '"finish_reason": null' in line
+                        and 'content": ""' not in line
+                    ):
+                        break  # the first token
+            m = metrics_from(await client.get(f"{server.base}/metrics"))
+            deadline = time.monotonic() + 3
+            while m[VllmMetric.RUNNING] and time.monotonic() < deadline:
+                await asyncio.sleep(0.02)
+                m = metrics_from(await client.get(f"{server.base}/metrics"))
+        assert m[VllmMetric.RUNNING] == 0 and m[VllmMetric.WAITING] == 0, m
+        assert m[VllmMetric.KV_CACHE_USAGE] == 0.0
+        assert reached == []
+    finally:
+        server.stop()
