@@ -17,6 +17,7 @@ import asyncio
 import collections
 import contextlib
 import hmac
+import json
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -119,8 +120,8 @@ async def _require_key(request: Request, authorization: str | None = Header(None
 
 #: The route :class:`InferFastPath` serves.
 INFER_PATH = "/v1/infer"
-#: Bodies the fast path reads (a job's spec, bounded at ingestion, inside an InferRequest);
-#: a larger one goes on to the route.
+#: The largest ``/v1/infer`` body read (a job's spec, bounded at ingestion, inside an
+#: InferRequest); a larger one is refused with 413.
 _INFER_BODY_MAX = 4 * MAX_BODY_BYTES
 
 
@@ -146,13 +147,18 @@ class InferFastPath:
             if got is None:
                 return  # the proxy went away before sending the body
             body, over = got
+            if over:
+                # Refused here: the route would only see the body cut at the limit (and answer
+                # that it is not JSON). No job spec, bounded at ingestion, comes near this size.
+                detail = f"infer request body over {_INFER_BODY_MAX} bytes; a job spec is far smaller"
+                await asgi.send_json(send, 413, json.dumps({"detail": detail}).encode())
+                return
             receive = asgi.replay(body, receive)
-            if not over:
-                req = self._parse(scope, body)
-                if req is not None:
-                    response = await serve_infer(scope["app"].state.worker, req)
-                    await response(scope, asgi.no_receive, send)
-                    return
+            req = self._parse(scope, body)
+            if req is not None:
+                response = await serve_infer(scope["app"].state.worker, req)
+                await response(scope, asgi.no_receive, send)
+                return
         await self.app(scope, receive, send)
 
     @staticmethod

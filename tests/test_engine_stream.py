@@ -241,7 +241,7 @@ async def test_the_workers_infer_fast_path_answers_well_formed_requests_and_leav
     # documented. The route's own ASGI app counts what reaches it.
     import httpx
 
-    from services.inference_worker import INFER_PATH, create_app
+    from services.inference_worker import _INFER_BODY_MAX, INFER_PATH, create_app
     from services.settings import Settings
 
     engine.script = [_tok("a"), _tok("b"), _tok("c"), _tok("d", "length"), USAGE, DONE]
@@ -271,6 +271,10 @@ async def test_the_workers_infer_fast_path_answers_well_formed_requests_and_leav
         bad = await c.post(INFER_PATH, json={"spec": spec, "attempt": 1}, headers=key)  # no seed
         assert bad.status_code == 422
         assert any("seed" in [str(x) for x in e["loc"]] for e in bad.json()["detail"])
+        # Past the bound: refused with what to fix, not the route's verdict on a cut body.
+        big = {**body, "spec": {**body["spec"], "prompt": "x" * (_INFER_BODY_MAX + 1)}}
+        huge = await c.post(INFER_PATH, json=big, headers=key)
+        assert huge.status_code == 413 and f"over {_INFER_BODY_MAX} bytes" in huge.json()["detail"]
     await app.state.worker.engine.aclose()
     assert reached == [INFER_PATH, INFER_PATH]  # both refusals came from the route
 
