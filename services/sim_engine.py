@@ -90,7 +90,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from services import asgi
+from services import asgi, runtime
 from services.contracts import VllmMetric
 from services.routing import kv_events
 from services.settings import Settings, get_settings
@@ -1601,6 +1601,7 @@ def main(argv: list[str] | None = None) -> int:
         profile or "settings",
         config.model_dump(exclude={"description", "source"}),
     )
+    runtime.freeze_startup_heap()
     uvicorn.run(
         app,
         host=host,
