@@ -16,12 +16,15 @@ from typing import Any
 
 import aiohttp
 import httpx
+from pydantic_core import to_json
 
 from services.contracts import now_ns
 
 #: The longest stream line read from an engine (a token chunk is a few hundred bytes; a bound
 #: keeps a broken engine from growing the worker's buffer without end).
 MAX_EVENT_BYTES = 1 << 20
+#: The content type of a request body serialised ahead (aiohttp sets it only for ``json=``).
+_JSON = {"Content-Type": "application/json"}
 
 
 class EngineError(Exception):
@@ -259,7 +262,9 @@ class EngineClient:
         # own benchmark client streams with aiohttp too. Per chunk: one timestamp and one JSON parse.
         session = self._stream_session()
         try:
-            async with session.post(f"{self.base_url}{path}", json=body) as resp:
+            # pydantic-core's serialiser: a quarter of json.dumps's time for a 1,000-id prompt.
+            data = to_json(body)
+            async with session.post(f"{self.base_url}{path}", data=data, headers=_JSON) as resp:
                 if resp.status >= 400:
                     text = await resp.text(errors="replace")
                     raise EngineError(

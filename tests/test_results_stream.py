@@ -137,3 +137,28 @@ def test_cpu_between_charges_each_process_once() -> None:
     got = procstats.cpu_between(before, after)
     assert got["cpu_s"] == pytest.approx(2.5 + 0.25 + 1.0)
     assert {p["pid"]: p["cpu_s"] for p in got["processes"]} == {1: 2.5, 2: 0.25, 4: 1.0}
+
+
+async def test_the_worker_learns_the_prompt_pool_when_it_describes_the_engine(stack: Stack) -> None:
+    # Learned with the engine's description (the heartbeat's, once the engine is ready), not by
+    # a run's first job: the first burst would wait for it.
+    from services.inference_worker import WorkerState
+
+    state = WorkerState(stack.settings)
+    calls = 0
+    real = state.engine.tokenize
+
+    async def counting(text: str, add_special_tokens: bool = True) -> list[int]:
+        nonlocal calls
+        calls += 1
+        return await real(text, add_special_tokens)
+
+    state.engine.tokenize = counting  # type: ignore[method-assign]
+    try:
+        await state.describe_engine()
+        assert calls == 3 and state.model == "llmconsole-sim"
+        built = await state.prompts.build(100, 50, prefix_seed=1, suffix_seed=2)
+        assert built.token_count == 100 and calls == 3  # nothing more to learn
+    finally:
+        await state.engine.aclose()
+        await state.redis.aclose()
