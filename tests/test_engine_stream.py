@@ -271,12 +271,15 @@ async def test_the_workers_infer_fast_path_answers_well_formed_requests_and_leav
         bad = await c.post(INFER_PATH, json={"spec": spec, "attempt": 1}, headers=key)  # no seed
         assert bad.status_code == 422
         assert any("seed" in [str(x) for x in e["loc"]] for e in bad.json()["detail"])
-        # Past the bound: refused with what to fix, not the route's verdict on a cut body.
+        assert reached == [INFER_PATH, INFER_PATH]  # both refusals came from the route
+        # Past the bound: refused with what to fix, not the route's verdict on a cut body; with
+        # or without the key (the route has no bound of its own: it never reads such a body).
         big = {**body, "spec": {**body["spec"], "prompt": "x" * (_INFER_BODY_MAX + 1)}}
-        huge = await c.post(INFER_PATH, json=big, headers=key)
-        assert huge.status_code == 413 and f"over {_INFER_BODY_MAX} bytes" in huge.json()["detail"]
+        for headers in (key, {"Authorization": "Bearer nope"}):
+            huge = await c.post(INFER_PATH, json=big, headers=headers)
+            assert huge.status_code == 413 and f"over {_INFER_BODY_MAX} bytes" in huge.json()["detail"]
+        assert reached == [INFER_PATH, INFER_PATH]
     await app.state.worker.engine.aclose()
-    assert reached == [INFER_PATH, INFER_PATH]  # both refusals came from the route
 
 
 def test_plain_token_chunks_are_recognised_by_bytes_alone() -> None:
