@@ -30,8 +30,8 @@ def freeze_startup_heap() -> None:
 
     A process's startup heap (modules, FastAPI, pydantic schemas, numpy) is most of what a full
     (generation 2) collection walks, and it never becomes garbage. Walking it stopped the
-    event loop mid-run: 68 ms in the inference worker, 29 ms in the simulator and 81 ms in the
-    bench during one concurrency-32 run on a 2-core machine (``gc.callbacks`` timing). vLLM
+    event loop mid-run: 65 and 122 ms in the inference worker, 66 and 75 ms in the bench, in two
+    concurrency-32 runs on a 2-core machine (``gc.callbacks`` timing). vLLM
     freezes its own startup heap for the same reason. Frozen objects are still freed by
     reference counting; only a cycle among them would stay, and startup objects live for the
     whole process anyway. Call it once, after imports and set-up, before serving.
