@@ -101,6 +101,10 @@ ROUTING_DECISIONS = Counter(
 JOB_RETRIES = Counter(f"{NAMESPACE}job_retries", "Failed tries that were retried (engine 5xx, timeouts).")
 JOBS_RECLAIMED = Counter(f"{NAMESPACE}jobs_reclaimed", "Jobs taken over from a proxy worker that stopped.")
 PROXY_IN_FLIGHT = Gauge(f"{NAMESPACE}proxy_jobs_in_flight", "Jobs this proxy worker is running now.")
+PROXY_NODES = Gauge(
+    f"{NAMESPACE}proxy_nodes_live",
+    "Nodes this proxy worker saw up and ready at its last registry refresh (REGISTRY_REFRESH_S).",
+)
 
 # --- inference worker -----------------------------------------------------------
 WORKER_REQUESTS = Counter(

@@ -155,6 +155,8 @@ class ProxyWorker:
         """Consume until :meth:`stop`; then drain within the grace period."""
         await self._wait_for_redis()
         prom.track(prom.PROXY_IN_FLIGHT, lambda: len(self.running))
+        # Read from the metrics thread: len() of the dict the loop replaces whole at each refresh.
+        prom.track(prom.PROXY_NODES, lambda: len(self.registry.nodes))
         metrics_server = prom.serve(self.s.proxy_metrics_host, self.s.proxy_metrics_port)
         loops = [
             asyncio.create_task(self._trim_loop()),

@@ -158,14 +158,18 @@ class Cluster:
         }
         self.head = Settings(_env_file=None, **head)  # type: ignore[call-arg]
         env = settings_env(head)
-        self.procs = [
-            Proc("proxy_worker", "services.proxy_worker", env, workdir),
-            Proc("ingestion", "services.ingestion", env, workdir),
-            *(
-                Proc(f"proxy_worker{i + 2}", "services.proxy_worker", env, workdir)
-                for i in range(proxies - 1)
-            ),
+        #: Each proxy worker's /metrics port (start() waits until each sees every node).
+        self.proxy_metrics = [free_port() for _ in range(proxies)]
+        proxy = [
+            Proc(
+                "proxy_worker" if i == 0 else f"proxy_worker{i + 1}",
+                "services.proxy_worker",
+                {**env, "PROXY_METRICS_PORT": str(port)},
+                workdir,
+            )
+            for i, port in enumerate(self.proxy_metrics)
         ]
+        self.procs = [proxy[0], Proc("ingestion", "services.ingestion", env, workdir), *proxy[1:]]
         self.r = redis.Redis(port=redis_server.port, password=redis_server.password, decode_responses=True)
         self.headers = {"Authorization": f"Bearer {self.common['api_key']}"}
 
@@ -179,8 +183,23 @@ class Cluster:
         names = sorted(n.node_id for n in self.nodes)
         try:
             wait_until(lambda: sorted(self.ready_nodes()) == names, 60, f"{names} ready")
+            # A proxy routes to a node from its first registry refresh after the node got ready:
+            # jobs submitted before would all go to the nodes it saw (and own their prefixes).
+            wait_until(lambda: self.proxies_see() == len(names), 30, "every proxy worker to see every node")
         except TimeoutError as e:
             raise AssertionError(f"{e}\n{self.diag()}") from None
+
+    def proxies_see(self) -> int:
+        """The fewest nodes any proxy worker routes to now (its ``proxy_nodes_live`` gauge)."""
+        seen = []
+        for port in self.proxy_metrics:
+            try:
+                text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
+            except httpx.HTTPError:
+                return 0
+            line = next((ln for ln in text.splitlines() if ln.startswith("llmconsole:proxy_nodes_live ")), "")
+            seen.append(int(float(line.split()[1])) if line else 0)
+        return min(seen)
 
     def ready_nodes(self) -> list[str]:
         """Nodes whose heartbeat says up and ready."""

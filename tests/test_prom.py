@@ -74,6 +74,7 @@ def test_metrics_endpoints(make_stack: Callable[..., Stack]) -> None:
     assert _value(px, "llmconsole:job_e2e_seconds_count", node=node) == n
     assert _value(px, "llmconsole:job_e2e_seconds_bucket", node=node, le="+Inf") == n
     assert _value(px, "llmconsole:proxy_jobs_in_flight") == 0
+    assert _value(px, "llmconsole:proxy_nodes_live") == 1
     # Every dispatch is a routing decision, counted per node and policy (the default ROUTING here).
     decisions = {
         labels: v for (name, labels), v in px.items() if name == "llmconsole:routing_decisions_total"
