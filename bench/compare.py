@@ -126,6 +126,17 @@ def compare_summaries(a: dict[str, Any], b: dict[str, Any]) -> list[CompareRow]:
                     sb[stage].get("mean_ms"),
                     "lower",
                 )
+    ea, eb = a.get("paired_e2el") or {}, b.get("paired_e2el") or {}
+    for stat in ("median", *(pkey(x) for x in pcts if x != 50.0)):
+        label = stat.capitalize() if stat[0] != "p" else stat.upper()
+        add(
+            "run",
+            f"{stat}_e2el_diff_ms",
+            f"{label} E2EL pipeline − direct, paired by request (ms)",
+            ea.get(f"{stat}_e2el_diff_ms"),
+            eb.get(f"{stat}_e2el_diff_ms"),
+            "lower",
+        )
     ra, rb = a.get("routing") or {}, b.get("routing") or {}
     for key, label, better in _ROUTING:
         add("routing", key, label, ra.get(key), rb.get(key), better)

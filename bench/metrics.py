@@ -276,6 +276,24 @@ def overhead(
     return out
 
 
+def paired_e2el(records: Sequence[RequestRecord], percentiles: Sequence[float]) -> dict[str, Any] | None:
+    """Pipeline E2EL minus direct E2EL of the same request, over every request both paths served.
+
+    ``--path both`` sends each request on both paths, so the difference is taken per request:
+    with varied lengths the two paths' medians each move with the lengths they happen to hold,
+    and their difference is far noisier than the median of the paired differences. None when no
+    request succeeded on both paths.
+    """
+    e2el: dict[tuple[int, int], dict[str, float]] = {}
+    for r in records:
+        if r.success and r.latency_s is not None:
+            e2el.setdefault((r.step, r.index), {})[r.path] = r.latency_s
+    diffs = [v["pipeline"] - v["direct"] for v in e2el.values() if "pipeline" in v and "direct" in v]
+    if not diffs:
+        return None
+    return {"pairs": len(diffs), **stats_ms(diffs, percentiles, "e2el_diff")}
+
+
 def pipeline_cpu(
     usage: dict[str, Any] | None, records: Sequence[RequestRecord], duration_s: float
 ) -> dict[str, Any] | None:

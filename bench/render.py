@@ -119,6 +119,19 @@ def summary_renderables(summary: dict[str, Any]) -> list[RenderableType]:
                 style="dim",
             )
         )
+    paired = summary.get("paired_e2el") if both else None
+    if paired:
+        # The same request on both paths: the median of its differences, not the medians' difference.
+        tail = [p for p in pcts if p != 50.0]
+        out.append(
+            Text(
+                "E2EL pipeline − direct, paired by request ("
+                + f"{paired['pairs']} pairs): median {fmt(paired.get('median_e2el_diff_ms'))} ms"
+                + "".join(
+                    f", {pkey(p).upper()} {fmt(paired.get(f'{pkey(p)}_e2el_diff_ms'))} ms" for p in tail
+                )
+            )
+        )
 
     x = Table(title="Client, pipeline and engine", title_justify="left")
     x.add_column("figure")

@@ -38,6 +38,7 @@ from bench.datasets import load_prompts
 from bench.metrics import (
     find_knee,
     overhead,
+    paired_e2el,
     path_metrics,
     pipeline_cpu,
     prefix_cache_delta,
@@ -534,6 +535,7 @@ def step_summary(
     }
     if "pipeline" in per_path and "direct" in per_path:
         step["overhead"] = overhead(per_path["pipeline"], per_path["direct"], cfg.percentiles)
+        step["paired_e2el"] = paired_e2el(records, cfg.percentiles)
     return step
 
 
@@ -607,6 +609,7 @@ def build_summary(
     out["paths"] = chosen["paths"]
     if "overhead" in chosen:
         out["overhead"] = chosen["overhead"]
+        out["paired_e2el"] = chosen.get("paired_e2el")
     out["prefix_cache"] = prefix_cache
     out["gpu"] = gpu
     if cfg.sweep is not None:

@@ -11,6 +11,7 @@ from bench.gpu import parse_entry, run_window, summarize_samples
 from bench.metrics import (
     find_knee,
     overhead,
+    paired_e2el,
     path_metrics,
     pipeline_metrics,
     pkey,
@@ -217,6 +218,25 @@ def test_overhead_is_difference_and_ratio() -> None:
     assert o["mean_e2el_ms"] == {"pipeline": 150.0, "direct": 100.0, "diff": 50.0, "ratio": 1.5}
     assert o["request_throughput"]["ratio"] == pytest.approx(0.9)
     assert o["p99_ttft_ms"]["diff"] is None
+
+
+def test_paired_e2el_takes_the_difference_per_request_not_between_medians() -> None:
+    # Lengths vary by request: the direct path's median request is not the pipeline's, so the
+    # medians differ by 400 ms, while every request took exactly 5 ms longer through the pipeline.
+    base = [1.0, 2.0, 3.0, 4.0]
+    recs = [rec(0.1, [], latency=b + 0.005, path="pipeline", index=i) for i, b in enumerate(base)]
+    recs += [rec(0.1, [], latency=b, path="direct", index=i) for i, b in enumerate(base)]
+    recs.append(rec(0.1, [], latency=0.5, path="direct", index=9))  # no pipeline twin: not a pair
+    recs.append(rec(0.1, [], success=False, path="pipeline", index=9))
+    recs.append(rec(0.1, [], latency=4.0, path="pipeline", index=3))  # same index, another step
+    recs[-1].step = 1
+    p = paired_e2el(recs, PCTS)
+    assert p is not None and p["pairs"] == 4
+    for key in ("mean_e2el_diff_ms", "median_e2el_diff_ms", "p90_e2el_diff_ms", "p99_e2el_diff_ms"):
+        assert p[key] == pytest.approx(5.0), key
+    med = vllm_metrics([r for r in recs if r.path == "pipeline" and r.step == 0], 10.0, PCTS)
+    assert med["median_e2el_ms"] - vllm_metrics(recs[4:9], 10.0, PCTS)["median_e2el_ms"] > 400
+    assert paired_e2el([r for r in recs if r.path == "direct"], PCTS) is None
 
 
 def test_prefix_cache_delta_from_metrics_text() -> None:

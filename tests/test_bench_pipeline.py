@@ -6,9 +6,11 @@ import asyncio
 from pathlib import Path
 
 import pytest
+from rich.console import Console
 
 from bench import BenchConfig, ProgressEvent, run_benchmark
 from bench.cli import main
+from bench.render import summary_renderables
 from bench.store import list_stored_runs, load_stored_run
 from services.contracts import STAGE_NAMES, RunState
 from tests.stackutil import Stack
@@ -43,6 +45,15 @@ async def test_both_paths_through_the_stack(stack: Stack, tmp_path: Path) -> Non
     assert sm["overhead"]["mean_e2el_ms"]["diff"] == pytest.approx(
         pipe["mean_e2el_ms"] - direct["mean_e2el_ms"]
     )
+    # Each request went both ways: the paired difference is the median of its per-request differences.
+    e2el = {(r.index, r.path): r.latency_s for r in res.records}
+    diffs = sorted(e2el[(i, "pipeline")] - e2el[(i, "direct")] for i in {r.index for r in res.records})
+    assert sm["paired_e2el"]["pairs"] == 10
+    assert sm["paired_e2el"]["median_e2el_diff_ms"] == pytest.approx((diffs[4] + diffs[5]) / 2 * 1000)
+    text = Console(width=200, record=True)
+    for renderable in summary_renderables(sm):  # as `llmconsole bench` prints them
+        text.print(renderable)
+    assert "E2EL pipeline − direct, paired by request (10 pairs): median" in text.export_text()
     assert sm["prefix_cache"]["hit_rate"] > 0
     assert sm["engine"].startswith("sim")
     # every pipeline request is a succeeded job of this run, engine timings filled in

@@ -165,6 +165,8 @@ def test_compare_rows_and_table(tmp_path: Path, capsys: pytest.CaptureFixture[st
     assert ttft.ratio == pytest.approx(2.0) and ttft.verdict == "worse"
     assert rows[("pipeline", "stage_client")].a is not None
     assert rows[("run", "prefix_cache_hit_rate")].ratio == pytest.approx(1.0)
+    paired = rows[("run", "median_e2el_diff_ms")]
+    assert paired.a is not None and paired.b is not None and ("run", "p99_e2el_diff_ms") in rows
 
     console = Console(record=True, width=200)
     console.print(comparison_table(c))
