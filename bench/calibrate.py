@@ -254,6 +254,7 @@ async def calibrate(settings: Settings, plan: Plan, progress: Callable[[str], No
                     if kv_blocks
                     else "; kv_blocks and max_num_seqs from settings"
                 )
+                + f"; max_num_batched_tokens {cfg.max_num_batched_tokens} from settings (the API does not report it)"
             ),
         }
     )

@@ -118,6 +118,8 @@ class Settings(BaseSettings):
     sim_itl_jitter_ms: float = Field(1.0, ge=0)
     sim_itl_batch_ms: float = Field(0.05, ge=0, description="Extra ITL per running sequence.")
     sim_max_num_seqs: int = Field(64, ge=1, le=4096)
+    #: Token budget of one step (vLLM's max_num_batched_tokens); 0 = whole prefills in one step.
+    sim_max_num_batched_tokens: int = Field(8192, ge=0, le=1_048_576)
     sim_block_size: int = Field(16, ge=1, le=1024)
     sim_kv_blocks: int = Field(8192, ge=16)
     sim_seed: int = 0

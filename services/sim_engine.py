@@ -12,15 +12,20 @@ Run it with ``python -m services.sim_engine [--host H --port P --profile NAME ..
 Timing model
     One asyncio task plays vLLM's engine loop: each step runs the whole batch
     once. ``max_num_seqs`` sequences run at most; the rest wait in a FIFO queue.
-    A step that admits waiting sequences prefills them all together and takes
-    ``ttft_base_ms + prefill_ms_per_token × (their uncached prompt tokens)``;
+    A step that prefills takes
+    ``ttft_base_ms + prefill_ms_per_token × (the uncached prompt tokens it computes)``;
     if sequences are decoding, the step also takes
-    ``itl_ms + itl_batch_ms × running + N(0, itl_jitter_ms)``. Each sequence in
-    the step gets one token at its end, so time to first token is queueing +
-    the prefill step, and inter-token latency grows with the batch (and spikes
-    while others prefill, as in vLLM). Without ``ignore_eos`` a sequence stops
+    ``itl_ms + itl_batch_ms × running + N(0, itl_jitter_ms)``. Each decoding
+    sequence in the step gets one token at its end, so time to first token is
+    queueing + the prefill steps, and inter-token latency grows with the batch
+    (and spikes while others prefill, as in vLLM). Without ``ignore_eos`` a sequence stops
     with probability ``eos_prob`` per token once it has ``min_tokens``.
-    Prefill is not chunked (vLLM's ``max_num_batched_tokens`` is not modelled).
+    A step computes at most ``max_num_batched_tokens`` tokens, as vLLM v1 with
+    chunked prefill: the running sequences first (one token each to decode,
+    or the next chunk of a prefill), then waiting ones while budget is left,
+    the last admitted with a chunk of its prompt. A sequence's first token
+    comes at the end of the step that computes the last chunk of its prompt.
+    0 = no budget: every admitted prompt is prefilled whole in one step.
 
 Prefix cache and KV blocks
     As in vLLM: the prompt's token ids are split into blocks of ``block_size``;
@@ -47,6 +52,7 @@ Profiles
           "itl_batch_ms": 17.0,           # extra decode step time per running sequence
           "itl_jitter_ms": 5.0,           # standard deviation of a gaussian on each decode step
           "max_num_seqs": 64,             # batch limit (running sequences)
+          "max_num_batched_tokens": 8192, # tokens a step computes at most (0 = no budget)
           "block_size": 128,              # tokens per KV block (prefix cache granularity)
           "kv_blocks": 429,               # KV blocks in the cache
           "eos_prob": 0.01,               # per-token stop chance without ignore_eos
@@ -133,6 +139,13 @@ class SimConfig(BaseModel):
     itl_jitter_ms: float = Field(1.0, ge=0, description="Std deviation of the decode step time.")
     itl_batch_ms: float = Field(0.05, ge=0, description="Extra decode step time per running sequence.")
     max_num_seqs: int = Field(64, ge=1, le=4096, description="Batch limit: running sequences.")
+    max_num_batched_tokens: int = Field(
+        8192,
+        ge=0,
+        le=1_048_576,
+        description="Tokens one step computes at most (vLLM's max_num_batched_tokens): longer prefills "
+        "are chunked over steps; 0 = no budget, every admitted prefill whole in one step.",
+    )
     block_size: int = Field(16, ge=1, le=1024, description="Tokens per KV block.")
     kv_blocks: int = Field(8192, ge=16, description="KV blocks in the cache.")
     eos_prob: float = Field(0.01, ge=0, le=1, description="Per-token stop chance without ignore_eos.")
@@ -148,6 +161,7 @@ class SimConfig(BaseModel):
             "itl_jitter_ms": s.sim_itl_jitter_ms,
             "itl_batch_ms": s.sim_itl_batch_ms,
             "max_num_seqs": s.sim_max_num_seqs,
+            "max_num_batched_tokens": s.sim_max_num_batched_tokens,
             "block_size": s.sim_block_size,
             "kv_blocks": s.sim_kv_blocks,
             "seed": s.sim_seed,
@@ -557,6 +571,8 @@ class Sequence:
     blocks: list[int] = field(default_factory=list)
     output: list[int] = field(default_factory=list)
     num_cached: int = 0
+    #: Tokens of its current prefill not computed yet (more than 0 while chunked over steps).
+    prefill_left: int = 0
     admitted_once: bool = False
     first_token_at: float | None = None
     last_token_at: float | None = None
@@ -587,6 +603,8 @@ class StepPlan:
     decode: list[Sequence]
     prefill_tokens: int
     duration_s: float
+    #: Tokens of each ``prefill`` sequence this step computes (its whole prefill or a chunk).
+    chunks: list[int] = field(default_factory=list)
 
     @property
     def empty(self) -> bool:
@@ -668,13 +686,29 @@ class Scheduler:
         self.stats.preemptions += 1
 
     def schedule(self, now: float) -> StepPlan:
-        """Plan the next step at time ``now``: decode every running sequence, admit waiting ones."""
+        """Plan the next step at time ``now``: decode every running sequence, admit waiting ones.
+
+        As vLLM v1's scheduler, within a token budget (``max_num_batched_tokens``): the running
+        sequences first, in order (one token each to decode, or the next chunk of a prefill), then
+        the waiting ones while budget is left, the last of them with a chunk of its prefill.
+        """
         cfg = self.config
+        budget = cfg.max_num_batched_tokens or sys.maxsize
         preempted = False
         decode: list[Sequence] = []
+        prefill: list[Sequence] = []
+        chunks: list[int] = []
         for seq in list(self.running):
             if seq.status is not SeqStatus.RUNNING:
                 continue  # preempted below while making room for an earlier one
+            if budget <= 0:
+                break  # no budget left this step: the rest run in the next
+            if seq.prefill_left > 0:  # a prefill chunked over steps: its next chunk
+                take = min(seq.prefill_left, budget)
+                prefill.append(seq)
+                chunks.append(take)
+                budget -= take
+                continue
             need = self.blocks_needed(seq.num_tokens) - len(seq.blocks)
             while need > self.pool.num_free:
                 victim = self.running[-1]
@@ -686,10 +720,9 @@ class Scheduler:
                 if need > 0:
                     seq.blocks.extend(self.pool.allocate(need))
                 decode.append(seq)
-        prefill: list[Sequence] = []
-        prefill_tokens = 0
+                budget -= 1
         # vLLM admits nothing in a step that had to preempt.
-        while self.waiting and not preempted and len(self.running) < cfg.max_num_seqs:
+        while self.waiting and not preempted and len(self.running) < cfg.max_num_seqs and budget > 0:
             seq = self.waiting[0]
             n = seq.num_tokens
             # vLLM recomputes at least the last token, so hits stop before it.
@@ -717,18 +750,29 @@ class Scheduler:
                 self.stats.queue.observe(max(0.0, now - seq.arrival))
             seq.status = SeqStatus.RUNNING
             self.running.append(seq)
+            # At least one token: hits stop before the last prompt token.
+            seq.prefill_left = n - cached
+            take = min(seq.prefill_left, budget)
             prefill.append(seq)
-            prefill_tokens += n - cached
+            chunks.append(take)
+            budget -= take
+        prefill_tokens = sum(chunks)
         jitter = self.rng.gauss(0.0, 1.0) if decode and cfg.itl_jitter_ms > 0 else 0.0
         ms = (cfg.prefill_ms(prefill_tokens) if prefill else 0.0) + cfg.decode_ms(len(decode), jitter)
-        return StepPlan(prefill, decode, prefill_tokens, ms / 1000.0)
+        return StepPlan(prefill, decode, prefill_tokens, ms / 1000.0, chunks)
 
     def complete(self, plan: StepPlan, now: float) -> None:
-        """End the step at ``now``: one token for each of its sequences still running."""
-        for seq in (*plan.decode, *plan.prefill):
+        """End the step at ``now``: one token for each decoding sequence still running, and the
+        first token (or, after a recompute, the next) of each whose prefill this step finished."""
+        for seq in plan.decode:
+            if seq.status is SeqStatus.RUNNING:  # not aborted or preempted during the step
+                self._emit(seq, now)
+        for seq, take in zip(plan.prefill, plan.chunks, strict=True):
             if seq.status is not SeqStatus.RUNNING:
-                continue  # aborted or preempted during the step
-            self._emit(seq, now)
+                continue
+            seq.prefill_left = max(0, seq.prefill_left - take)
+            if seq.prefill_left == 0:
+                self._emit(seq, now)
 
     def _emit(self, seq: Sequence, now: float) -> None:
         n_out = len(seq.output) + 1

@@ -337,6 +337,62 @@ def test_batch_limit_queues_fifo_and_slows_decode() -> None:
     assert sched.stats.queue.count == 4 and sched.stats.queue.total > 0
 
 
+def test_token_budget_chunks_a_long_prefill_over_steps() -> None:
+    cfg = quiet(ttft_base_ms=10, prefill_ms_per_token=1, itl_ms=5, itl_batch_ms=0, max_num_batched_tokens=100)
+    sched = Scheduler(cfg)
+    seq = sched.new_sequence(list(range(4, 4 + 250)), 3, ignore_eos=True)
+    sched.add(seq)
+    t, chunks = 0.0, []
+    while seq.first_token_at is None:
+        plan = sched.schedule(t)
+        chunks.append(plan.chunks)
+        assert plan.duration_s == pytest.approx((10 + plan.prefill_tokens) / 1000)
+        t += plan.duration_s
+        sched.complete(plan, t)
+    # 250 prompt tokens at 100 a step; the first token only when the last chunk is computed
+    assert chunks == [[100], [100], [50]]
+    assert seq.first_token_at == pytest.approx(0.110 + 0.110 + 0.060)
+    assert len(seq.output) == 1 and seq.prefill_left == 0
+
+
+def test_token_budget_serves_decodes_first_then_admits_within_what_is_left() -> None:
+    cfg = quiet(ttft_base_ms=0, prefill_ms_per_token=1, itl_ms=5, itl_batch_ms=0, max_num_batched_tokens=100)
+    sched = Scheduler(cfg)
+    a = sched.new_sequence(list(range(4, 54)), 10, ignore_eos=True)
+    sched.add(a)
+    plan = sched.schedule(0.0)
+    sched.complete(plan, plan.duration_s)
+    b = sched.new_sequence(list(range(100, 180)), 10, ignore_eos=True)
+    c = sched.new_sequence(list(range(200, 280)), 10, ignore_eos=True)
+    sched.add(b)
+    sched.add(c)
+    plan = sched.schedule(0.1)
+    # a decodes (1 token), b takes its whole 80, c what is left (19); c's next chunk comes first next
+    assert plan.decode == [a] and plan.prefill == [b, c] and plan.chunks == [80, 19]
+    assert plan.duration_s == pytest.approx((99 + 5) / 1000)
+    sched.complete(plan, 0.2)
+    assert b.first_token_at == 0.2 and c.first_token_at is None and c.prefill_left == 61
+    plan = sched.schedule(0.2)
+    assert plan.prefill == [c] and plan.chunks == [61] and plan.decode == [a, b]
+    sched.complete(plan, 0.3)
+    assert c.first_token_at == 0.3 and len(a.output) == 3 and len(b.output) == 2
+
+
+def test_no_token_budget_prefills_every_admitted_prompt_in_one_step() -> None:
+    cfg = quiet(ttft_base_ms=0, prefill_ms_per_token=1, max_num_batched_tokens=0)
+    sched = Scheduler(cfg)
+    seqs = [
+        sched.new_sequence(list(range(10 + 1000 * i, 10 + 1000 * i + 900)), 2, ignore_eos=True)
+        for i in range(20)
+    ]
+    for s in seqs:
+        sched.add(s)
+    plan = sched.schedule(0.0)
+    assert plan.prefill == seqs and plan.prefill_tokens == 20 * 900
+    sched.complete(plan, plan.duration_s)
+    assert all(s.first_token_at == plan.duration_s for s in seqs)
+
+
 def test_prefix_cache_hits_in_usage_and_stats() -> None:
     cfg = quiet(ttft_base_ms=10, prefill_ms_per_token=1, block_size=16)
     sched = Scheduler(cfg)
