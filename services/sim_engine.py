@@ -29,7 +29,8 @@ Timing model
 
 Prefix cache and KV blocks
     As in vLLM: the prompt's token ids are split into blocks of ``block_size``;
-    each full block is hashed chained with its parent's hash. ``kv_blocks``
+    each full block is hashed chained with its parent's hash, and enters the
+    cache in the step that computes it (a chunked prompt, chunk by chunk). ``kv_blocks``
     blocks exist; running sequences hold the blocks of their prompt and output;
     freed blocks keep their hash and are reused on a hash hit until evicted in
     LRU order. A request's cached tokens are those of its longest cached block
@@ -573,6 +574,8 @@ class Sequence:
     num_cached: int = 0
     #: Tokens of its current prefill not computed yet (more than 0 while chunked over steps).
     prefill_left: int = 0
+    #: Prompt blocks entered into the prefix cache for its current admission.
+    registered: int = 0
     admitted_once: bool = False
     first_token_at: float | None = None
     last_token_at: float | None = None
@@ -705,6 +708,7 @@ class Scheduler:
                 break  # no budget left this step: the rest run in the next
             if seq.prefill_left > 0:  # a prefill chunked over steps: its next chunk
                 take = min(seq.prefill_left, budget)
+                self._cache_computed(seq, seq.num_tokens - seq.prefill_left + take)
                 prefill.append(seq)
                 chunks.append(take)
                 budget -= take
@@ -734,11 +738,7 @@ class Scheduler:
             self.waiting.popleft()
             self.pool.take(hit)
             seq.blocks = hit + self.pool.allocate(new)
-            bs = cfg.block_size
-            for i in range(len(hit), len(seq.block_hashes)):
-                parent = seq.block_hashes[i - 1] if i else None
-                tokens = seq.prompt_ids[i * bs : (i + 1) * bs]
-                self.pool.register(seq.blocks[i], seq.block_hashes[i], parent, tokens)
+            seq.registered = len(hit)
             cached = len(hit) * cfg.block_size
             if not seq.admitted_once:
                 seq.admitted_once = True
@@ -753,6 +753,7 @@ class Scheduler:
             # At least one token: hits stop before the last prompt token.
             seq.prefill_left = n - cached
             take = min(seq.prefill_left, budget)
+            self._cache_computed(seq, cached + take)
             prefill.append(seq)
             chunks.append(take)
             budget -= take
@@ -760,6 +761,21 @@ class Scheduler:
         jitter = self.rng.gauss(0.0, 1.0) if decode and cfg.itl_jitter_ms > 0 else 0.0
         ms = (cfg.prefill_ms(prefill_tokens) if prefill else 0.0) + cfg.decode_ms(len(decode), jitter)
         return StepPlan(prefill, decode, prefill_tokens, ms / 1000.0, chunks)
+
+    def _cache_computed(self, seq: Sequence, computed: int) -> None:
+        """Enter the prompt blocks that ``computed`` tokens fill into the prefix cache.
+
+        As vLLM v1 (``allocate_slots`` caches the full blocks of the tokens scheduled for the
+        step): a prompt chunked over steps is hit only as far as its chunks have reached.
+        """
+        bs = self.config.block_size
+        upto = min(len(seq.block_hashes), computed // bs)
+        for i in range(seq.registered, upto):
+            parent = seq.block_hashes[i - 1] if i else None
+            self.pool.register(
+                seq.blocks[i], seq.block_hashes[i], parent, seq.prompt_ids[i * bs : (i + 1) * bs]
+            )
+        seq.registered = max(seq.registered, upto)
 
     def complete(self, plan: StepPlan, now: float) -> None:
         """End the step at ``now``: one token for each decoding sequence still running, and the

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import random
 import re
 import signal
 import socket
@@ -448,6 +449,49 @@ def test_preemption_when_kv_runs_out() -> None:
     assert all(len(s.output) == 24 and s.finish_reason == "length" for s in seqs)
     assert sched.stats.preemptions > 0
     assert sched.pool.usage() == 0.0
+
+
+@pytest.mark.parametrize("budget", [1, 7, 40])
+def test_chunked_prefills_under_kv_pressure_still_finish_every_sequence(budget: int) -> None:
+    # A small budget and a cache that forces preemption (but at a budget of 1, where one sequence
+    # moves a step): sequences preempted are recomputed in chunks, and each ends with its tokens.
+    cfg = quiet(block_size=4, kv_blocks=16, max_num_seqs=6, max_num_batched_tokens=budget)
+    sched = Scheduler(cfg)
+    rng = random.Random(budget)
+    seqs = []
+    for i in range(12):
+        prompt = list(range(100 * i + 4, 100 * i + 4 + rng.randint(5, 24)))
+        seqs.append(sched.new_sequence(prompt, rng.randint(10, 30), ignore_eos=True))
+    for s in seqs:
+        sched.add(s)
+    run_until_idle(sched)
+    assert all(len(s.output) == s.max_tokens and s.finish_reason == "length" for s in seqs)
+    assert all(s.prefill_left == 0 for s in seqs)
+    assert (sched.stats.preemptions > 0) == (budget > 1)
+    assert sched.pool.usage() == 0.0
+
+
+def test_a_prefill_preempted_midway_is_cached_only_as_far_as_it_was_computed() -> None:
+    cfg = quiet(
+        block_size=4, kv_blocks=16, max_num_seqs=4, max_num_batched_tokens=8, ttft_base_ms=0, itl_ms=1
+    )
+    sched = Scheduler(cfg)
+    d = sched.new_sequence(list(range(4, 19)), 8, ignore_eos=True)  # decodes, and grows into a's blocks
+    a = sched.new_sequence(list(range(100, 144)), 2, ignore_eos=True)  # 44 tokens, 11 blocks, chunked
+    sched.add(d)
+    sched.add(a)
+    t, a_chunks = 0.0, []
+    while sched.has_work():
+        plan = sched.schedule(t)
+        a_chunks += [c for seq, c in zip(plan.prefill, plan.chunks, strict=True) if seq is a]
+        t += plan.duration_s
+        sched.complete(plan, t)
+    # d's growth preempted a when 36 of its 44 prompt tokens (9 blocks) were computed, and
+    # evicted its 11th block. Back, a hits those 9 blocks only, so 8 tokens are computed again.
+    # Had every allocated block been cached at admission, the uncomputed 10th would hit too (4).
+    assert sched.stats.preemptions == 1
+    assert a_chunks == [1, 7, 7, 7, 7, 7, 8]
+    assert len(a.output) == 2 and len(d.output) == 8
 
 
 def test_abort_frees_slot_and_blocks() -> None:
