@@ -603,11 +603,15 @@ class StepPlan:
     """What one engine step runs and how long it takes."""
 
     prefill: list[Sequence]
-    decode: list[Sequence]
-    prefill_tokens: int
-    duration_s: float
     #: Tokens of each ``prefill`` sequence this step computes (its whole prefill or a chunk).
-    chunks: list[int] = field(default_factory=list)
+    chunks: list[int]
+    decode: list[Sequence]
+    duration_s: float
+
+    @property
+    def prefill_tokens(self) -> int:
+        """Prompt tokens the step computes."""
+        return sum(self.chunks)
 
     @property
     def empty(self) -> bool:
@@ -757,10 +761,9 @@ class Scheduler:
             prefill.append(seq)
             chunks.append(take)
             budget -= take
-        prefill_tokens = sum(chunks)
         jitter = self.rng.gauss(0.0, 1.0) if decode and cfg.itl_jitter_ms > 0 else 0.0
-        ms = (cfg.prefill_ms(prefill_tokens) if prefill else 0.0) + cfg.decode_ms(len(decode), jitter)
-        return StepPlan(prefill, decode, prefill_tokens, ms / 1000.0, chunks)
+        ms = (cfg.prefill_ms(sum(chunks)) if prefill else 0.0) + cfg.decode_ms(len(decode), jitter)
+        return StepPlan(prefill, chunks, decode, ms / 1000.0)
 
     def _cache_computed(self, seq: Sequence, computed: int) -> None:
         """Enter the prompt blocks that ``computed`` tokens fill into the prefix cache.

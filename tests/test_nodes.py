@@ -18,6 +18,7 @@ import pytest
 import redis
 
 from services.contracts import JOB_NODE_FIELD, JOB_POLICY_FIELD, Keys, NodeHeartbeat, NodeState, new_id
+from services.engine_client import metric_sum, parse_prometheus
 from services.lifecycle.supervisor_client import supervisor_proxy
 from services.settings import REPO_ROOT, Settings
 from tests.stackutil import PYTHON, Proc, RedisServer, free_port, http_ok, settings_env, wait_until
@@ -197,8 +198,7 @@ class Cluster:
                 text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
             except httpx.HTTPError:
                 return 0
-            line = next((ln for ln in text.splitlines() if ln.startswith("llmconsole:proxy_nodes_live ")), "")
-            seen.append(int(float(line.split()[1])) if line else 0)
+            seen.append(int(metric_sum(parse_prometheus(text), "llmconsole:proxy_nodes_live") or 0))
         return min(seen)
 
     def ready_nodes(self) -> list[str]:
