@@ -7,8 +7,8 @@
 
 It starts its own redis-server (AOF on, as production runs it) and the real ingestion service
 (``python -m services.ingestion``, with its production server settings), and no proxy worker, so
-only ingestion works. Beside it runs a bare FastAPI app on the same server settings (uvicorn, h11
-with the same header bound, no access log) whose handler validates a pydantic body and answers
+only ingestion works. Beside it runs a bare FastAPI app on the same server settings (uvicorn,
+httptools with the same header bound, no access log) whose handler validates a pydantic body and answers
 202: the floor an HTTP service in Python can reach here. wrk (Debian's ``wrk`` package) drives
 both with the same POST, alternating rounds so that noise from the shared machine falls on both.
 The figure is a ratio measured side by side, never an absolute to compare across machines.
@@ -33,7 +33,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from services.contracts import MAX_HEADER_BYTES, JobRequest  # noqa: E402
+from services.asgi import BoundedHttpToolsProtocol  # noqa: E402
+from services.contracts import JobRequest  # noqa: E402
 
 BODY = {"input_tokens": 1000, "output_tokens": 100}
 
@@ -63,8 +64,7 @@ def serve_bare(port: int) -> None:
         log_level="warning",
         access_log=False,
         limit_concurrency=4096,
-        http="h11",
-        h11_max_incomplete_event_size=MAX_HEADER_BYTES,
+        http=BoundedHttpToolsProtocol,
     )
 
 

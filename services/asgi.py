@@ -7,8 +7,13 @@ replayed, so every refusal stays the route's own (status, message, OpenAPI schem
 
 from __future__ import annotations
 
+from typing import Any
+
 from starlette.responses import Response
 from starlette.types import Message, Receive, Send
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+from services.contracts import MAX_HEADER_BYTES
 
 
 async def read_body(receive: Receive, limit: int) -> tuple[bytes, bool] | None:
@@ -69,3 +74,84 @@ async def send_json(send: Send, status: int, payload: bytes) -> None:
         }
     )
     await send({"type": "http.response.body", "body": payload})
+
+
+class _HeadersTooLarge(Exception):
+    """Raised inside a parser callback to stop parsing a request whose headers are past the bound."""
+
+
+class BoundedHttpToolsProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol (a C parser) with a bound on a request's line and headers.
+
+    httptools accepts a header section of any size (it parsed a 2 MB header here), so the bound is
+    kept twice over: the parsed request line and headers are counted as the parser hands them over,
+    and the bytes that arrive while a request's headers are still incomplete are counted after
+    each read (so a header that never ends holds at most the bound plus one read). Past
+    ``max_header_bytes`` the request gets a 431 that says so, and the connection closes, before
+    any handler runs. The rest is uvicorn's own; h11 (pure Python) bounds headers natively but
+    cost ingestion several times the CPU of httptools per request (README "The pipeline's own
+    cost").
+    """
+
+    #: Bytes of request line and headers allowed per request.
+    max_header_bytes: int = MAX_HEADER_BYTES
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._headers_done = False  # the current request's header section is complete
+        self._read_open = 0  # bytes read while it was not
+        self._parsed = 0  # request line and header bytes the parser handed over
+        self._too_large = False
+
+    def _count(self, n: int) -> None:
+        self._parsed += n
+        if self._parsed > self.max_header_bytes:
+            self._too_large = True
+            raise _HeadersTooLarge  # httptools turns it into HttpParserError: uvicorn refuses
+
+    def on_message_begin(self) -> None:
+        """A new request starts: its header section is open."""
+        super().on_message_begin()
+        self._headers_done = False
+        self._parsed = 0
+
+    def on_url(self, url: bytes) -> None:
+        """Count the request target."""
+        self._count(len(url) + 16)  # with the method and version around it
+        super().on_url(url)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        """Count one header line."""
+        self._count(len(name) + len(value) + 4)  # ": " and CRLF
+        super().on_header(name, value)
+
+    def on_headers_complete(self) -> None:
+        """The header section ended within the bound."""
+        self._headers_done = True
+        self._read_open = 0
+        super().on_headers_complete()
+
+    def data_received(self, data: bytes) -> None:
+        """Feed the parser, then refuse the request if its headers are still open past the bound."""
+        super().data_received(data)
+        if self._headers_done or self.transport.is_closing():
+            self._read_open = 0
+            return
+        self._read_open += len(data)
+        if self._read_open > self.max_header_bytes:
+            self._too_large = True
+            self.send_400_response("")
+
+    def send_400_response(self, msg: str) -> None:
+        """uvicorn's 400 for a malformed request, or the 431 of the bound."""
+        if not self._too_large:
+            super().send_400_response(msg)
+            return
+        body = f"request line and headers exceed {self.max_header_bytes} bytes: send smaller headers".encode()
+        self.transport.write(
+            b"HTTP/1.1 431 Request Header Fields Too Large\r\n"
+            b"content-type: text/plain; charset=utf-8\r\n"
+            b"content-length: " + str(len(body)).encode() + b"\r\n"
+            b"connection: close\r\n\r\n" + body
+        )
+        self.transport.close()

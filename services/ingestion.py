@@ -30,7 +30,6 @@ from services.admission import REDIS_DOWN_DETAIL, Refusal, enqueue, key_ok, live
 from services.contracts import (
     ID_PATTERN,
     MAX_BODY_BYTES,
-    MAX_HEADER_BYTES,
     MAX_WAIT_S,
     TERMINAL_STATES,
     JobAccepted,
@@ -640,10 +639,9 @@ def main() -> None:
         log_level="info",
         access_log=False,
         limit_concurrency=4096,
-        # h11 bounds the request line and headers (httptools parsed a 2 MB header): the API is
-        # the one port users reach, and its requests are small JSON.
-        http="h11",
-        h11_max_incomplete_event_size=MAX_HEADER_BYTES,
+        # httptools (a C parser) with the request line and headers bounded (431 past
+        # MAX_HEADER_BYTES): the API is the one port users reach, and its requests are small JSON.
+        http=asgi.BoundedHttpToolsProtocol,
     )
 
 
