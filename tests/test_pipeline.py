@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import json
 import socket
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 import pytest
 
 from services.contracts import MAX_BODY_BYTES, MAX_HEADER_BYTES, TIMESTAMPS
+from services.settings import REPO_ROOT
 from tests.stackutil import Stack
 
 pytestmark = pytest.mark.slow  # a four-process stack on the simulator
@@ -302,3 +307,37 @@ def test_submit_fast_path_and_route_answer_alike(stack: Stack, client: httpx.Cli
     for job in (ok.json(), chunked.json(), lower_scheme.json()):
         final = client.get(f"{url}/{job['job_id']}", params={"wait": 20}, headers=stack.headers).json()
         assert final["state"] == "succeeded" and final["timestamps"]["t_received"] is not None
+
+
+def test_hops_script_splits_a_runs_time_by_hop(stack: Stack, client: httpx.Client, tmp_path: Path) -> None:
+    # scripts/hops.py on a record written as the bench writes it: one row per hop, each positive,
+    # and with one request the rows plus the engine's own time add up to its latency.
+    start_ns = time.time_ns()
+    job_id = stack.submit(client, input_tokens=64, output_tokens=4)
+    job = stack.wait_job(client, job_id)
+    assert job["state"] == "succeeded"
+    latency_s = (time.time_ns() - start_ns) / 1e9
+    rows = [
+        {"path": "pipeline", "success": True, "job_id": job_id, "start_ns": start_ns, "latency_s": latency_s},
+        {"path": "direct", "success": True, "job_id": None, "start_ns": 0, "latency_s": 1.0},  # not a job
+    ]
+    (tmp_path / "requests.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = subprocess.run(
+        [sys.executable, str(REPO_ROOT / "scripts" / "hops.py"), str(tmp_path)],
+        env=stack.env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    ).stdout
+    lines = out.splitlines()
+    hops = {line[:40].strip(): float(line[40:].split()[0]) for line in lines[1:-2]}
+    names = list(hops)
+    assert names[0].startswith("submit") and names[-1].startswith("notify"), out
+    # Every adjacent gap but the engine's two, and both client sides.
+    assert len(hops) == len(TIMESTAMPS) - 1 - 2 + 2, out
+    assert all(v > 0 for v in hops.values()), out
+    ts = job["timestamps"]
+    engine_us = (ts["t_engine_end"] - ts["t_engine_start"]) / 1e3
+    assert abs(sum(hops.values()) + engine_us - latency_s * 1e6) < len(hops), out  # printed to the µs
+    assert lines[-1] == "1 requests", out

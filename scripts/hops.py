@@ -1,0 +1,102 @@
+#!/usr/bin/env python3
+"""Where a pipeline run's overhead goes, hop by hop, from the bench's records and the job hashes.
+
+    llmconsole bench --path pipeline --concurrency 1 --requests 60 --out runs/c1
+    ./.venv/bin/python scripts/hops.py runs/c1
+
+For every pipeline request of the run (its ``requests.jsonl``) it reads the job's hash from
+Redis (the stack's own settings, ``var/llmconsole.env``) and prints the median and p90 of each
+gap between adjacent timestamps, finer than the bench's stages: the client's submit side (the
+bench's send to ``t_received``), each hop of the job, and the notify side (``t_finished`` to the
+bench holding the result). The engine's own time (``t_engine_start`` to ``t_engine_end``) is left
+out. Run it while the jobs are still in Redis (they expire with ``JOB_TTL_S``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import redis  # noqa: E402
+
+from services.contracts import TIMESTAMPS, Keys  # noqa: E402
+from services.settings import get_settings  # noqa: E402
+
+#: Gaps that are the engine's, not the pipeline's.
+_ENGINE = {("t_engine_start", "t_first_token"), ("t_first_token", "t_engine_end")}
+
+
+def gaps(record: dict[str, object], job: dict[str, str]) -> dict[str, float] | None:
+    """Microseconds of each hop of one request; None when its hash lacks a timestamp."""
+    try:
+        t = [int(job[name]) for name in TIMESTAMPS]
+    except (KeyError, ValueError):
+        return None
+    start_ns = int(record["start_ns"])  # type: ignore[call-overload]
+    end_ns = start_ns + float(record["latency_s"]) * 1e9  # type: ignore[arg-type]
+    out = {"submit (bench send → t_received)": (t[0] - start_ns) / 1e3}
+    for i in range(len(TIMESTAMPS) - 1):
+        a, b = TIMESTAMPS[i], TIMESTAMPS[i + 1]
+        if (a, b) not in _ENGINE:
+            out[f"{a[2:]} → {b[2:]}"] = (t[i + 1] - t[i]) / 1e3
+    out["notify (t_finished → bench holds it)"] = (end_ns - t[-1]) / 1e3
+    return out
+
+
+def main() -> int:
+    """Print the per-hop table of one run folder."""
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("run", type=Path, help="a bench output folder (holding requests.jsonl)")
+    ap.add_argument("--step", type=int, help="only this step of a sweep")
+    args = ap.parse_args()
+    s = get_settings()
+    r = redis.Redis.from_url(s.redis_url, decode_responses=True)
+    keys = Keys(s.redis_prefix)
+    records = [json.loads(line) for line in (args.run / "requests.jsonl").open()]
+    records = [
+        x
+        for x in records
+        if x.get("path") == "pipeline" and x.get("success") and x.get("job_id")
+        if args.step is None or x.get("step") == args.step
+    ]
+    if not records:
+        print("no successful pipeline requests in that run", file=sys.stderr)
+        return 1
+    pipe = r.pipeline(transaction=False)
+    for x in records:
+        pipe.hgetall(keys.job(x["job_id"]))
+    per_hop: dict[str, list[float]] = {}
+    missing = 0
+    for x, job in zip(records, pipe.execute(), strict=True):
+        g = gaps(x, job)
+        if g is None:
+            missing += 1
+            continue
+        for name, us in g.items():
+            per_hop.setdefault(name, []).append(us)
+    if not per_hop:
+        print("none of the run's jobs is still in Redis", file=sys.stderr)
+        return 1
+    print(f"{'hop':40s} {'p50 µs':>9s} {'p90 µs':>9s}")
+    total = 0.0
+    for name, values in per_hop.items():
+        values.sort()
+        p50 = statistics.median(values)
+        total += p50
+        print(f"{name:40s} {p50:9.0f} {values[int(0.9 * (len(values) - 1))]:9.0f}")
+    print(f"{'sum of the medians':40s} {total:9.0f}")
+    n = len(records) - missing
+    print(
+        f"{n} requests" + (f" ({missing} without their job hash: expired or incomplete)" if missing else "")
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
