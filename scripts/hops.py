@@ -92,9 +92,8 @@ def main() -> int:
         print(f"{name:40s} {p50:9.0f} {values[int(0.9 * (len(values) - 1))]:9.0f}")
     print(f"{'sum of the medians':40s} {total:9.0f}")
     n = len(records) - missing
-    print(
-        f"{n} requests" + (f" ({missing} without their job hash: expired or incomplete)" if missing else "")
-    )
+    note = f" ({missing} without their job hash: expired or incomplete)" if missing else ""
+    print(f"{n} request{'s' if n != 1 else ''}{note}")
     return 0
 
 

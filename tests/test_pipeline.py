@@ -340,4 +340,4 @@ def test_hops_script_splits_a_runs_time_by_hop(stack: Stack, client: httpx.Clien
     ts = job["timestamps"]
     engine_us = (ts["t_engine_end"] - ts["t_engine_start"]) / 1e3
     assert abs(sum(hops.values()) + engine_us - latency_s * 1e6) < len(hops), out  # printed to the µs
-    assert lines[-1] == "1 requests", out
+    assert lines[-1] == "1 request", out
