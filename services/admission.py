@@ -28,7 +28,12 @@ from services.settings import Settings
 #: How long the live nodes' models and context length are reused before Redis is read again.
 LIVE_NODES_TTL_S = 2.0
 #: The sentence a submit gets while Redis is unreachable.
-REDIS_DOWN_DETAIL = "Redis is unavailable; the job was not accepted. Retry shortly."
+#: Said when the submit's Redis call failed. Not "not accepted": a call cut by a Redis crash may
+#: have run (Redis writes its AOF before it replies), and that job then runs.
+REDIS_DOWN_DETAIL = (
+    "Redis is unavailable; the job was probably not accepted (if Redis failed during the write, "
+    "it was). Retry shortly with the same Idempotency-Key: the job is then never created twice."
+)
 
 
 def key_ok(settings: Settings, authorization: str | None, x_api_key: str | None) -> bool:

@@ -120,7 +120,12 @@ STAGES: tuple[Stage, ...] = (
     Stage("engine_ttft", "t_engine_start", "t_first_token", "engine queueing + prefill, to the first token"),
     Stage("decode", "t_first_token", "t_engine_end", "engine decode of the remaining tokens"),
     Stage("return", "t_engine_end", "t_result_received", "inference worker → proxy worker"),
-    Stage("result_write", "t_result_received", "t_finished", "fenced result write to Redis"),
+    Stage(
+        "result_write",
+        "t_result_received",
+        "t_finished",
+        "validate and encode the result, fenced write to Redis",
+    ),
 )
 STAGE_NAMES: tuple[str, ...] = tuple(s.name for s in STAGES)
 

@@ -540,7 +540,8 @@ async def chat_completions(request: Request) -> Response:
 def _redis_down() -> OpenAIError:
     return OpenAIError(
         503,
-        "Redis is unavailable; the request was not accepted. Retry shortly.",
+        "Redis is unavailable; the request was probably not accepted (if Redis failed during the "
+        "write, it runs). Retry shortly.",
         "server_error",
         headers={"Retry-After": "1"},
     )

@@ -595,6 +595,7 @@ class ProxyWorker:
             t_dispatched = now_ns()
             status: int | None = None
             resp: bytes | None = None
+            t_result_received = 0  # set when the worker's answer arrives (status and resp with it)
             # A result's finish gives the node slot back in Redis (one round trip for both);
             # otherwise it goes back in the background. (Should that finish never run, the
             # slot's lease runs out: it is no longer renewed.)
@@ -605,6 +606,9 @@ class ProxyWorker:
                 node, url = routed
                 try:
                     status, resp = await self._post_infer(url, body)
+                    # Stamped here, before the result is validated and encoded: that work is the
+                    # result write's, not the hop's.
+                    t_result_received = now_ns()
                 except aiohttp.ClientConnectorError as e:
                     # Nobody listens (worker restarting, or its node gone): like an overloaded
                     # engine this is backpressure, not the job's fault, so no attempt is used up;
@@ -630,7 +634,7 @@ class ProxyWorker:
                     "t_engine_start": result.t_engine_start,
                     "t_first_token": result.t_first_token,
                     "t_engine_end": result.t_engine_end,
-                    "t_result_received": now_ns(),
+                    "t_result_received": t_result_received,
                 }
                 await self._finish(d, JobState.SUCCEEDED, fields, slot=slot)
                 prom.observe_job({**d.stamps, **fields, "t_finished": now_ns()}, result.node)
