@@ -32,7 +32,7 @@ LIVE_NODES_TTL_S = 2.0
 #: have run (Redis writes its AOF before it replies), and that job then runs.
 REDIS_DOWN_DETAIL = (
     "Redis is unavailable; the job was probably not accepted (if Redis failed during the write, "
-    "it was). Retry shortly with the same Idempotency-Key: the job is then never created twice."
+    "it was). Retry shortly; a retry with the same Idempotency-Key never creates the job twice."
 )
 
 
