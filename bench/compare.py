@@ -86,6 +86,11 @@ def _num(v: Any) -> float | None:
     return v  # ints stay ints (request counts print as counts)
 
 
+def _stat_label(stat: str) -> str:
+    """'Mean', 'Median', or a percentile key as 'P99'."""
+    return stat.upper() if stat[0] == "p" else stat.capitalize()
+
+
 def compare_summaries(a: dict[str, Any], b: dict[str, Any]) -> list[CompareRow]:
     """Rows for every path both runs measured, then run-wide figures."""
     pcts = [p for p in (a.get("percentiles") or []) if p in (b.get("percentiles") or [])]
@@ -111,8 +116,7 @@ def compare_summaries(a: dict[str, Any], b: dict[str, Any]) -> list[CompareRow]:
         for m, name in _LATENCY:
             for stat in ("mean", "median", *(pkey(x) for x in pcts)):
                 key = f"{stat}_{m}_ms"
-                label = f"{stat.capitalize() if stat[0] != 'p' else stat.upper()} {name} (ms)"
-                add(p, key, label, ma.get(key), mb.get(key), "lower")
+                add(p, key, f"{_stat_label(stat)} {name} (ms)", ma.get(key), mb.get(key), "lower")
         for key, label, better in _EXTRA:
             add(p, key, label, ma.get(key), mb.get(key), better)
         sa, sb = ma.get("stages") or {}, mb.get("stages") or {}
@@ -128,11 +132,10 @@ def compare_summaries(a: dict[str, Any], b: dict[str, Any]) -> list[CompareRow]:
                 )
     ea, eb = a.get("paired_e2el") or {}, b.get("paired_e2el") or {}
     for stat in ("median", *(pkey(x) for x in pcts if x != 50.0)):
-        label = stat.capitalize() if stat[0] != "p" else stat.upper()
         add(
             "run",
             f"{stat}_e2el_diff_ms",
-            f"{label} E2EL pipeline − direct, paired by request (ms)",
+            f"{_stat_label(stat)} E2EL pipeline − direct, paired by request (ms)",
             ea.get(f"{stat}_e2el_diff_ms"),
             eb.get(f"{stat}_e2el_diff_ms"),
             "lower",

@@ -138,14 +138,17 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
             return
         self._read_open += len(data)
         if self._read_open > self.max_header_bytes:
-            self._too_large = True
-            self.send_400_response("")
+            self._send_431()
 
     def send_400_response(self, msg: str) -> None:
-        """uvicorn's 400 for a malformed request, or the 431 of the bound."""
-        if not self._too_large:
+        """uvicorn's 400 for a malformed request, or the 431 when a parser callback hit the bound."""
+        if self._too_large:
+            self._send_431()
+        else:
             super().send_400_response(msg)
-            return
+
+    def _send_431(self) -> None:
+        """Answer 431 with a plain-text reason and close the connection."""
         body = f"request line and headers exceed {self.max_header_bytes} bytes: send smaller headers".encode()
         self.transport.write(
             b"HTTP/1.1 431 Request Header Fields Too Large\r\n"
