@@ -7,6 +7,7 @@ replayed, so every refusal stays the route's own (status, message, OpenAPI schem
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from starlette.responses import Response
@@ -80,6 +81,24 @@ class _HeadersTooLarge(Exception):
     """Raised inside a parser callback to stop parsing a request whose headers are past the bound."""
 
 
+class _BoundLogger:
+    """uvicorn's logger of one connection, less its "Invalid HTTP request received." warning for a
+    request the header bound refused: that request was well formed, and it is logged as a 431."""
+
+    def __init__(self, proto: BoundedHttpToolsProtocol, logger: logging.Logger) -> None:
+        self._proto = proto
+        self._logger = logger
+
+    def warning(self, msg: object, *args: Any, **kwargs: Any) -> None:
+        """Log uvicorn's warning, unless it is about a request the bound refused."""
+        if self._proto._too_large:
+            return
+        self._logger.warning(msg, *args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._logger, name)
+
+
 class BoundedHttpToolsProtocol(HttpToolsProtocol):
     """uvicorn's httptools protocol (a C parser) with a bound on a request's line and headers.
 
@@ -101,6 +120,7 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         self._read_open = 0  # bytes read while it was not
         self._parsed = 0  # request line and header bytes the parser handed over
         self._too_large = False
+        self.logger = _BoundLogger(self, self.logger)  # type: ignore[assignment]
 
     def _count(self, n: int) -> None:
         self._parsed += n
@@ -149,6 +169,11 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
 
     def _send_431(self) -> None:
         """Answer 431 with a plain-text reason and close the connection."""
+        self._too_large = True
+        prefix = "%s:%d - " % self.client if self.client else ""  # noqa: UP031 (uvicorn's own form)
+        self.logger.info(
+            "%srefused a request whose line and headers exceed %d bytes (431)", prefix, self.max_header_bytes
+        )
         body = f"request line and headers exceed {self.max_header_bytes} bytes: send smaller headers".encode()
         self.transport.write(
             b"HTTP/1.1 431 Request Header Fields Too Large\r\n"

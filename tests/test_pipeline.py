@@ -15,7 +15,7 @@ import pytest
 
 from services.contracts import MAX_BODY_BYTES, MAX_HEADER_BYTES, TIMESTAMPS
 from services.settings import REPO_ROOT
-from tests.stackutil import Stack
+from tests.stackutil import Stack, wait_until
 
 pytestmark = pytest.mark.slow  # a four-process stack on the simulator
 
@@ -195,10 +195,18 @@ def test_the_header_bound_on_the_wire(
     # whether the header section comes in one read or trickles in, past MAX_HEADER_BYTES it is a
     # 431 that says what to fix, and the connection closes.
     port = int(stack.settings.ingestion_url.rsplit(":", 1)[1])
+    log = stack.procs["ingestion"]
+    invalid, refused = "Invalid HTTP request received.", f"exceed {MAX_HEADER_BYTES} bytes (431)"
+    before = log.log_text()
     answer = _raw_exchange(port, parts, pause_s)
     assert answer.startswith(b"HTTP/1.1 " + status), answer[:200]
     if status == b"431":
         assert f"exceed {MAX_HEADER_BYTES} bytes".encode() in answer
+        # Logged as what it is, a 431, not as uvicorn's warning about a malformed request.
+        wait_until(lambda: log.log_text().count(refused) > before.count(refused), 5, "the 431 logged")
+        assert log.log_text().count(invalid) == before.count(invalid)
+    elif status == b"400":
+        wait_until(lambda: log.log_text().count(invalid) > before.count(invalid), 5, "uvicorn's warning")
 
 
 def test_keep_alive_and_pipelined_requests_pass_the_bound(stack: Stack) -> None:
