@@ -2,20 +2,23 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import os
 import socket
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from types import ModuleType
 
 import httpx
 import pytest
 
 from services.contracts import MAX_BODY_BYTES, MAX_HEADER_BYTES, TIMESTAMPS
 from services.settings import REPO_ROOT
-from tests.stackutil import Stack, wait_until
+from tests.stackutil import RedisServer, Stack, wait_until
 
 pytestmark = pytest.mark.slow  # a four-process stack on the simulator
 
@@ -349,3 +352,69 @@ def test_hops_script_splits_a_runs_time_by_hop(stack: Stack, client: httpx.Clien
     engine_us = (ts["t_engine_end"] - ts["t_engine_start"]) / 1e3
     assert abs(sum(hops.values()) + engine_us - latency_s * 1e6) < len(hops), out  # printed to the µs
     assert lines[-1] == "1 request", out
+
+
+def _wave_cpu() -> ModuleType:
+    """scripts/wave_cpu.py as a module (scripts/ is not a package)."""
+    spec = importlib.util.spec_from_file_location("wave_cpu", REPO_ROOT / "scripts" / "wave_cpu.py")
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_wave_cpu_splits_cpu_into_bursts_and_the_rest() -> None:
+    # The arithmetic on known samples: one process at half a core for a second, three jobs ending
+    # in two waves (100 and 110 ms, then 500 ms); bursts of 20 ms after each wave's first end.
+    mod = _wave_cpu()
+    sampler = mod.Sampler({"a": 1})
+    ms = 1_000_000
+    sampler.t = [k * ms for k in range(1001)]
+    sampler.cpu["a"] = [k * ms // 2 for k in range(1001)]
+    out = mod.report(sampler, [110 * ms, 100 * ms, 500 * ms], (0, 1000 * ms), gap_ms=50, window_ms=20)
+    assert (out["jobs"], out["waves"], out["wave_size_max"]) == (3, 2, 2)
+    lead = mod.LEAD_NS / ms
+    burst = 2 * (20 + lead) / 2  # two windows, half a core
+    row = out["processes"]["a"]
+    assert row["burst_ms_per_job"] == pytest.approx(burst / 3)
+    assert row["rest_ms_per_job"] == pytest.approx((500 - burst) / 3)
+    assert out["burst_cores_busy"] == pytest.approx(0.5)
+    assert out["cores_busy_by_10ms"] == pytest.approx([0.5, 0.5])
+    # Waves closer than the window: their bursts merge, and no nanosecond counts twice.
+    out = mod.report(sampler, [100 * ms, 200 * ms], (0, 1000 * ms), gap_ms=50, window_ms=150)
+    assert out["waves"] == 2
+    assert out["processes"]["a"]["burst_ms_per_job"] == pytest.approx((250 + lead) / 2 / 2)
+
+
+def test_wave_cpu_script_on_a_run(stack: Stack, redis_server: RedisServer, tmp_path: Path) -> None:
+    # A real bench run sampled as it goes, pinned to one CPU: every process followed has a row,
+    # the bench did work, and every process's own CPU mask is back afterwards.
+    pids = {name: proc.pid for name, proc in stack.procs.items()}
+    assert redis_server.proc is not None
+    pids["redis"] = redis_server.proc.pid
+    masks = {pid: os.sched_getaffinity(pid) for pid in pids.values()}
+    cpu = min(os.sched_getaffinity(0))
+    out_dir = tmp_path / "wave"
+    args = [
+        sys.executable,
+        str(REPO_ROOT / "scripts" / "wave_cpu.py"),
+        "--out",
+        str(out_dir),
+        "--cpus",
+        str(cpu),
+    ]
+    args += [f"--pid={name}={pid}" for name, pid in pids.items()]
+    args += ["--", "--concurrency", "4", "--input-tokens", "64", "--output-tokens", "8", "--requests", "12"]
+    args += ["--warmup", "0", "--quiet"]
+    done = subprocess.run(args, env=stack.env, capture_output=True, text=True, timeout=90)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert {pid: os.sched_getaffinity(pid) for pid in pids.values()} == masks
+    out = json.loads((out_dir / "wave_cpu.json").read_text())
+    assert out["jobs"] == 12 and out["cpus"] == [cpu]
+    assert set(out["processes"]) == {*pids, "bench"}
+    rows = out["processes"].values()
+    assert all(r["burst_ms_per_job"] >= 0 and r["rest_ms_per_job"] >= 0 for r in rows)
+    bench = out["processes"]["bench"]
+    assert bench["burst_ms_per_job"] + bench["rest_ms_per_job"] > 0
+    assert out["overhead_ms"]["50"] > 0
+    assert "server-side overhead p50" in done.stdout
