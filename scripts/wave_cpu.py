@@ -14,10 +14,11 @@ reads each job's ``t_engine_end`` from Redis and groups the ends into waves (end
 results go back, its clients send the next jobs, and those start.
 
 It prints, per process, the CPU milliseconds per job spent inside bursts and outside them, and
-how many cores the bursts kept busy on average. With every job the same length, a closed loop
-ends its jobs in waves; the server-side overhead of the bench's summary (printed too) then grows
-with the CPU a wave needs divided by the cores there are, which ``--cpus`` (the stack and the
-bench pinned to those CPUs for the run, put back afterwards) shows side by side.
+how many cores were busy in each 10 ms of a burst (per process and together). With every job
+the same length, a closed loop ends its jobs in waves, and the server-side overhead of the
+bench's summary (printed too) grows with the wave. ``--cpus`` pins the stack and the bench to
+those CPUs for the run (each thread's own mask is put back afterwards), so that runs on fewer
+cores can be set beside a run on all of them.
 """
 
 from __future__ import annotations
@@ -217,13 +218,13 @@ def report(
     profile = []
     by_process: dict[str, list[float]] = {name: [] for name in sampler.cpu}
     for k in range(int(window_ms * 1e6) // step):
-        total = 0.0
+        all_busy = 0.0
         for name in sampler.cpu:
             cpu = sum(sampler.between(name, w0 + k * step, w0 + (k + 1) * step) for w0 in inside)
             busy = cpu / (len(inside) * step / 1e6) if inside else 0.0
             by_process[name].append(busy)
-            total += busy
-        profile.append(total)
+            all_busy += busy
+        profile.append(all_busy)
     burst_wall_ms = sum(b - a for a, b in merged) / 1e6
     burst_cpu_ms = sum(r["burst_ms_per_job"] for r in rows.values()) * jobs
     sizes = sorted(len(w) for w in ws)
