@@ -37,6 +37,8 @@ from services.contracts import (
 )
 from services.engine_client import EngineClient, EngineError
 from services.prompts import PromptBuilder, prefix_seed_for_run, split_tokens
+from services.queue import raise_if_cancelling
+from services.runtime import cancel_and_wait
 from services.settings import Settings
 
 
@@ -245,9 +247,7 @@ class RunFollower:
     async def aclose(self) -> None:
         """Stop following."""
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await cancel_and_wait(self._task)
             self._task = None
 
     async def wait(self, job_id: str, within_s: float) -> tuple[dict[str, Any], float] | None:
@@ -295,8 +295,12 @@ class RunFollower:
                         for event in events:
                             self._event(event, arrived)
             except httpx.TransportError:
+                # A cancel (aclose) met while reading can come out as a transport error; looping
+                # on would reconnect, and aclose, waiting for this task, would never return.
+                raise_if_cancelling()
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 2.0)
+            raise_if_cancelling()  # the same, for a stream that ended quietly
 
     def _event(self, event: bytes, arrived: float) -> None:
         """One SSE event (its lines, without the blank line that ended it); comments ignored."""

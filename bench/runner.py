@@ -51,7 +51,8 @@ from bench.workload import DatasetPrompt, WorkItem, build_workload, derive_seed,
 from services import procstats
 from services.contracts import Keys, RunState, new_id, now_ns
 from services.engine_client import EngineClient, EngineError, Sample, parse_prometheus
-from services.queue import REDIS_DOWN, redis_client
+from services.queue import REDIS_DOWN, raise_if_cancelling, redis_client
+from services.runtime import cancel_and_wait
 from services.runtime import run as run_loop
 from services.settings import Settings, get_settings
 
@@ -171,6 +172,10 @@ class _Progress:
                         "load": self.load,
                     },
                 )
+                # redis-py can finish a command whose task was cancelled meanwhile and swallow the
+                # cancel (redis/redis-py#2028): without this, the run's teardown, which cancels
+                # this loop and waits for it, would wait forever.
+                raise_if_cancelling()
             await asyncio.sleep(0.5)
 
 
@@ -462,9 +467,7 @@ async def run_benchmark(
         raise
     finally:
         if mirror is not None:
-            mirror.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await mirror
+            await cancel_and_wait(mirror)
         if pipeline is not None:
             await pipeline.aclose()
         await engine.aclose()

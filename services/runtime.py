@@ -52,3 +52,22 @@ def run(main: Coroutine[Any, Any, T]) -> T:
         return asyncio.run(main)
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         return runner.run(main)
+
+
+async def cancel_and_wait(task: asyncio.Task[Any], within_s: float = 5.0) -> bool:
+    """Cancel ``task`` and wait for it to end, at most ``within_s``; False if it did not.
+
+    A teardown must not hang on a background loop: a library can swallow a cancel (redis-py can
+    finish a command whose task was cancelled, redis/redis-py#2028), and the loop then runs on.
+    Such a task is left behind with a warning. An error the task ended with is logged, not raised.
+    """
+    task.cancel()
+    done, _ = await asyncio.wait({task}, timeout=within_s)
+    if not done:
+        logging.getLogger("llmconsole.runtime").warning(
+            "%s did not stop within %.0f s of its cancel; left behind", task.get_name(), within_s
+        )
+        return False
+    if not task.cancelled() and (e := task.exception()) is not None:
+        logging.getLogger("llmconsole.runtime").warning("%s ended with %r", task.get_name(), e)
+    return True

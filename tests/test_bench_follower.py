@@ -45,3 +45,30 @@ async def test_events_carry_the_arrival_of_their_chunk_and_may_span_chunks() -> 
     assert before <= a1 == a2 < a3  # the first two came in one chunk
     assert a3 - a1 >= gap * 0.9
     assert f._last == "3-0"  # a cut connection would resume after the last event
+
+
+async def test_aclose_stops_the_follower_when_the_cancel_comes_out_as_a_transport_error() -> None:
+    # A cancel met while reading the stream can surface as an httpx transport error; the follower
+    # must stop there, not reconnect (aclose, waiting for it, would never return).
+    connects = 0
+
+    async def body() -> AsyncIterator[bytes]:
+        yield _event("1-0", "j1")
+        try:
+            await asyncio.sleep(30)
+        except asyncio.CancelledError:
+            raise httpx.ReadError("read cut by the cancel") from None
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        nonlocal connects
+        connects += 1
+        return httpx.Response(200, content=body(), headers={"content-type": "text/event-stream"})
+
+    async with httpx.AsyncClient(transport=httpx.MockTransport(handler)) as client:
+        f = RunFollower(client, "http://ingestion", "r1")
+        f.start()
+        assert await f.wait("j1", 5.0) is not None
+        task = f._task
+        assert task is not None
+        await f.aclose()
+    assert task.done() and connects == 1

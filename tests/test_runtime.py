@@ -35,3 +35,59 @@ def test_run_returns_what_main_returned_on_uvloop() -> None:
         return type(asyncio.get_running_loop()).__module__
 
     assert run(main()).startswith("uvloop")
+
+
+async def test_cancel_and_wait_gives_up_on_a_task_that_swallows_its_cancel() -> None:
+    import asyncio
+
+    from services.runtime import cancel_and_wait
+
+    stop = asyncio.Event()
+
+    async def stubborn() -> None:
+        while not stop.is_set():
+            try:
+                await asyncio.sleep(0.01)
+            except asyncio.CancelledError:
+                pass  # as a library that swallows the cancel
+
+    async def failing() -> None:
+        raise RuntimeError("boom")
+
+    t = asyncio.create_task(stubborn())
+    await asyncio.sleep(0.02)  # inside its loop (a task cancelled before its first step just ends)
+    assert await cancel_and_wait(t, within_s=0.2) is False and not t.done()
+    stop.set()
+    await t
+    plain = asyncio.create_task(asyncio.sleep(10))
+    assert await cancel_and_wait(plain) is True and plain.cancelled()
+    bad = asyncio.create_task(failing())
+    await asyncio.sleep(0)
+    assert await cancel_and_wait(bad) is True  # its error is logged, not raised
+
+
+async def test_the_progress_mirror_stops_when_its_store_swallows_the_cancel() -> None:
+    # redis-py can finish a command whose task was cancelled and swallow the cancel
+    # (redis/redis-py#2028): the run's teardown cancels the mirror and waits for it.
+    import asyncio
+    from typing import Any
+
+    from bench.runner import _Progress
+    from services.runtime import cancel_and_wait
+
+    called = asyncio.Event()
+
+    class SwallowingStore:
+        async def progress(self, run_id: str, fields: dict[str, Any]) -> None:
+            called.set()
+            try:
+                await asyncio.sleep(10)
+            except asyncio.CancelledError:
+                return
+
+    store = SwallowingStore()
+    prog = _Progress("r1", None, store, 1)  # type: ignore[arg-type]
+    task = asyncio.create_task(prog.mirror())
+    await called.wait()
+    assert await cancel_and_wait(task, within_s=2.0) is True
+    assert task.cancelled()
