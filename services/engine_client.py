@@ -7,6 +7,8 @@ console's engine panel, so the three measure the same way.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import math
 import time
@@ -25,6 +27,8 @@ from services.contracts import now_ns
 MAX_EVENT_BYTES = 1 << 20
 #: The content type of a request body serialised ahead (aiohttp sets it only for ``json=``).
 _JSON = {"Content-Type": "application/json"}
+#: How long a finished answer's closing bytes are awaited (so its connection can be reused).
+_DRAIN_S = 0.5
 
 
 class EngineError(Exception):
@@ -350,6 +354,14 @@ class EngineClient:
                 if not done:
                     # A clean close without the terminator: the engine stopped mid-answer.
                     raise EngineError(f"engine stream ended before [DONE] after {res.chunks} token chunks")
+                m_end = time.perf_counter()
+                res.t_end = now_ns()
+                if not content.is_eof():
+                    # The body's closing chunk can come in a read of its own after [DONE].
+                    # aiohttp keeps a connection only once its body was read to the end: leaving
+                    # before that closes it, and the next job pays a new TCP connection on both
+                    # sides (tests/test_bench_sim.py shows it on a zero-latency simulator).
+                    await _drain(content)
         except (TimeoutError, aiohttp.ServerTimeoutError) as e:
             raise EngineError(f"engine timed out streaming: {e!r}") from e
         except aiohttp.ClientConnectorError as e:
@@ -358,8 +370,6 @@ class EngineClient:
             raise EngineError(f"engine connection lost while streaming: {e!r}") from e
         except ValueError as e:  # an unreadable body (aiohttp's own checks): not an answer we can use
             raise EngineError(f"engine sent an unreadable stream: {e}") from e
-        m_end = time.perf_counter()
-        res.t_end = now_ns()
         if m_first is None:  # no token at all (max_tokens=0 or engine sent none)
             m_first, t_first = m_end, res.t_end
         res.t_first_token = t_first
@@ -369,6 +379,19 @@ class EngineClient:
         res.itl_s = [round(x, 6) for x in itl]
         res.text = "".join(parts)
         return res
+
+
+async def _drain(content: aiohttp.StreamReader) -> None:
+    """Read what is left of a finished answer's body (its closing chunk), within bounds.
+
+    The answer is complete already: whatever happens here (a slow or broken ending) only means
+    the connection is not reused.
+    """
+    with contextlib.suppress(TimeoutError, aiohttp.ClientError, ValueError):
+        async with asyncio.timeout(_DRAIN_S):
+            left = MAX_EVENT_BYTES
+            while left > 0 and (block := await content.readany()):
+                left -= len(block)
 
 
 def _plain_token_chunk(data: bytes) -> bool:

@@ -251,3 +251,33 @@ async def test_unwritable_results_folder_is_a_bench_error_before_the_run(sim: in
     cfg = BenchConfig(path="direct", requests=1, out=str(blocker / "run"))
     with pytest.raises(BenchError, match="cannot create the results folder"):
         await run_benchmark(cfg, settings=settings_for(sim, tmp_path))
+
+
+def _client_ports_to(port: int) -> set[int]:
+    """Local ports of this host's established TCP connections to ``port`` (from /proc/net/tcp)."""
+    out = set()
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        cols = line.split()
+        if int(cols[2].rsplit(":", 1)[1], 16) == port and cols[3] == "01":  # 01: ESTABLISHED
+            out.add(int(cols[1].rsplit(":", 1)[1], 16))
+    return out
+
+
+async def test_the_engine_client_reuses_its_stream_connection_job_after_job(tmp_path: Path) -> None:
+    # The body's closing chunk can come in a read of its own after [DONE]; a client that leaves
+    # before it cannot keep the connection (aiohttp drops it), and the next job opens a new one:
+    # an accept and a protocol in the engine too. Before the client read to the body's end, this
+    # test saw a new local port every few jobs. Now one connection serves every job (plus the
+    # one that asked for the model's name).
+    zero = ["--ttft-base-ms", "0", "--prefill-ms-per-token", "0", "--itl-ms", "0", "--itl-jitter-ms", "0"]
+    with _simulator(tmp_path / "sim.log", [*zero, "--itl-batch-ms", "0", "--log-level", "warning"]) as port:
+        client = EngineClient(f"http://127.0.0.1:{port}", timeout_s=10)
+        seen: set[int] = set()
+        try:
+            for _ in range(150):
+                res = await client.stream_completion(list(range(1000, 2000)), 1, text_chars=0)
+                assert res.completion_tokens == 1
+                seen |= _client_ports_to(port)
+        finally:
+            await client.aclose()
+    assert len(seen) == 2, seen
