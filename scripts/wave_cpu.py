@@ -13,8 +13,9 @@ reads each job's ``t_engine_end`` from Redis and groups the ends into waves (end
 ``--gap-ms`` apart). A wave's *burst* is the ``--window-ms`` after its first end: the wave's
 results go back, its clients send the next jobs, and those start.
 
-It prints, per process, the CPU milliseconds per job spent inside bursts and outside them, and
-how many cores were busy in each 10 ms of a burst (per process and together). With every job
+It prints, per process, the CPU milliseconds per job spent inside bursts and outside them, the
+milliseconds per job its threads waited runnable for a CPU in the bursts (schedstat's run-queue
+time: contention, as against work), and how many cores were busy in each 10 ms of a burst (per process and together). With every job
 the same length, a closed loop ends its jobs in waves, and the server-side overhead of the
 bench's summary (printed too) grows with the wave. ``--cpus`` pins the stack and the bench to
 those CPUs for the run (each thread's own mask is put back afterwards), so that runs on fewer
@@ -50,19 +51,22 @@ BENCH = "bench"
 LEAD_NS = 2_000_000
 
 
-def cpu_ns(pid: int) -> int:
-    """CPU nanoseconds all threads of ``pid`` have run so far (0 once it is gone).
+def sched_ns(pid: int) -> tuple[int, int]:
+    """Nanoseconds all threads of ``pid`` have run so far, and waited runnable for a CPU (on a
+    run queue); (0, 0) once it is gone.
 
-    Threads that ended before a read drop out of the sum: the services' threads live as long as
+    Threads that ended before a read drop out of the sums: the services' threads live as long as
     their process, so a window's difference is exact for them.
     """
-    total = 0
+    run = wait = 0
     with contextlib.suppress(OSError):
         for tid in os.listdir(f"/proc/{pid}/task"):
             with contextlib.suppress(OSError, ValueError, IndexError):
                 with open(f"/proc/{pid}/task/{tid}/schedstat", "rb") as f:
-                    total += int(f.read().split()[0])
-    return total
+                    fields = f.read().split()
+                run += int(fields[0])
+                wait += int(fields[1])
+    return run, wait
 
 
 def stack_pids(args_pids: list[str]) -> dict[str, int]:
@@ -113,6 +117,7 @@ class Sampler(threading.Thread):
         self.interval_s = interval_s
         self.t: list[int] = []
         self.cpu: dict[str, list[int]] = {name: [] for name in pids}
+        self.wait: dict[str, list[int]] = {name: [] for name in pids}  # runnable, waiting for a CPU
         self.first: dict[str, int] = dict.fromkeys(pids, 0)  # a process's first sample
         self._stop_event = threading.Event()
         self._lock = threading.Lock()
@@ -123,6 +128,7 @@ class Sampler(threading.Thread):
             self.pids[name] = pid
             self.first[name] = len(self.t)
             self.cpu[name] = [0] * len(self.t)
+            self.wait[name] = [0] * len(self.t)
 
     def run(self) -> None:
         """Sample until :meth:`stop`."""
@@ -130,7 +136,9 @@ class Sampler(threading.Thread):
             with self._lock:
                 self.t.append(time.time_ns())
                 for name, pid in self.pids.items():
-                    self.cpu[name].append(cpu_ns(pid))
+                    run, wait = sched_ns(pid)
+                    self.cpu[name].append(run)
+                    self.wait[name].append(wait)
             time.sleep(self.interval_s)
 
     def stop(self) -> None:
@@ -138,12 +146,13 @@ class Sampler(threading.Thread):
         self._stop_event.set()
         self.join()
 
-    def between(self, name: str, a: int, b: int) -> float:
-        """CPU milliseconds ``name`` used from time ``a`` to ``b`` (ns, clipped to the samples)."""
+    def between(self, name: str, a: int, b: int, *, waited: bool = False) -> float:
+        """CPU milliseconds ``name`` used from time ``a`` to ``b`` (ns, clipped to the samples);
+        with ``waited``, the milliseconds its threads waited runnable for a CPU instead."""
         last = len(self.t) - 1
         i = min(max(bisect.bisect_left(self.t, a), self.first[name]), last)
         j = min(max(bisect.bisect_left(self.t, b), self.first[name]), last)
-        series = self.cpu[name]
+        series = (self.wait if waited else self.cpu)[name]
         return max(series[j] - series[i], 0) / 1e6
 
 
@@ -204,8 +213,10 @@ def report(
     for name in sampler.cpu:
         total = sampler.between(name, t0, t1)
         burst = sum(sampler.between(name, a, b) for a, b in merged)
+        waited = sum(sampler.between(name, a, b, waited=True) for a, b in merged)
         rows[name] = {
             "burst_ms_per_job": burst / jobs if jobs else 0.0,
+            "burst_wait_ms_per_job": waited / jobs if jobs else 0.0,
             "rest_ms_per_job": (total - burst) / jobs if jobs else 0.0,
             "burst_share": burst / total if total else 0.0,
         }
@@ -293,18 +304,21 @@ def main() -> int:
     procs: dict[str, dict[str, float]] = out["processes"]  # type: ignore[assignment]
     per: dict[str, list[float]] = out["cores_busy_by_10ms_per_process"]  # type: ignore[assignment]
     print(
-        f"{'process':18s} {'burst ms/job':>12s} {'rest ms/job':>11s} {'in bursts':>9s}   cores busy, 10 ms steps from a wave's first end"
+        f"{'process':18s} {'burst ms/job':>12s} {'waited':>7s} {'rest ms/job':>11s} {'in bursts':>9s}"
+        "   cores busy, 10 ms steps from a wave's first end"
     )
     for name, row in procs.items():
         steps = " ".join(f"{c:4.2f}" for c in per[name])
         print(
-            f"{name:18s} {row['burst_ms_per_job']:12.2f} {row['rest_ms_per_job']:11.2f} "
-            f"{100 * row['burst_share']:8.0f}%   {steps}"
+            f"{name:18s} {row['burst_ms_per_job']:12.2f} {row['burst_wait_ms_per_job']:7.2f} "
+            f"{row['rest_ms_per_job']:11.2f} {100 * row['burst_share']:8.0f}%   {steps}"
         )
     burst_total = sum(r["burst_ms_per_job"] for r in procs.values())
+    wait_total = sum(r["burst_wait_ms_per_job"] for r in procs.values())
     rest_total = sum(r["rest_ms_per_job"] for r in procs.values())
     steps = " ".join(f"{c:4.2f}" for c in out["cores_busy_by_10ms"])  # type: ignore[attr-defined]
-    print(f"{'all':18s} {burst_total:12.2f} {rest_total:11.2f} {'':9s}   {steps}")
+    print(f"{'all':18s} {burst_total:12.2f} {wait_total:7.2f} {rest_total:11.2f} {'':9s}   {steps}")
+    print("waited: ms per job that the process's threads were runnable but waited for a CPU, in bursts")
     ov = out["overhead_ms"]
     print(
         f"{out['jobs']} jobs in {out['waves']} waves (median {out['wave_size_median']}, "

@@ -371,6 +371,7 @@ def test_wave_cpu_splits_cpu_into_bursts_and_the_rest() -> None:
     ms = 1_000_000
     sampler.t = [k * ms for k in range(1001)]
     sampler.cpu["a"] = [k * ms // 2 for k in range(1001)]
+    sampler.wait["a"] = [k * ms // 4 for k in range(1001)]  # and a quarter of the time it waited
     out = mod.report(sampler, [110 * ms, 100 * ms, 500 * ms], (0, 1000 * ms), gap_ms=50, window_ms=20)
     assert (out["jobs"], out["waves"], out["wave_size_max"]) == (3, 2, 2)
     lead = mod.LEAD_NS / ms
@@ -378,6 +379,7 @@ def test_wave_cpu_splits_cpu_into_bursts_and_the_rest() -> None:
     row = out["processes"]["a"]
     assert row["burst_ms_per_job"] == pytest.approx(burst / 3)
     assert row["rest_ms_per_job"] == pytest.approx((500 - burst) / 3)
+    assert row["burst_wait_ms_per_job"] == pytest.approx(burst / 2 / 3)
     assert out["burst_cores_busy"] == pytest.approx(0.5)
     assert out["cores_busy_by_10ms"] == pytest.approx([0.5, 0.5])
     # Waves closer than the window: their bursts merge, and no nanosecond counts twice.
@@ -414,6 +416,7 @@ def test_wave_cpu_script_on_a_run(stack: Stack, redis_server: RedisServer, tmp_p
     assert set(out["processes"]) == {*pids, "bench"}
     rows = out["processes"].values()
     assert all(r["burst_ms_per_job"] >= 0 and r["rest_ms_per_job"] >= 0 for r in rows)
+    assert all(r["burst_wait_ms_per_job"] >= 0 for r in rows)
     bench = out["processes"]["bench"]
     assert bench["burst_ms_per_job"] + bench["rest_ms_per_job"] > 0
     assert out["overhead_ms"]["50"] > 0
