@@ -15,7 +15,6 @@ out. Run it while the jobs are still in Redis (they expire with ``JOB_TTL_S``).
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 from pathlib import Path
@@ -25,6 +24,8 @@ sys.path.insert(0, str(ROOT))
 
 import redis  # noqa: E402
 
+from bench.records import RequestRecord  # noqa: E402
+from bench.store import read_folder_records  # noqa: E402
 from services.contracts import TIMESTAMPS, Keys  # noqa: E402
 from services.settings import get_settings  # noqa: E402
 
@@ -32,14 +33,14 @@ from services.settings import get_settings  # noqa: E402
 _ENGINE = {("t_engine_start", "t_first_token"), ("t_first_token", "t_engine_end")}
 
 
-def gaps(record: dict[str, object], job: dict[str, str]) -> dict[str, float] | None:
+def gaps(record: RequestRecord, job: dict[str, str]) -> dict[str, float] | None:
     """Microseconds of each hop of one request; None when its hash lacks a timestamp."""
     try:
         t = [int(job[name]) for name in TIMESTAMPS]
     except (KeyError, ValueError):
         return None
-    start_ns = int(record["start_ns"])  # type: ignore[call-overload]
-    end_ns = start_ns + float(record["latency_s"]) * 1e9  # type: ignore[arg-type]
+    start_ns = record.start_ns
+    end_ns = start_ns + (record.latency_s or 0.0) * 1e9
     out = {"submit (bench send → t_received)": (t[0] - start_ns) / 1e3}
     for i in range(len(TIMESTAMPS) - 1):
         a, b = TIMESTAMPS[i], TIMESTAMPS[i + 1]
@@ -58,19 +59,18 @@ def main() -> int:
     s = get_settings()
     r = redis.Redis.from_url(s.redis_url, decode_responses=True)
     keys = Keys(s.redis_prefix)
-    records = [json.loads(line) for line in (args.run / "requests.jsonl").open()]
     records = [
         x
-        for x in records
-        if x.get("path") == "pipeline" and x.get("success") and x.get("job_id")
-        if args.step is None or x.get("step") == args.step
+        for x in read_folder_records(args.run) or []
+        if x.path == "pipeline" and x.success and x.job_id
+        if args.step is None or x.step == args.step
     ]
     if not records:
         print("no successful pipeline requests in that run", file=sys.stderr)
         return 1
     pipe = r.pipeline(transaction=False)
     for x in records:
-        pipe.hgetall(keys.job(x["job_id"]))
+        pipe.hgetall(keys.job(x.job_id))  # type: ignore[arg-type]
     per_hop: dict[str, list[float]] = {}
     missing = 0
     for x, job in zip(records, pipe.execute(), strict=True):

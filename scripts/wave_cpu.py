@@ -41,6 +41,8 @@ sys.path.insert(0, str(ROOT))
 
 import redis  # noqa: E402
 
+from bench.records import RequestRecord  # noqa: E402
+from bench.report import load_run  # noqa: E402
 from services.contracts import Keys  # noqa: E402
 from services.lifecycle.supervisor_client import supervisor_proxy  # noqa: E402
 from services.settings import get_settings  # noqa: E402
@@ -167,23 +169,20 @@ def waves(ends: list[int], gap_ns: int) -> list[list[int]]:
     return out
 
 
-def engine_ends(run: Path) -> tuple[list[int], tuple[int, int]]:
-    """``t_engine_end`` of every pipeline job of the run's ``requests.jsonl`` still in Redis, and
-    the measured run's span (its first send to its last answer, ns; the warm-up is not in it)."""
+def engine_ends(records: list[RequestRecord]) -> tuple[list[int], tuple[int, int]]:
+    """``t_engine_end`` of every successful pipeline job of a run still in Redis, and the
+    measured run's span (its first send to its last answer, ns; the warm-up is not in it)."""
     s = get_settings()
     r = redis.Redis.from_url(s.redis_url, decode_responses=True)
     keys = Keys(s.redis_prefix)
-    ids = []
-    first, last = sys.maxsize, 0
-    for line in (run / "requests.jsonl").read_text().splitlines():
-        rec = json.loads(line)
-        if rec.get("path") == "pipeline" and rec.get("success") and rec.get("job_id"):
-            ids.append(rec["job_id"])
-            first = min(first, int(rec["start_ns"]))
-            last = max(last, int(rec["start_ns"] + rec["latency_s"] * 1e9))
+    jobs = [x for x in records if x.path == "pipeline" and x.success and x.job_id]
+    if not jobs:
+        return [], (0, 0)
+    first = min(x.start_ns for x in jobs)
+    last = max(x.start_ns + int((x.latency_s or 0.0) * 1e9) for x in jobs)
     with r.pipeline(transaction=False) as p:
-        for job_id in ids:
-            p.hget(keys.job(job_id), "t_engine_end")
+        for x in jobs:
+            p.hget(keys.job(x.job_id), "t_engine_end")  # type: ignore[arg-type]
         got = p.execute()
     return [int(v) for v in got if v], (first, last)
 
@@ -291,12 +290,13 @@ def main() -> int:
         print(f"the bench failed (exit {rc})", file=sys.stderr)
         return rc
 
-    ends, span = engine_ends(args.out)
+    run = load_run(args.out)
+    ends, span = engine_ends(run.records)
     if not ends:
         print("no pipeline job of the run is in Redis (expired?)", file=sys.stderr)
         return 1
     out = report(sampler, ends, span, args.gap_ms, args.window_ms, args.min_wave)
-    summary = json.loads((args.out / "summary.json").read_text())
+    summary = run.summary
     out["cpus"] = sorted(cpus) if cpus else sorted(os.sched_getaffinity(0))
     out["overhead_ms"] = {p: summary.get(f"p{p}_server_overhead_ms") for p in (50, 90, 99)}
     (args.out / "wave_cpu.json").write_text(json.dumps(out, indent=2) + "\n")

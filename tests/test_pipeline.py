@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import socket
@@ -11,14 +10,13 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from types import ModuleType
 
 import httpx
 import pytest
 
 from services.contracts import MAX_BODY_BYTES, MAX_HEADER_BYTES, TIMESTAMPS
 from services.settings import REPO_ROOT
-from tests.stackutil import RedisServer, Stack, wait_until
+from tests.stackutil import RedisServer, Stack, load_script, wait_until
 
 pytestmark = pytest.mark.slow  # a four-process stack on the simulator
 
@@ -329,8 +327,22 @@ def test_hops_script_splits_a_runs_time_by_hop(stack: Stack, client: httpx.Clien
     assert job["state"] == "succeeded"
     latency_s = (time.time_ns() - start_ns) / 1e9
     rows = [
-        {"path": "pipeline", "success": True, "job_id": job_id, "start_ns": start_ns, "latency_s": latency_s},
-        {"path": "direct", "success": True, "job_id": None, "start_ns": 0, "latency_s": 1.0},  # not a job
+        {
+            "index": 0,
+            "path": "pipeline",
+            "success": True,
+            "job_id": job_id,
+            "start_ns": start_ns,
+            "latency_s": latency_s,
+        },
+        {
+            "index": 1,
+            "path": "direct",
+            "success": True,
+            "job_id": None,
+            "start_ns": 0,
+            "latency_s": 1.0,
+        },  # not a job
     ]
     (tmp_path / "requests.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     out = subprocess.run(
@@ -354,19 +366,10 @@ def test_hops_script_splits_a_runs_time_by_hop(stack: Stack, client: httpx.Clien
     assert lines[-1] == "1 request", out
 
 
-def _wave_cpu() -> ModuleType:
-    """scripts/wave_cpu.py as a module (scripts/ is not a package)."""
-    spec = importlib.util.spec_from_file_location("wave_cpu", REPO_ROOT / "scripts" / "wave_cpu.py")
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 def test_wave_cpu_splits_cpu_into_bursts_and_the_rest() -> None:
     # The arithmetic on known samples: one process at half a core for a second, three jobs ending
     # in two waves (100 and 110 ms, then 500 ms); bursts of 20 ms after each wave's first end.
-    mod = _wave_cpu()
+    mod = load_script("wave_cpu")
     sampler = mod.Sampler({"a": 1})
     ms = 1_000_000
     sampler.t = [k * ms for k in range(1001)]

@@ -5,15 +5,13 @@ No timing assertions: CPU figures vary on shared machines. The script is the ben
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
 import pytest
 
-from services.settings import REPO_ROOT
+from tests.stackutil import load_script
 
 pytestmark = pytest.mark.slow  # starts the simulator process
 
@@ -21,14 +19,8 @@ SIZES = [8, 32]
 
 
 def _script() -> ModuleType:
-    """scripts/token_scaling.py as a module (scripts/ is not a package)."""
-    path = REPO_ROOT / "scripts" / "token_scaling.py"
-    spec = importlib.util.spec_from_file_location("token_scaling", path)
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["token_scaling"] = mod
-    spec.loader.exec_module(mod)
-    return mod
+    """scripts/token_scaling.py as a module."""
+    return load_script("token_scaling")
 
 
 @pytest.fixture(scope="module")
