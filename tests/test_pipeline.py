@@ -424,3 +424,71 @@ def test_wave_cpu_script_on_a_run(stack: Stack, redis_server: RedisServer, tmp_p
     assert bench["burst_ms_per_job"] + bench["rest_ms_per_job"] > 0
     assert out["overhead_ms"]["50"] > 0
     assert "server-side overhead p50" in done.stdout
+
+
+def test_skeleton_summarises_stamps_as_the_bench_does() -> None:
+    # Two jobs with known stamps (ms): overhead is (finished − received) − (engine_end −
+    # engine_start), the engine's two gaps are left out of the hops, and the pipeline's CPU per
+    # job leaves Redis out, as the bench counts it.
+    mod = load_script("skeleton")
+    ms = 1_000_000
+    offsets = [0, 1, 2, 3, 4, 5, 6, 105, 107, 108]  # one per TIMESTAMPS entry: 100 ms "engine"
+    hashes = [
+        {name: str((k * 1000 + o) * ms) for name, o in zip(TIMESTAMPS, offsets, strict=True)} for k in (1, 2)
+    ]
+    hashes[1]["t_finished"] = str((2000 + 110) * ms)  # the second job's last hop takes 3 ms
+    out = mod.summarise(hashes, {"redis": 0.004, "worker": 0.002, "ingestion": 0.002, "proxy": 0.004})
+    assert out["jobs"] == 2
+    assert out["overhead_ms"]["p50"] == pytest.approx(9.0)  # 8 and 10 ms, numpy's linear percentile
+    assert out["overhead_ms"]["p99"] == pytest.approx(9.98)
+    hops = out["hops_us_p50"]
+    assert len(hops) == len(TIMESTAMPS) - 1 - 2
+    assert "engine_start → first_token" not in hops and "first_token → engine_end" not in hops
+    assert hops["received → enqueued"] == pytest.approx(1000.0)
+    assert hops["result_received → finished"] == pytest.approx((1000 + 3000) / 2)
+    assert out["cpu_ms_per_job"]["redis"] == pytest.approx(2.0)
+    assert out["cpu_ms_per_job_pipeline"] == pytest.approx(4.0)
+
+
+def _skeleton_processes() -> list[int]:
+    """Pids of any skeleton service still alive (``skeleton.py --serve ...``)."""
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if any(c.endswith(b"skeleton.py") for c in cmd) and b"--serve" in cmd:
+            found.append(int(pid))
+    return found
+
+
+def test_skeleton_script_runs_the_pipelines_shape() -> None:
+    # A real run: its own redis-server and three services, a closed loop of two, every job's
+    # stamps read back; nothing of it is left running afterwards.
+    args = [sys.executable, str(REPO_ROOT / "scripts" / "skeleton.py"), "--json"]
+    args += [
+        "--concurrency",
+        "2",
+        "--requests",
+        "12",
+        "--warmup",
+        "2",
+        "--hold-ms",
+        "5",
+        "--hold-spread",
+        "0.5",
+    ]
+    done = subprocess.run(args, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    out = json.loads(done.stdout)
+    assert out["jobs"] == 12
+    assert 0 < out["overhead_ms"]["p50"] <= out["overhead_ms"]["p90"] <= out["overhead_ms"]["p99"]
+    assert len(out["hops_us_p50"]) == len(TIMESTAMPS) - 1 - 2
+    assert all(v > 0 for v in out["hops_us_p50"].values())
+    assert set(out["cpu_ms_per_job"]) == {"redis", "worker", "ingestion", "proxy"}
+    assert all(v > 0 for v in out["cpu_ms_per_job"].values())
+    assert _skeleton_processes() == []
+    # Bad arguments get a usage error, not a traceback.
+    bad = subprocess.run([*args[:3], "--hold-spread", "1.5"], capture_output=True, text=True, timeout=30)
+    assert bad.returncode == 2 and "--hold-spread" in bad.stderr and "Traceback" not in bad.stderr
