@@ -593,6 +593,21 @@ class JobQueue:
         """The raw job hash (empty dict if unknown or expired)."""
         return await self.r.hgetall(self.keys.job(job_id))
 
+    async def _waiting(self, last_delivered: str | None, lag: int | None, stream_len: int) -> int:
+        """Entries after the group's last delivered one: counted from the stream up to
+        :data:`WAITING_EXACT_MAX`, past that Redis's ``lag``, bounded by the stream's length.
+
+        Not ``lag`` alone: on Redis 7.0 (Debian's) it drifts once a trim has passed the group
+        (redis/redis#13957). On this project's own long-lived stack Redis it read 15,737 with
+        nothing undelivered, so the queue depth the console showed was wrong by that much.
+        """
+        if last_delivered is None:
+            return 0
+        after = await self.r.xrange(self.keys.stream, min=f"({last_delivered}", count=WAITING_EXACT_MAX + 1)
+        if len(after) <= WAITING_EXACT_MAX:
+            return len(after)
+        return max(len(after), min(lag if lag is not None else stream_len, stream_len))
+
     async def trim(self) -> int:
         """Trim entries that every consumer has acked; pending entries are never dropped."""
         try:
@@ -635,18 +650,21 @@ class JobQueue:
 
     async def stats(self) -> QueueStats:
         """Waiting (not yet delivered), in flight (pending), active and lifetime counters."""
-        waiting = in_flight = consumers = 0
+        in_flight = consumers = 0
+        lag: int | None = None
+        last_delivered: str | None = None
         try:
             for g in await self.r.xinfo_groups(self.keys.stream):
                 if g["name"] != self.group:
                     continue
-                lag = g.get("lag")
                 in_flight = int(g.get("pending") or 0)
                 consumers = int(g.get("consumers") or 0)
-                waiting = int(lag) if lag is not None else 0
+                lag = int(g["lag"]) if g.get("lag") is not None else None
+                last_delivered = g.get("last-delivered-id")
         except ResponseError:
             pass
         stream_len = int(await self.r.xlen(self.keys.stream))
+        waiting = await self._waiting(last_delivered, lag, stream_len)
         active = int(await self.r.get(self.keys.active) or 0)
         counters = {k: int(v) for k, v in (await self.r.hgetall(self.keys.stats)).items()}
         memory = await self.r.info("memory")
@@ -666,6 +684,10 @@ class JobQueue:
             retained=int(retained),
             oldest_finished=float(oldest[0][1]) if oldest else None,
         )
+
+
+#: Up to this many undelivered entries are counted from the stream itself (see ``_waiting``).
+WAITING_EXACT_MAX = 1000
 
 
 def _entry_key(entry_id: str) -> tuple[int, int]:
