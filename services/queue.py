@@ -597,9 +597,10 @@ class JobQueue:
         """Entries after the group's last delivered one: counted from the stream up to
         :data:`WAITING_EXACT_MAX`, past that Redis's ``lag``, bounded by the stream's length.
 
-        Not ``lag`` alone: on Redis 7.0 (Debian's) it drifts once a trim has passed the group
-        (redis/redis#13957). On this project's own long-lived stack Redis it read 15,737 with
-        nothing undelivered, so the queue depth the console showed was wrong by that much.
+        Not ``lag`` alone: Redis keeps it as a running count that can drift from the stream
+        (redis/redis#13957 is one way, on Redis 7.0, Debian's: a read after a trim has passed the
+        group). On this project's own long-lived stack Redis it read 15,737 with nothing
+        undelivered (cause not found), so the queue depth the console showed was off by that much.
         """
         if last_delivered is None:
             return 0
