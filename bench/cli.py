@@ -25,6 +25,7 @@ from typing import Any, get_args
 
 from pydantic import ValidationError
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from bench.config import BenchConfig, ProgressEvent, parse_goodput, parse_percentiles, parse_sweep
@@ -209,6 +210,13 @@ def run_parser(settings: Settings) -> argparse.ArgumentParser:
         metavar="S",
         help="per-request limit in seconds (default 1800)",
     )
+    m.add_argument(
+        "--stall-notice",
+        type=_float,
+        default=60.0,
+        metavar="S",
+        help="say so, with the queue's state, when no request has finished for S seconds (default 60)",
+    )
     o = p.add_argument_group("output")
     o.add_argument("--label", metavar="TEXT", help="a name for the run")
     o.add_argument("--run-id", metavar="ID", help="run id (default: generated)")
@@ -257,6 +265,7 @@ def config_from_args(ns: argparse.Namespace, settings: Settings | None = None) -
         goodput=parse_goodput(ns.goodput or []),
         percentiles=parse_percentiles(ns.percentiles),
         timeout_s=ns.timeout,
+        stall_notice_s=ns.stall_notice,
         label=ns.label,
         run_id=ns.run_id,
         out=ns.out,
@@ -298,6 +307,9 @@ class _Bar:
         self.progress.stop()
 
     def __call__(self, ev: ProgressEvent) -> None:
+        if ev.warning:
+            self.progress.console.print(f"[yellow]warning:[/] {escape(ev.warning)}")
+            return
         if ev.phase in ("prepare", "done", "step"):
             if ev.phase == "step" and ev.message and self.task is not None:
                 self.progress.update(self.task, extra=f"{ev.message}")
@@ -311,6 +323,17 @@ class _Bar:
         rate = ev.done / ev.elapsed_s if ev.elapsed_s > 0 else 0.0
         failed = f"[red]{ev.failed} failed[/] · " if ev.failed else ""
         self.progress.update(self.task, completed=ev.done, extra=f"{failed}{rate:.1f} req/s")
+
+
+class _WarningsOnly:
+    """Progress callback for ``--quiet`` and ``--json``: prints only the run's warnings."""
+
+    def __init__(self, console: Console) -> None:
+        self.console = console
+
+    def __call__(self, ev: ProgressEvent) -> None:
+        if ev.warning:
+            self.console.print(f"[yellow]warning:[/] {escape(ev.warning)}")
 
 
 def cmd_run(argv: list[str], out: Console, err: Console) -> int:
@@ -333,7 +356,8 @@ def cmd_run(argv: list[str], out: Console, err: Console) -> int:
 
     try:
         if ns.quiet or ns.json:
-            result = run_loop(run_benchmark(cfg, None, settings=settings))
+            # No bar, but a stall is still said (on stderr: --json keeps stdout for the JSON).
+            result = run_loop(run_benchmark(cfg, _WarningsOnly(err), settings=settings))
         else:
             with _Bar(err) as bar:
                 result = run_loop(run_benchmark(cfg, bar, settings=settings))

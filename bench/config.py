@@ -152,6 +152,13 @@ class BenchConfig(BaseModel):
         1800.0, gt=0, description="Per-request limit; a request over it counts as failed."
     )
     poll_wait_s: float = Field(30.0, gt=0, le=60, description="Long-poll wait per GET on the pipeline path.")
+    stall_notice_s: float = Field(
+        60.0,
+        ge=1,
+        le=86_400,
+        description="Say so (with what the queue shows) when no request has finished for this long while "
+        "some are in flight; again after each further such period. A notice, not a limit.",
+    )
 
     # --- identity and output -------------------------------------------------
     label: str | None = Field(None, max_length=MAX_LABEL_CHARS)
@@ -288,3 +295,5 @@ class ProgressEvent:
     steps: int = 1
     load: str = ""
     message: str = ""
+    #: Set on an event that only reports a stall (nothing finished for a while): what to tell the user.
+    warning: str = ""

@@ -23,7 +23,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -57,6 +57,9 @@ from services.runtime import run as run_loop
 from services.settings import Settings, get_settings
 
 ProgressCallback = Callable[[ProgressEvent], None]
+
+#: Stall notices kept in a run's summary warnings (the first ones, then a count).
+_MAX_STALL_WARNINGS = 5
 
 
 class BenchError(Exception):
@@ -123,9 +126,12 @@ class _Progress:
         self.step = 0
         self.load = ""
         self.t0 = time.perf_counter()
+        #: Requests sent in this phase, and when one last finished (or the phase began).
+        self.sent = 0
+        self.last_change = self.t0
         self._dirty = True
 
-    def emit(self, phase: str, message: str = "") -> None:
+    def emit(self, phase: str, message: str = "", warning: str = "") -> None:
         self.phase = phase
         self._dirty = True
         if self.cb is not None:
@@ -141,16 +147,21 @@ class _Progress:
                     steps=self.steps,
                     load=self.load,
                     message=message,
+                    warning=warning,
                 )
             )
 
     def begin(self, phase: str, total: int, step: int, load: str, message: str = "") -> None:
-        self.done = self.failed = 0
+        self.done = self.failed = self.sent = 0
         self.total, self.step, self.load = total, step, load
-        self.t0 = time.perf_counter()
+        self.t0 = self.last_change = time.perf_counter()
         self.emit(phase, message)
 
+    def sent_one(self) -> None:
+        self.sent += 1
+
     def record(self, rec: RequestRecord) -> None:
+        self.last_change = time.perf_counter()
         self.done += 1
         self.failed += 0 if rec.success else 1
         self.emit(self.phase if self.phase in ("warmup", "run") else "run")
@@ -179,6 +190,67 @@ class _Progress:
             await asyncio.sleep(0.5)
 
 
+async def watch_stalls(
+    prog: _Progress,
+    diagnose: Callable[[], Awaitable[str]],
+    notes: list[str],
+    stall_s: float,
+) -> None:
+    """Say so when no request has finished for ``stall_s`` while some are in flight, and again after
+    each further such period: a benchmark that waits on a stopped proxy worker or a hung engine
+    otherwise sits silent until its per-request timeout (30 minutes by default).
+
+    Each notice goes to the progress callback (``ProgressEvent.warning``) with what ``diagnose``
+    finds (the queue's state), and the first few to ``notes`` (the run's summary warnings).
+    """
+    said_at = 0.0
+    while True:
+        await asyncio.sleep(min(5.0, stall_s / 4))
+        now = time.perf_counter()
+        in_flight = prog.sent - prog.done
+        if prog.phase not in ("warmup", "run") or in_flight <= 0:
+            continue
+        if now - max(prog.last_change, said_at) < stall_s:
+            continue
+        said_at = now
+        text = f"no request has finished in the last {now - prog.last_change:.0f} s ({in_flight} in flight)"
+        why = await diagnose()
+        if why:
+            text += f"; {why}"
+        prog.emit(prog.phase, warning=text)
+        if len(notes) < _MAX_STALL_WARNINGS:
+            notes.append(f"{datetime.now().strftime('%H:%M:%S')} {text}")
+
+
+async def _pipeline_stall(settings: Settings) -> str:
+    """What ingestion's queue figures say about a stall of the pipeline path."""
+    key = settings.api_key.get_secret_value()
+    try:
+        async with httpx.AsyncClient(
+            timeout=5.0, headers={"Authorization": f"Bearer {key}"} if key else {}
+        ) as c:
+            resp = await c.get(f"{settings.ingestion_url}/v1/queue")
+        q = resp.json() if resp.status_code == 200 else None
+        waiting, running = int(q["waiting"]), int(q["in_flight"])
+    except (httpx.HTTPError, ValueError, KeyError, TypeError) as e:
+        return f"ingestion's queue figures are not readable ({e.__class__.__name__})"
+    if running == 0 and waiting > 0:
+        return (
+            f"{waiting} job(s) wait in the queue and none is running: is a proxy worker up? "
+            "(supervisorctl status proxy_worker; its log, var/log/proxy_worker.log)"
+        )
+    if running > 0:
+        return (
+            f"{running} job(s) running, {waiting} waiting: long jobs on a slow engine take this long; "
+            "if it lasts, check the engine and the inference workers (supervisorctl status; var/log/)"
+        )
+    return "the queue holds none of them: their results may not be reaching this client"
+
+
+async def _engine_stall(settings: Settings) -> str:
+    return f"the engine at {settings.engine_url} has not finished a request meanwhile"
+
+
 async def drive(
     sends: list[tuple[WorkItem, str]],
     paths: dict[str, _Path],
@@ -189,6 +261,7 @@ async def drive(
     timeout_s: float,
     step: int = 0,
     on_record: Callable[[RequestRecord], None] | None = None,
+    on_send: Callable[[], None] | None = None,
 ) -> tuple[list[RequestRecord], float]:
     """Send every (item, path) under ``load``; return the records (in send order) and the duration.
 
@@ -206,6 +279,8 @@ async def drive(
         rec.start_ns = now_ns()
         rec.schedule_lag_s = rec.sent_s - intended
         rec.client_queue_s = rec.sent_s - queued_since
+        if on_send is not None:
+            on_send()
         try:
             await paths[pname].send(item, rec, clock, rec.sent_s + timeout_s)
         except asyncio.CancelledError:
@@ -369,6 +444,7 @@ async def run_benchmark(
     store = RunStore(s, enabled=cfg.store)
     prog = _Progress(run_id, progress, store, len(loads))
     mirror: asyncio.Task[None] | None = None
+    watcher: asyncio.Task[None] | None = None
     warnings: list[str] = []
     started = finished = False
     try:
@@ -391,6 +467,9 @@ async def run_benchmark(
         params = cfg.model_dump(mode="json")
         started = await store.start(run_id, params, str(out_dir), cfg.requests * len(pnames) * len(loads))
         mirror = asyncio.create_task(prog.mirror())
+        stalls: list[str] = []
+        diagnose = (lambda: _pipeline_stall(s)) if pipeline is not None else (lambda: _engine_stall(s))
+        watcher = asyncio.create_task(watch_stalls(prog, diagnose, stalls, cfg.stall_notice_s))
 
         if cfg.warmup:
             await _phase(cfg, paths, loads[0], "warmup", cfg.warmup, "warmup", dataset, prog, 0)
@@ -442,6 +521,8 @@ async def run_benchmark(
         )
         if pipeline is not None and summary["pipeline_cpu"] is None:
             warnings.append("the pipeline's CPU was not measured: no process reported it in Redis")
+        if stalls:
+            warnings.extend(f"stalled: {note}" for note in stalls)
         if store.warning:
             warnings.append(store.warning)
         summary["warnings"] = warnings
@@ -466,6 +547,8 @@ async def run_benchmark(
             await store.fail(run_id, f"{e.__class__.__name__}: {e}")
         raise
     finally:
+        if watcher is not None:
+            await cancel_and_wait(watcher)
         if mirror is not None:
             await cancel_and_wait(mirror)
         if pipeline is not None:
@@ -507,6 +590,7 @@ async def _phase(
             timeout_s=cfg.timeout_s,
             step=step,
             on_record=prog.record,
+            on_send=prog.sent_one,
         )
     finally:
         for p in paths.values():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from pathlib import Path
 
 import pytest
@@ -122,3 +123,27 @@ async def test_a_cancelled_run_is_marked_failed_in_redis(stack: Stack, tmp_path:
     h, _ = stored
     assert h["state"] == RunState.FAILED.value and h["error"] == "cancelled"
     assert not (tmp_path / "cancel" / "summary.json").exists()
+
+
+def test_a_stalled_run_says_what_the_queue_shows(
+    make_stack, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # No proxy worker: the jobs wait in the queue and nothing finishes. Even with --quiet the bench
+    # says so on stderr, with the queue's state and what to check, and keeps it in the summary.
+    st: Stack = make_stack()
+    st.procs["proxy_worker"].stop()
+    monkeypatch.setenv("LLMC_ENV_FILE", "/nonexistent/llmconsole.env")
+    for k, v in st.values.items():
+        monkeypatch.setenv(k.upper(), str(v))
+    monkeypatch.setenv("COLUMNS", "400")
+    out = tmp_path / "stalled"
+    code = main(["--input-tokens", "16", "--output-tokens", "2", "--requests", "2", "--concurrency", "2",
+                 "--stall-notice", "1", "--timeout", "4", "--quiet", "--json", "--out", str(out),
+                 "--no-plots"])  # fmt: skip
+    cap = capsys.readouterr()
+    assert code == 1, cap.out + cap.err  # every request timed out
+    assert "warning: no request has finished in the last" in cap.err, cap.err
+    assert "(2 in flight); 2 job(s) wait in the queue and none is running: is a proxy worker up?" in cap.err
+    summary = json.loads(cap.out)  # --json: stdout holds only the JSON
+    stalls = [w for w in summary["warnings"] if w.startswith("stalled: ")]
+    assert 1 <= len(stalls) <= 5 and "none is running" in stalls[0]

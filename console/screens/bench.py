@@ -133,6 +133,8 @@ def describe_progress(ev: ProgressEvent) -> str:
     load = f" · {ev.load}" if ev.load else ""
     failed = f" · [$error]{ev.failed} failed[/]" if ev.failed else ""
     msg = f" · {escape(ev.message)}" if ev.message else ""
+    if ev.warning:
+        msg += f" · [$warning]{escape(ev.warning)}[/]"
     return f"{ev.phase} {ev.done}/{ev.total}{failed}{step}{load} · {ev.elapsed_s:.1f}s{msg}"
 
 
