@@ -8,9 +8,10 @@ import pytest
 from rich.console import Console
 from textual.widgets import Button, DataTable, Input, Select, Static, TabbedContent
 
+from bench.config import ProgressEvent
 from console.app import ConsoleApp
 from console.fakes import FakeBench, FakeClock, fake_sources, fixed_wall
-from console.screens.bench import BenchScreen, CompareScreen, RunScreen, form_to_config
+from console.screens.bench import BenchScreen, CompareScreen, RunScreen, describe_progress, form_to_config
 
 VALID = {
     "input_tokens": "64",
@@ -182,3 +183,13 @@ async def test_readonly_console_only_browses_runs() -> None:
         await pilot.press("ctrl+r")
         await pilot.pause()
         assert bench.configs == []
+
+
+def test_the_status_line_carries_a_stall_notice_escaped() -> None:
+    from textual.content import Content
+
+    ev = ProgressEvent("r", "run", 1, 4, warning="no request has finished [x] (3 in flight)")
+    line = describe_progress(ev)
+    assert str(Content.from_markup(line)) == "run 1/4 · 0.0s · no request has finished [x] (3 in flight)"
+    assert "[$warning]" in line
+    assert "$warning" not in describe_progress(ProgressEvent("r", "run", 1, 4))
