@@ -58,7 +58,7 @@ from services.settings import Settings, get_settings
 
 ProgressCallback = Callable[[ProgressEvent], None]
 
-#: Stall notices kept in a run's summary warnings (the first ones, then a count).
+#: Stall notices kept in a run's summary warnings (the first ones; later ones are only printed).
 _MAX_STALL_WARNINGS = 5
 
 
