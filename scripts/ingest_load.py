@@ -29,6 +29,7 @@ import tempfile
 import time
 import uuid
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -55,10 +56,19 @@ def bare_app():  # noqa: ANN201 - FastAPI is imported only in the serving proces
 
 def serve_bare(port: int) -> None:
     """Run the bare app with ingestion's own uvicorn settings."""
+    serve_like_ingestion(bare_app(), port)
+
+
+def serve_like_ingestion(app: Any, port: int) -> None:
+    """Serve ``app`` on 127.0.0.1 with ingestion's uvicorn settings (httptools with the header
+    bound, no access log), its startup heap frozen as the services freeze theirs."""
     import uvicorn
 
+    from services import runtime
+
+    runtime.freeze_startup_heap()
     uvicorn.run(
-        bare_app(),
+        app,
         host="127.0.0.1",
         port=port,
         log_level="warning",

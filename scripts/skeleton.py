@@ -49,7 +49,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
-from ingest_load import free_port, wait_port  # noqa: E402
+from ingest_load import free_port, serve_like_ingestion, wait_port  # noqa: E402
 from wave_cpu import sched_ns  # noqa: E402
 
 from bench.metrics import stats_ms  # noqa: E402
@@ -102,25 +102,6 @@ async def _answer(send: Any, status: int, body: bytes) -> None:
     await send({"type": "http.response.body", "body": body})
 
 
-def _serve(app: Any, port: int) -> None:
-    """Serve a pure ASGI app with the services' uvicorn settings."""
-    import uvicorn
-
-    from services import runtime
-    from services.asgi import BoundedHttpToolsProtocol
-
-    runtime.freeze_startup_heap()
-    uvicorn.run(
-        app,
-        host="127.0.0.1",
-        port=port,
-        log_level="warning",
-        access_log=False,
-        limit_concurrency=4096,
-        http=BoundedHttpToolsProtocol,
-    )
-
-
 def serve_ingestion(port: int, redis_port: int) -> None:
     """The skeleton ingestion: one script per submit, 202 with the job id."""
     state: dict[str, Any] = {}
@@ -141,7 +122,7 @@ def serve_ingestion(port: int, redis_port: int) -> None:
         await state["submit"](keys=[f"sk:job:{job_id}", STREAM], args=[job_id, t_received, json.dumps(spec)])
         await _answer(send, 202, json.dumps({"job_id": job_id, "state": "queued"}).encode())
 
-    _serve(app, port)
+    serve_like_ingestion(app, port)
 
 
 def serve_worker(port: int) -> None:
@@ -173,7 +154,7 @@ def serve_worker(port: int) -> None:
         }
         await _answer(send, 200, json.dumps(out).encode())
 
-    _serve(app, port)
+    serve_like_ingestion(app, port)
 
 
 async def _proxy(redis_port: int, worker_url: str) -> None:

@@ -83,12 +83,17 @@ async def test_backpressure_429_is_honoured(make_stack, tmp_path: Path) -> None:
     assert res.summary["refused_429"] > 0  # refused, waited Retry-After, resubmitted
 
 
-def test_cli_run_prints_the_summary(stack: Stack, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                    capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
+def _cli_env(monkeypatch: pytest.MonkeyPatch, stack: Stack, columns: int) -> None:
+    """The environment an in-process ``llmconsole bench`` reads its settings from: this stack's."""
     monkeypatch.setenv("LLMC_ENV_FILE", "/nonexistent/llmconsole.env")
     for k, v in stack.values.items():
         monkeypatch.setenv(k.upper(), str(v))
-    monkeypatch.setenv("COLUMNS", "160")
+    monkeypatch.setenv("COLUMNS", str(columns))
+
+
+def test_cli_run_prints_the_summary(stack: Stack, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                    capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
+    _cli_env(monkeypatch, stack, columns=160)
     out = tmp_path / "cli"
     code = main(["--input-tokens", "32", "--output-tokens", "4", "--requests", "4", "--concurrency", "2",
                  "--out", str(out), "--no-plots"])  # fmt: skip
@@ -132,10 +137,7 @@ def test_a_stalled_run_says_what_the_queue_shows(
     # says so on stderr, with the queue's state and what to check, and keeps it in the summary.
     st: Stack = make_stack()
     st.procs["proxy_worker"].stop()
-    monkeypatch.setenv("LLMC_ENV_FILE", "/nonexistent/llmconsole.env")
-    for k, v in st.values.items():
-        monkeypatch.setenv(k.upper(), str(v))
-    monkeypatch.setenv("COLUMNS", "400")
+    _cli_env(monkeypatch, st, columns=400)
     out = tmp_path / "stalled"
     code = main(["--input-tokens", "16", "--output-tokens", "2", "--requests", "2", "--concurrency", "2",
                  "--stall-notice", "1", "--timeout", "4", "--quiet", "--json", "--out", str(out),
