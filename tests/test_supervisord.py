@@ -12,6 +12,7 @@ import httpx
 import pytest
 
 from services.contracts import TIMESTAMPS
+from tests.stackutil import wait_until
 from tests.supervisedstack import SupervisedStack
 
 pytestmark = pytest.mark.slow
@@ -71,8 +72,10 @@ def test_socket_and_env_file_are_private(sup: SupervisedStack) -> None:
     # Every service listens on loopback only.
     ports = [sup.values[k] for k in ("redis_port", "engine_port", "worker_port", "ingestion_port")]
     for port in ports:
+        # A service the test before restarted may still be starting (supervisord calls it started
+        # after startsecs, before uvicorn has bound): wait for its socket, then check where it is.
+        wait_until(lambda port=port: bool(_listen_addresses(port)), 30, f"something listening on {port}")
         addrs = _listen_addresses(port)
-        assert addrs, f"nothing listens on {port}"
         assert addrs == {"127.0.0.1"}, addrs
 
 
