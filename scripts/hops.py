@@ -15,6 +15,7 @@ out. Run it while the jobs are still in Redis (they expire with ``JOB_TTL_S``).
 from __future__ import annotations
 
 import argparse
+import itertools
 import statistics
 import sys
 from pathlib import Path
@@ -33,21 +34,33 @@ from services.settings import get_settings  # noqa: E402
 _ENGINE = {("t_engine_start", "t_first_token"), ("t_first_token", "t_engine_end")}
 
 
-def gaps(record: RequestRecord, job: dict[str, str]) -> dict[str, float] | None:
-    """Microseconds of each hop of one request; None when its hash lacks a timestamp."""
+def job_hops(job: dict[str, str]) -> dict[str, float] | None:
+    """Microseconds of each gap between a job hash's adjacent timestamps, the engine's own left
+    out; None when the hash lacks a timestamp."""
     try:
         t = [int(job[name]) for name in TIMESTAMPS]
     except (KeyError, ValueError):
         return None
+    return {
+        f"{a[2:]} → {b[2:]}": (t[i + 1] - t[i]) / 1e3
+        for i, (a, b) in enumerate(itertools.pairwise(TIMESTAMPS))
+        if (a, b) not in _ENGINE
+    }
+
+
+def gaps(record: RequestRecord, job: dict[str, str]) -> dict[str, float] | None:
+    """Microseconds of each hop of one request, the client's two sides included; None when its
+    hash lacks a timestamp."""
+    hops = job_hops(job)
+    if hops is None:
+        return None
     start_ns = record.start_ns
     end_ns = start_ns + (record.latency_s or 0.0) * 1e9
-    out = {"submit (bench send → t_received)": (t[0] - start_ns) / 1e3}
-    for i in range(len(TIMESTAMPS) - 1):
-        a, b = TIMESTAMPS[i], TIMESTAMPS[i + 1]
-        if (a, b) not in _ENGINE:
-            out[f"{a[2:]} → {b[2:]}"] = (t[i + 1] - t[i]) / 1e3
-    out["notify (t_finished → bench holds it)"] = (end_ns - t[-1]) / 1e3
-    return out
+    return {
+        "submit (bench send → t_received)": (int(job["t_received"]) - start_ns) / 1e3,
+        **hops,
+        "notify (t_finished → bench holds it)": (end_ns - int(job["t_finished"])) / 1e3,
+    }
 
 
 def main() -> int:

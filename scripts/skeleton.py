@@ -49,11 +49,12 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
+from hops import job_hops  # noqa: E402
 from ingest_load import free_port, serve_like_ingestion, wait_port  # noqa: E402
 from wave_cpu import sched_ns  # noqa: E402
 
 from bench.metrics import stats_ms  # noqa: E402
-from services.contracts import TIMESTAMPS  # noqa: E402
+from services.contracts import TIMESTAMPS, end_to_end_s, engine_time_s  # noqa: E402
 
 STREAM = "sk:jobs"
 DONE = "sk:done"
@@ -277,14 +278,12 @@ def summarise(hashes: list[dict[str, str]], cpu: dict[str, float]) -> dict[str, 
     overhead: list[float] = []
     hops: dict[str, list[float]] = {}
     for h in hashes:
-        t = [int(h[name]) for name in TIMESTAMPS]
-        overhead.append(((t[-1] - t[0]) - (t[7] - t[5])) / 1e9)
-        for i in range(len(TIMESTAMPS) - 1):
-            if i in (5, 6):  # engine_start → first_token → engine_end: the "engine's"
-                continue
-            hops.setdefault(f"{TIMESTAMPS[i][2:]} → {TIMESTAMPS[i + 1][2:]}", []).append(
-                (t[i + 1] - t[i]) / 1e3
-            )
+        ts: dict[str, int | None] = {name: int(h[name]) for name in TIMESTAMPS}
+        e2e, engine = end_to_end_s(ts), engine_time_s(ts)
+        assert e2e is not None and engine is not None  # every stamp was read just above
+        overhead.append(e2e - engine)
+        for name, us in (job_hops(h) or {}).items():
+            hops.setdefault(name, []).append(us)
     n = len(hashes)
     return {
         "jobs": n,
