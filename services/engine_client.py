@@ -7,8 +7,6 @@ console's engine panel, so the three measure the same way.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import json
 import math
 import time
@@ -16,19 +14,15 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import aiohttp
 import httpx
 from pydantic_core import to_json
 
+from services import stream_http
 from services.contracts import now_ns
 
 #: The longest stream line read from an engine (a token chunk is a few hundred bytes; a bound
 #: keeps a broken engine from growing the worker's buffer without end).
 MAX_EVENT_BYTES = 1 << 20
-#: The content type of a request body serialised ahead (aiohttp sets it only for ``json=``).
-_JSON = {"Content-Type": "application/json"}
-#: How long a finished answer's closing bytes are awaited (so its connection can be reused).
-_DRAIN_S = 0.5
 
 
 class EngineError(Exception):
@@ -105,7 +99,7 @@ def _error_text(text: str, reason: str | None) -> str:
 
 
 class EngineClient:
-    """Async client of one engine, over a pooled httpx client."""
+    """Async client of one engine: token streams over :mod:`services.stream_http`, the rest over httpx."""
 
     def __init__(
         self,
@@ -124,26 +118,21 @@ class EngineClient:
         self._model: str | None = None
         self._timeout_s = timeout_s
         self._headers = _auth_headers(api_key)
-        self._session: aiohttp.ClientSession | None = None
+        self._pool: stream_http.StreamPool | None = None
 
-    def _stream_session(self) -> aiohttp.ClientSession:
-        """The aiohttp session completions stream over (made on first use, in the running loop)."""
-        if self._session is None or self._session.closed:
-            self._session = aiohttp.ClientSession(
-                headers=self._headers,
-                timeout=aiohttp.ClientTimeout(total=None, sock_connect=5.0, sock_read=self._timeout_s),
-                connector=aiohttp.TCPConnector(limit=1024, limit_per_host=0, keepalive_timeout=30),
-                # No cookies, no environment proxies: a loopback or LAN engine, reached directly.
-                cookie_jar=aiohttp.DummyCookieJar(),
-                trust_env=False,
+    def _streams(self) -> stream_http.StreamPool:
+        """The connections completions stream over (made on first use)."""
+        if self._pool is None:
+            self._pool = stream_http.StreamPool(
+                self.base_url, self._headers, connect_timeout_s=5.0, read_timeout_s=self._timeout_s
             )
-        return self._session
+        return self._pool
 
     async def aclose(self) -> None:
         """Close the pooled connections (if this client owns them)."""
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        if self._pool is not None:
+            await self._pool.aclose()
+            self._pool = None
         if self._own:
             await self._client.aclose()
 
@@ -255,143 +244,178 @@ class EngineClient:
             body.update(extra)
         t_start = now_ns()
         m0 = time.perf_counter()
-        m_first: float | None = None
-        m_last = m0
-        t_first = 0
-        itl: list[float] = []
-        parts: list[str] = []
         res = StreamResult(t_start=t_start, t_first_token=0, t_end=0, ttft_s=0.0, decode_s=0.0, total_s=0.0)
-        # The stream goes over aiohttp, whose C HTTP parser costs a third of httpx's pure-Python h11
-        # per chunk (measured: about 4 ms against 11 ms of client CPU for a 100-token job); vLLM's
-        # own benchmark client streams with aiohttp too. Per chunk: one timestamp and one JSON parse.
-        session = self._stream_session()
+        # Skipping the parse needs nothing of the chunk but its time: no callback, no chat role
+        # chunks, and the kept text complete.
+        lazy = text_chars is not None and on_chunk is None and not chat
+        sink = _CompletionSink(
+            res, chat=chat, lazy=lazy, text_chars=text_chars, on_chunk=on_chunk, on_first_token=on_first_token
+        )
         try:
             # pydantic-core's serialiser: a quarter of json.dumps's time for a 1,000-id prompt.
-            data = to_json(body)
-            async with session.post(f"{self.base_url}{path}", data=data, headers=_JSON) as resp:
-                if resp.status >= 400:
-                    text = await resp.text(errors="replace")
-                    raise EngineError(
-                        f"engine {resp.status} on {path}: {_error_text(text, resp.reason)}",
-                        resp.status,
-                    )
-                res.job_id = resp.headers.get("x-job-id")
-                done = False
-                # Skipping the parse needs nothing of the chunk but its time: no callback, no chat
-                # role chunks, and the kept text complete.
-                lazy = text_chars is not None and on_chunk is None and not chat
-                limit = text_chars if text_chars is not None else 0
-                kept = 0
-                # Read whatever arrived (one event per read, usually: the engine writes one per
-                # token step) and split it into lines here: two awaited readline()s per event cost
-                # more than the rest of the loop (an event is a data line and a blank line).
-                content = resp.content
-                rest = b""
-                while not done:
-                    block = await content.readany()
-                    now = time.perf_counter()
-                    if not block:  # the end of the body
-                        if not rest:
-                            break
-                        block = b"\n"  # its last line came without a newline: read it all the same
-                    if rest:
-                        block = rest + block
-                    *lines, rest = block.split(b"\n")
-                    if len(rest) > MAX_EVENT_BYTES:
-                        raise EngineError(f"engine sent a stream line over {MAX_EVENT_BYTES} bytes")
-                    for raw in lines:
-                        if not raw.startswith(b"data:"):
-                            continue
-                        data = raw[5:].strip()
-                        if data == b"[DONE]":
-                            done = True
-                            break
-                        if lazy and m_first is not None and kept >= limit and _plain_token_chunk(data):
-                            res.chunks += 1
-                            itl.append(now - m_last)
-                            m_last = now
-                            continue
-                        chunk = _stream_event(data)
-                        usage = chunk.get("usage")
-                        if usage:
-                            res.prompt_tokens = usage.get("prompt_tokens")
-                            res.completion_tokens = usage.get("completion_tokens")
-                            details = usage.get("prompt_tokens_details") or {}
-                            res.cached_tokens = details.get("cached_tokens")
-                        for choice in chunk.get("choices") or ():
-                            # One chunk per engine step that produced tokens, even when their text is
-                            # empty (special tokens under ignore_eos, half a UTF-8 character): vLLM
-                            # sends it, and its benchmark counts it, for TTFT and ITL alike.
-                            if chat:
-                                delta = choice.get("delta") or {}
-                                if (
-                                    "role" in delta
-                                    and not delta.get("content")
-                                    and not choice.get("finish_reason")
-                                ):
-                                    continue  # the chat stream's opening chunk: a role, no token
-                                text = delta.get("content") or ""
-                            else:
-                                text = choice.get("text") or ""
-                            if choice.get("finish_reason"):
-                                res.finish_reason = choice["finish_reason"]
-                            if on_chunk is not None:
-                                on_chunk(text, choice.get("finish_reason"))
-                            res.chunks += 1
-                            if m_first is None:
-                                m_first = now
-                                t_first = now_ns()
-                                if on_first_token:
-                                    on_first_token()
-                            else:
-                                itl.append(now - m_last)
-                            m_last = now
-                            if text_chars is None:
-                                parts.append(text)
-                            elif kept < text_chars:
-                                parts.append(text[: text_chars - kept])
-                                kept += len(parts[-1])
-                if not done:
-                    # A clean close without the terminator: the engine stopped mid-answer.
-                    raise EngineError(f"engine stream ended before [DONE] after {res.chunks} token chunks")
-                m_end = time.perf_counter()
-                res.t_end = now_ns()
-                if not content.is_eof():
-                    # The body's closing chunk can come in a read of its own after [DONE].
-                    # aiohttp keeps a connection only once its body was read to the end: leaving
-                    # before that closes it, and the next job pays a new TCP connection on both
-                    # sides (tests/test_bench_sim.py shows it on a zero-latency simulator).
-                    await _drain(content)
-        except (TimeoutError, aiohttp.ServerTimeoutError) as e:
-            raise EngineError(f"engine timed out streaming: {e!r}") from e
-        except aiohttp.ClientConnectorError as e:
-            raise EngineError(f"engine not reachable at {self.base_url}: {e!r}", unavailable=True) from e
-        except aiohttp.ClientError as e:
-            raise EngineError(f"engine connection lost while streaming: {e!r}") from e
-        except ValueError as e:  # an unreadable body (aiohttp's own checks): not an answer we can use
+            await self._streams().post(path, to_json(body), sink)
+        except stream_http.ConnectFailed as e:
+            raise EngineError(f"engine not reachable at {self.base_url}: {e}", unavailable=True) from e
+        except stream_http.ReadTimeout as e:
+            raise EngineError(f"engine timed out streaming: {e}") from e
+        except stream_http.ConnectionLost as e:
+            raise EngineError(f"engine connection lost while streaming: {e}") from e
+        except stream_http.BadResponse as e:
             raise EngineError(f"engine sent an unreadable stream: {e}") from e
+        if sink.status >= 400:
+            text = bytes(sink.error_body).decode("utf-8", "replace")
+            raise EngineError(
+                f"engine {sink.status} on {path}: {_error_text(text, sink.reason)}", sink.status
+            )
+        if not sink.done:
+            # A clean close without the terminator: the engine stopped mid-answer.
+            raise EngineError(f"engine stream ended before [DONE] after {res.chunks} token chunks")
+        m_end = sink.m_end
+        m_first = sink.m_first
         if m_first is None:  # no token at all (max_tokens=0 or engine sent none)
-            m_first, t_first = m_end, res.t_end
-        res.t_first_token = t_first
+            m_first, res.t_first_token = m_end, res.t_end
         res.ttft_s = m_first - m0
         res.decode_s = m_end - m_first
         res.total_s = m_end - m0
-        res.itl_s = [round(x, 6) for x in itl]
-        res.text = "".join(parts)
+        res.itl_s = [round(x, 6) for x in sink.itl]
+        res.text = "".join(sink.parts)
         return res
 
 
-async def _drain(content: aiohttp.StreamReader) -> None:
-    """Read what is left of a finished answer's body (its closing chunk), within bounds.
+class _CompletionSink:
+    """Reads one completion stream as it arrives: a timestamp per token chunk, the rest parsed.
 
-    The answer is complete already: whatever happens here (a slow or broken ending) only means
-    the connection is not reused.
+    Fed from the connection's read callback (:mod:`services.stream_http`), so a token chunk costs
+    no task wake-up of its own. It splits what arrives into lines itself, and keeps, per chunk,
+    what vLLM's benchmark keeps: the time it came.
     """
-    with contextlib.suppress(TimeoutError, aiohttp.ClientError, ValueError):
-        async with asyncio.timeout(_DRAIN_S):
-            left = MAX_EVENT_BYTES
-            while left > 0 and (block := await content.readany()):
-                left -= len(block)
+
+    __slots__ = (
+        "chat",
+        "done",
+        "error_body",
+        "itl",
+        "kept",
+        "lazy",
+        "limit",
+        "m_end",
+        "m_first",
+        "m_last",
+        "on_chunk",
+        "on_first_token",
+        "parts",
+        "reason",
+        "res",
+        "rest",
+        "status",
+        "text_chars",
+    )
+
+    def __init__(
+        self,
+        res: StreamResult,
+        *,
+        chat: bool,
+        lazy: bool,
+        text_chars: int | None,
+        on_chunk: Callable[[str, str | None], None] | None,
+        on_first_token: Callable[[], None] | None,
+    ) -> None:
+        self.res = res
+        self.chat, self.lazy = chat, lazy
+        self.text_chars = text_chars
+        self.limit = text_chars if text_chars is not None else 0
+        self.on_chunk, self.on_first_token = on_chunk, on_first_token
+        self.status = 0
+        self.reason = ""
+        self.error_body = bytearray()
+        self.done = False
+        self.rest = b""
+        self.kept = 0
+        self.m_first: float | None = None
+        self.m_last = 0.0
+        self.m_end = 0.0
+        self.itl: list[float] = []
+        self.parts: list[str] = []
+
+    def head(self, status: int, reason: str, headers: dict[str, str]) -> None:
+        """Note the status; an OpenAI-door answer names its job in ``X-Job-Id``."""
+        self.status, self.reason = status, reason
+        self.res.job_id = headers.get("x-job-id")
+
+    def body(self, block: bytes, now: float) -> bool:
+        """Read the events in ``block``; True once ``[DONE]`` is in."""
+        if self.status >= 400:  # an error body: kept (bounded) for the message
+            self.error_body += block[: MAX_EVENT_BYTES - len(self.error_body)]
+            return False
+        if self.rest:
+            block = self.rest + block
+        *lines, self.rest = block.split(b"\n")
+        if len(self.rest) > MAX_EVENT_BYTES:
+            raise EngineError(f"engine sent a stream line over {MAX_EVENT_BYTES} bytes")
+        for raw in lines:
+            if self._line(raw, now):
+                return True
+        return False
+
+    def end(self) -> None:
+        """The body ended: its last line may have come without a newline."""
+        if self.status < 400 and self.rest and not self.done:
+            rest, self.rest = self.rest, b""
+            self._line(rest, time.perf_counter())
+
+    def _line(self, raw: bytes, now: float) -> bool:
+        if not raw.startswith(b"data:"):
+            return False
+        data = raw[5:].strip()
+        res = self.res
+        if data == b"[DONE]":
+            self.done = True
+            self.m_end = time.perf_counter()
+            res.t_end = now_ns()
+            return True
+        if self.lazy and self.m_first is not None and self.kept >= self.limit and _plain_token_chunk(data):
+            res.chunks += 1
+            self.itl.append(now - self.m_last)
+            self.m_last = now
+            return False
+        chunk = _stream_event(data)
+        usage = chunk.get("usage")
+        if usage:
+            res.prompt_tokens = usage.get("prompt_tokens")
+            res.completion_tokens = usage.get("completion_tokens")
+            details = usage.get("prompt_tokens_details") or {}
+            res.cached_tokens = details.get("cached_tokens")
+        for choice in chunk.get("choices") or ():
+            # One chunk per engine step that produced tokens, even when their text is empty
+            # (special tokens under ignore_eos, half a UTF-8 character): vLLM sends it, and its
+            # benchmark counts it, for TTFT and ITL alike.
+            if self.chat:
+                delta = choice.get("delta") or {}
+                if "role" in delta and not delta.get("content") and not choice.get("finish_reason"):
+                    continue  # the chat stream's opening chunk: a role, no token
+                text = delta.get("content") or ""
+            else:
+                text = choice.get("text") or ""
+            if choice.get("finish_reason"):
+                res.finish_reason = choice["finish_reason"]
+            if self.on_chunk is not None:
+                self.on_chunk(text, choice.get("finish_reason"))
+            res.chunks += 1
+            if self.m_first is None:
+                self.m_first = now
+                res.t_first_token = now_ns()
+                if self.on_first_token:
+                    self.on_first_token()
+            else:
+                self.itl.append(now - self.m_last)
+            self.m_last = now
+            if self.text_chars is None:
+                self.parts.append(text)
+            elif self.kept < self.text_chars:
+                self.parts.append(text[: self.text_chars - self.kept])
+                self.kept += len(self.parts[-1])
+        return False
 
 
 def _plain_token_chunk(data: bytes) -> bool:

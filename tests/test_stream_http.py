@@ -1,0 +1,389 @@
+"""The streamed-POST client the engine token streams go over (``services/stream_http.py``).
+
+A loopback server written per test plays the engine's side byte by byte: chunked and
+length-delimited answers, answers that end with the connection, a head and then silence, a
+cut, bytes that are not HTTP. Every test runs on asyncio's loop (the bench) and on uvloop (the
+inference worker), whose transports differ.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from typing import Any
+
+import pytest
+import uvloop
+
+from services import stream_http
+from services.engine_client import EngineClient, EngineError
+from services.stream_http import StreamPool
+
+Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+
+
+@pytest.fixture(params=["asyncio", "uvloop"])
+def run(request: pytest.FixtureRequest) -> Callable[[Coroutine[Any, Any, None]], None]:
+    """Runs a test's body on asyncio's loop (as the bench does) or on uvloop (the worker)."""
+    return uvloop.run if request.param == "uvloop" else asyncio.run  # type: ignore[return-value]
+
+
+class Engine:
+    """A loopback server: ``handler`` serves each connection; connections are counted."""
+
+    def __init__(self, handler: Handler) -> None:
+        self.handler = handler
+        self.connections = 0
+        self.closed: list[asyncio.Event] = []
+        self.server: asyncio.Server | None = None
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        gone = asyncio.Event()
+        self.closed.append(gone)
+        try:
+            await self.handler(reader, writer)
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            writer.close()
+            gone.set()
+
+    @property
+    def url(self) -> str:
+        """Base URL."""
+        assert self.server is not None
+        return f"http://127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
+
+
+@contextlib.asynccontextmanager
+async def served(handler: Handler) -> AsyncIterator[Engine]:
+    """An :class:`Engine` listening on a free loopback port while the block runs."""
+    e = Engine(handler)
+    e.server = await asyncio.start_server(e._serve, "127.0.0.1", 0)
+    try:
+        yield e
+    finally:
+        e.server.close()
+
+
+async def read_request(reader: asyncio.StreamReader) -> tuple[str, dict[str, str], bytes]:
+    """One request: its request line, headers (lower-cased) and body."""
+    head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1").split("\r\n")
+    headers = {k.lower(): v.strip() for k, v in (line.split(":", 1) for line in head[1:] if line)}
+    body = await reader.readexactly(int(headers.get("content-length", "0")))
+    return head[0], headers, body
+
+
+def chunk(data: bytes) -> bytes:
+    return f"{len(data):x}\r\n".encode() + data + b"\r\n"
+
+
+CHUNKED_HEAD = b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\nx-job-id: j7\r\n\r\n"
+
+
+class Collect:
+    """A sink that keeps what it is handed; ``enough`` ends it early at a marker."""
+
+    def __init__(self, enough: bytes | None = None, fail_at: bytes | None = None) -> None:
+        self.status = 0
+        self.headers: dict[str, str] = {}
+        self.data = b""
+        self.ended = False
+        self.enough, self.fail_at = enough, fail_at
+        self.got = asyncio.Event()
+
+    def head(self, status: int, reason: str, headers: dict[str, str]) -> None:
+        self.status, self.headers = status, headers
+
+    def body(self, data: bytes, now: float) -> bool:
+        self.data += data
+        self.got.set()
+        if self.fail_at is not None and self.fail_at in self.data:
+            raise ValueError("the sink gave up")
+        return self.enough is not None and self.enough in self.data
+
+    def end(self) -> None:
+        self.ended = True
+
+
+def test_a_chunked_stream_arrives_piece_by_piece_and_its_connection_serves_the_next(
+    run: Callable[[Coroutine[Any, Any, None]], None],
+) -> None:
+    async def main() -> None:
+        async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            while True:
+                line, headers, body = await read_request(reader)
+                assert line == "POST /base/v1/completions HTTP/1.1" and headers["authorization"] == "Bearer k"
+                assert headers["content-type"] == "application/json" and json.loads(body) == {"n": 1}
+                writer.write(CHUNKED_HEAD)
+                for piece in (b"data: a\n\n", b"data: b\n\n"):
+                    writer.write(chunk(piece))
+                    await writer.drain()
+                    await asyncio.sleep(0.01)
+                writer.write(b"0\r\n\r\n")
+
+        async with served(handler) as engine:
+            pool = StreamPool(engine.url + "/base", {"Authorization": "Bearer k"})
+            try:
+                for _ in range(3):
+                    sink = Collect()
+                    await pool.post("/v1/completions", b'{"n": 1}', sink)
+                    assert (sink.status, sink.headers["x-job-id"], sink.data, sink.ended) == (
+                        200,
+                        "j7",
+                        b"data: a\n\ndata: b\n\n",
+                        True,
+                    )
+                assert engine.connections == 1
+            finally:
+                await pool.aclose()
+
+    run(main())
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        b"HTTP/1.1 404 Not Found\r\ncontent-length: 9\r\n\r\nno model!",
+        b"HTTP/1.0 404 Not Found\r\n\r\nno model!",  # no length: the body ends with the connection
+    ],
+)
+def test_bodies_with_a_length_or_ending_with_the_connection(
+    run: Callable[[Coroutine[Any, Any, None]], None], answer: bytes
+) -> None:
+    async def main() -> None:
+        async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            await read_request(reader)
+            writer.write(answer)
+            await writer.drain()
+            if b"content-length" in answer:
+                await read_request(reader)  # kept alive: a second request on the same connection
+                writer.write(answer)
+
+        async with served(handler) as engine:
+            pool = StreamPool(engine.url)
+            try:
+                for _ in range(2):
+                    sink = Collect()
+                    await pool.post("/x", b"{}", sink)
+                    assert (sink.status, sink.data, sink.ended) == (404, b"no model!", True)
+                assert engine.connections == (1 if b"content-length" in answer else 2)
+            finally:
+                await pool.aclose()
+
+    run(main())
+
+
+def test_silence_after_the_head_is_a_read_timeout(run: Callable[[Coroutine[Any, Any, None]], None]) -> None:
+    async def main() -> None:
+        async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            await read_request(reader)
+            writer.write(CHUNKED_HEAD + chunk(b"data: a\n\n"))
+            await reader.read()  # until the client goes
+
+        async with served(handler) as engine:
+            pool = StreamPool(engine.url, read_timeout_s=0.3)
+            try:
+                sink = Collect()
+                t0 = asyncio.get_running_loop().time()
+                with pytest.raises(stream_http.ReadTimeout, match=r"nothing arrived for 0.3 s"):
+                    await pool.post("/x", b"{}", sink)
+                assert 0.25 < asyncio.get_running_loop().time() - t0 < 2
+                assert sink.data == b"data: a\n\n"
+                await asyncio.wait_for(engine.closed[0].wait(), 2)  # the engine sees its client go
+            finally:
+                await pool.aclose()
+
+    run(main())
+
+
+def test_reads_that_keep_coming_are_not_a_timeout(run: Callable[[Coroutine[Any, Any, None]], None]) -> None:
+    async def main() -> None:
+        # One timer a request, re-armed when it fires early: a stream longer than the timeout whose
+        # pieces come closer together than it is not cut.
+        async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            await read_request(reader)
+            writer.write(CHUNKED_HEAD)
+            for _ in range(8):
+                writer.write(chunk(b"data: a\n\n"))
+                await asyncio.sleep(0.1)
+            writer.write(b"0\r\n\r\n")
+
+        async with served(handler) as engine:
+            pool = StreamPool(engine.url, read_timeout_s=0.3)
+            try:
+                sink = Collect()
+                await pool.post("/x", b"{}", sink)
+                assert sink.data.count(b"data: a") == 8 and sink.ended
+            finally:
+                await pool.aclose()
+
+    run(main())
+
+
+def test_a_cut_mid_body_is_a_lost_connection_and_bytes_that_are_not_http_a_bad_response(
+    run: Callable[[Coroutine[Any, Any, None]], None],
+) -> None:
+    async def main() -> None:
+        answers = iter([CHUNKED_HEAD + chunk(b"data: a\n\n"), b"SSH-2.0-OpenSSH_9.2\r\n"])
+
+        async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            await read_request(reader)
+            writer.write(next(answers))
+            await writer.drain()
+
+        async with served(handler) as engine:
+            pool = StreamPool(engine.url)
+            try:
+                with pytest.raises(stream_http.ConnectionLost, match="closed before the answer ended"):
+                    await pool.post("/x", b"{}", Collect())
+                with pytest.raises(stream_http.BadResponse, match="unreadable HTTP response"):
+                    await pool.post("/x", b"{}", Collect())
+                assert engine.connections == 2
+            finally:
+                await pool.aclose()
+
+    run(main())
+
+
+def test_nothing_listening_is_a_failed_connect(run: Callable[[Coroutine[Any, Any, None]], None]) -> None:
+    async def main() -> None:
+        pool = StreamPool("http://127.0.0.1:1")
+        with pytest.raises(stream_http.ConnectFailed, match=r"cannot connect to 127\.0\.0\.1:1"):
+            await pool.post("/x", b"{}", Collect())
+
+    run(main())
+
+
+def test_a_sink_error_ends_the_request_with_it_and_drops_the_connection(
+    run: Callable[[Coroutine[Any, Any, None]], None],
+) -> None:
+    async def main() -> None:
+        async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            await read_request(reader)
+            writer.write(CHUNKED_HEAD + chunk(b"data: bad\n\n"))
+            await reader.read()  # until the client goes
+
+        async with served(handler) as engine:
+            pool = StreamPool(engine.url)
+            try:
+                with pytest.raises(ValueError, match="the sink gave up"):
+                    await pool.post("/x", b"{}", Collect(fail_at=b"bad"))
+                await asyncio.wait_for(engine.closed[0].wait(), 2)
+            finally:
+                await pool.aclose()
+
+    run(main())
+
+
+def test_a_cancelled_request_drops_its_connection(run: Callable[[Coroutine[Any, Any, None]], None]) -> None:
+    async def main() -> None:
+        async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            await read_request(reader)
+            writer.write(CHUNKED_HEAD + chunk(b"data: a\n\n"))
+            await reader.read()  # until the client goes
+
+        async with served(handler) as engine:
+            pool = StreamPool(engine.url)
+            try:
+                sink = Collect()
+                task = asyncio.create_task(pool.post("/x", b"{}", sink))
+                await asyncio.wait_for(sink.got.wait(), 5)
+                task.cancel()
+                with pytest.raises(asyncio.CancelledError):
+                    await task
+                # The engine sees its client go (vLLM aborts the request then).
+                await asyncio.wait_for(engine.closed[0].wait(), 2)
+            finally:
+                await pool.aclose()
+
+    run(main())
+
+
+def test_once_the_sink_has_enough_an_unended_body_is_given_up_after_the_drain(
+    run: Callable[[Coroutine[Any, Any, None]], None],
+) -> None:
+    async def main() -> None:
+        async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            await read_request(reader)
+            writer.write(CHUNKED_HEAD + chunk(b"data: [DONE]\n\n"))  # and never the last chunk
+            await reader.read()  # until the client goes
+
+        async with served(handler) as engine:
+            pool = StreamPool(engine.url)
+            try:
+                sink = Collect(enough=b"[DONE]")
+                loop = asyncio.get_running_loop()
+                t0 = loop.time()
+                await pool.post("/x", b"{}", sink)  # the answer is in: no error
+                assert stream_http.DRAIN_S * 0.8 < loop.time() - t0 < stream_http.DRAIN_S + 1
+                assert not sink.ended
+                await asyncio.wait_for(engine.closed[0].wait(), 2)  # not kept for the next request
+            finally:
+                await pool.aclose()
+
+    run(main())
+
+
+def test_a_connection_the_engine_closed_while_idle_is_not_reused(
+    run: Callable[[Coroutine[Any, Any, None]], None],
+) -> None:
+    async def main() -> None:
+        async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            await read_request(reader)
+            writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+            await writer.drain()  # then closes: the engine's keep-alive ran out
+
+        async with served(handler) as engine:
+            pool = StreamPool(engine.url)
+            try:
+                for _ in range(3):
+                    sink = Collect()
+                    await pool.post("/x", b"{}", sink)
+                    assert sink.data == b"ok"
+                    await asyncio.wait_for(engine.closed[-1].wait(), 2)
+                    await asyncio.sleep(0.05)  # the close reaches the client
+                assert engine.connections == 3
+            finally:
+                await pool.aclose()
+
+    run(main())
+
+
+def test_the_engine_client_says_what_went_wrong(run: Callable[[Coroutine[Any, Any, None]], None]) -> None:
+    async def main() -> None:
+        # Each failure of the transport becomes an EngineError with its kind: retryable, and
+        # "unavailable" (backpressure, not a used-up attempt) only when nothing could connect.
+        async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            line, _, _ = await read_request(reader)
+            if line.startswith("GET"):
+                body = b'{"data": [{"id": "m"}]}'
+                writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n%s" % (len(body), body))
+                await writer.drain()
+                line, _, _ = await read_request(reader)
+            err = json.dumps({"error": {"message": "prompt too long", "code": 400}}).encode()
+            writer.write(b"HTTP/1.1 400 Bad Request\r\ncontent-length: %d\r\n\r\n%s" % (len(err), err))
+
+        async with served(handler) as engine:
+            client = EngineClient(engine.url, timeout_s=5)
+            try:
+                with pytest.raises(EngineError) as bad:
+                    await client.stream_completion([1, 2], 2)
+                assert bad.value.status == 400 and not bad.value.retryable
+                assert "engine 400 on /v1/completions: prompt too long" in str(bad.value)
+            finally:
+                await client.aclose()
+            down = EngineClient("http://127.0.0.1:1", timeout_s=5)
+            down._model = "m"  # skip /v1/models: the stream's own connect fails
+            try:
+                with pytest.raises(EngineError) as unreachable:
+                    await down.stream_completion([1], 1)
+                assert unreachable.value.unavailable and unreachable.value.retryable
+                assert "engine not reachable at http://127.0.0.1:1" in str(unreachable.value)
+            finally:
+                await down.aclose()
+
+    run(main())
