@@ -33,10 +33,9 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-import aiohttp
 from redis.exceptions import OutOfMemoryError
 
-from services import procstats, prom, runtime
+from services import procstats, prom, runtime, stream_http
 from services.contracts import (
     InferRequest,
     InferResult,
@@ -117,11 +116,12 @@ class ProxyWorker:
         self.consumer = consumer or f"{socket.gethostname()[:40]}-{os.getpid()}"
         self.r = redis_client(settings, blocking=True)
         self.q = JobQueue(self.r, self.keys)
-        #: The hop to the inference workers, over aiohttp (made in the running loop on first use).
-        #: httpx was about 60 % of this process's CPU in a py-spy profile of a run at concurrency
-        #: 32, most of it in its connection pool's per-request scan of every open connection.
-        self._http: aiohttp.ClientSession | None = None
-        self._worker_headers = {"Content-Type": "application/json"}
+        #: The hop to the inference workers: keep-alive connections per worker URL, over
+        #: services.stream_http. httpx was about 60 % of this process's CPU in a py-spy profile of
+        #: a run at concurrency 32 (its pool scans every open connection per request); aiohttp,
+        #: next, cost 90-110 µs of this process's CPU a request, stream_http 35-40 (README).
+        self._pools: dict[str, stream_http.StreamPool] = {}
+        self._worker_headers: dict[str, str] = {}
         if settings.effective_worker_api_key:
             self._worker_headers["Authorization"] = f"Bearer {settings.effective_worker_api_key}"
         # The limit follows the live nodes' capacity (PROXY_CONCURRENCY, if set, bounds it).
@@ -178,8 +178,8 @@ class ProxyWorker:
                 t.cancel()
             await asyncio.gather(consume, *loops, return_exceptions=True)
             await self._drain()
-            if self._http is not None:
-                await self._http.close()
+            for pool in self._pools.values():
+                await pool.aclose()
             await self.r.aclose()
             if metrics_server is not None:
                 # shutdown() waits for the server thread's poll (up to 0.5 s): not on the loop.
@@ -555,21 +555,20 @@ class ProxyWorker:
         base = self.s.retry_base_ms / 1000 * (2 ** max(n - 1, 0))
         return random.uniform(0, min(base, self.s.retry_max_ms / 1000)) + 0.01
 
-    def _session(self) -> aiohttp.ClientSession:
-        if self._http is None or self._http.closed:
-            self._http = aiohttp.ClientSession(
-                timeout=aiohttp.ClientTimeout(total=self.s.job_timeout_s, sock_connect=3.0),
-                # No pool cap of our own: the node slots already bound what is in flight.
-                connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=30),
-                headers=self._worker_headers,
-                cookie_jar=aiohttp.DummyCookieJar(),
+    def _pool(self, url: str) -> stream_http.StreamPool:
+        pool = self._pools.get(url)
+        if pool is None:
+            # No cap on connections of our own: the node slots already bound what is in flight.
+            # The worker answers once, at the job's end: the read timeout is the job's.
+            pool = stream_http.StreamPool(
+                url, self._worker_headers, connect_timeout_s=3.0, read_timeout_s=self.s.job_timeout_s
             )
-        return self._http
+            self._pools[url] = pool
+        return pool
 
     async def _post_infer(self, url: str, body: bytes) -> tuple[int, bytes]:
         """POST one attempt to a node's inference worker: (status, body)."""
-        async with self._session().post(f"{url}/v1/infer", data=body) as resp:
-            return resp.status, await resp.read()
+        return await stream_http.post_read(self._pool(url), "/v1/infer", body)
 
     async def _run_attempt(self, d: Delivery, routed_at_claim: tuple[str, str] | None = None) -> None:
         if d.spec_json is None:  # a hash without its spec: nothing to run
@@ -609,14 +608,14 @@ class ProxyWorker:
                     # Stamped here, before the result is validated and encoded: that work is the
                     # result write's, not the hop's.
                     t_result_received = now_ns()
-                except aiohttp.ClientConnectorError as e:
+                except stream_http.ConnectFailed as e:
                     # Nobody listens (worker restarting, or its node gone): like an overloaded
                     # engine this is backpressure, not the job's fault, so no attempt is used up;
                     # the node gets no new job for a while.
                     self.registry.suspect(node)
                     status, resp, err = 503, None, f"inference worker {url} unreachable: {e!r}"
-                except (TimeoutError, aiohttp.ClientError) as e:
-                    if not isinstance(e, TimeoutError | aiohttp.ServerTimeoutError):
+                except (TimeoutError, stream_http.StreamHttpError) as e:
+                    if not isinstance(e, TimeoutError | stream_http.ReadTimeout):
                         self.registry.suspect(node)  # the connection broke: the worker died
                     status, resp, err = None, None, f"inference worker {url} failed mid-request: {e!r}"
                 finally:

@@ -68,6 +68,29 @@ class ResponseSink(Protocol):
         """The body ended (all of it was handed over)."""
 
 
+class Collect:
+    """A sink that keeps a whole answer, up to ``limit`` bytes (past it the request fails)."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.status = 0
+        self.data = bytearray()
+
+    def head(self, status: int, reason: str, headers: dict[str, str]) -> None:
+        """Keep the status."""
+        self.status = status
+
+    def body(self, data: bytes, now: float) -> bool:
+        """Keep the piece; refuse an answer past the limit."""
+        if len(self.data) + len(data) > self.limit:
+            raise BadResponse(f"an answer over {self.limit} bytes")
+        self.data += data
+        return False
+
+    def end(self) -> None:
+        """Nothing to do: the answer is whole."""
+
+
 class _Connection(asyncio.Protocol):
     """One keep-alive connection; one request at a time."""
 
@@ -371,3 +394,10 @@ class StreamPool:
         for conn in list(self._all):
             conn.abort()
         self._idle, self._all = [], set()
+
+
+async def post_read(pool: StreamPool, path: str, body: bytes, limit: int = 64 << 20) -> tuple[int, bytes]:
+    """POST ``body`` and read the whole answer (at most ``limit`` bytes): (status, body)."""
+    sink = Collect(limit)
+    await pool.post(path, body, sink)
+    return sink.status, bytes(sink.data)

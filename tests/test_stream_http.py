@@ -387,3 +387,45 @@ def test_the_engine_client_says_what_went_wrong(run: Callable[[Coroutine[Any, An
                 await down.aclose()
 
     run(main())
+
+
+def test_a_whole_answer_is_read_and_one_past_the_limit_refused(
+    run: Callable[[Coroutine[Any, Any, None]], None],
+) -> None:
+    # The proxy reads the worker's whole answer (its result) this way, bounded.
+    async def main() -> None:
+        async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            while True:
+                await read_request(reader)
+                writer.write(CHUNKED_HEAD + chunk(b"x" * 600) + chunk(b"y" * 600) + b"0\r\n\r\n")
+
+        async with served(handler) as engine:
+            pool = StreamPool(engine.url)
+            try:
+                status, body = await stream_http.post_read(pool, "/v1/infer", b"{}")
+                assert (status, body) == (200, b"x" * 600 + b"y" * 600)
+                with pytest.raises(stream_http.BadResponse, match="an answer over 1000 bytes"):
+                    await stream_http.post_read(pool, "/v1/infer", b"{}", limit=1000)
+                status, body = await stream_http.post_read(pool, "/v1/infer", b"{}")
+                assert len(body) == 1200 and engine.connections == 2  # the refused one was dropped
+            finally:
+                await pool.aclose()
+
+    run(main())
+
+
+def test_the_hop_client_script_compares_both_clients_and_refuses_bad_arguments() -> None:
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parent.parent / "scripts" / "hop_client.py"
+    args = [sys.executable, str(script), "--rounds", "1", "--wave", "2", "--waves", "3"]
+    out = subprocess.run(args, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert re.search(r"round 1: aiohttp +\d+\.\d +stream_http +\d+\.\d", out.stdout), out.stdout
+    bad = subprocess.run(
+        [sys.executable, str(script), "--wave", "0"], capture_output=True, text=True, timeout=60
+    )
+    assert bad.returncode == 2 and "--wave" in bad.stderr
