@@ -7,7 +7,8 @@
 
 It starts its own redis-server (AOF on, as production runs it) and three skeleton services, each a
 process of its own on the libraries and server settings the real ones use (uvicorn with
-httptools and the project's header bound, uvloop, redis-py with hiredis, aiohttp):
+httptools and the project's header bound, uvloop, redis-py with hiredis, the proxy's
+HTTP client, services/stream_http.py):
 
 - **ingestion**: ``POST /jobs`` stamps ``t_received``, parses the body, runs one Lua script that
   writes the job hash (``t_enqueued`` from Redis's clock) and its stream entry, answers 202;
@@ -159,8 +160,9 @@ def serve_worker(port: int) -> None:
 
 
 async def _proxy(redis_port: int, worker_url: str) -> None:
-    import aiohttp
     import redis.asyncio as aioredis
+
+    from services import stream_http
 
     r = _redis(redis_port)
     blocking = _redis(redis_port)
@@ -169,15 +171,17 @@ async def _proxy(redis_port: int, worker_url: str) -> None:
         await r.xgroup_create(STREAM, GROUP, id="0", mkstream=True)
     except aioredis.ResponseError:
         pass  # it exists
-    session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
+    # The real proxy's client for this hop (services/stream_http.py): keep-alive, the answer whole.
+    pool = stream_http.StreamPool(worker_url)
     tasks: set[asyncio.Task[None]] = set()
 
     async def process(entry_id: str, job_id: str) -> None:
         key = f"sk:job:{job_id}"
         spec = await claim(keys=[key], args=[time.time_ns()])
         t_dispatched = time.time_ns()
-        async with session.post(worker_url, data=spec, headers={"content-type": "application/json"}) as resp:
-            body = await resp.read()
+        _status, body = await stream_http.post_read(
+            pool, "", spec.encode() if isinstance(spec, str) else spec
+        )
         t_result_received = time.time_ns()
         out = json.loads(body)
         args = [entry_id, GROUP, t_dispatched]
