@@ -59,14 +59,29 @@ class Engine:
 
 
 @contextlib.asynccontextmanager
-async def served(handler: Handler) -> AsyncIterator[Engine]:
-    """An :class:`Engine` listening on a free loopback port while the block runs."""
+async def served(
+    handler: Handler, prefix: str = "", headers: dict[str, str] | None = None, **pool_kw: Any
+) -> AsyncIterator[tuple[Engine, StreamPool]]:
+    """An :class:`Engine` on a free loopback port and a pool to it (``prefix`` after its URL)."""
     e = Engine(handler)
     e.server = await asyncio.start_server(e._serve, "127.0.0.1", 0)
+    pool = StreamPool(e.url + prefix, headers, **pool_kw)
     try:
-        yield e
+        yield e, pool
     finally:
+        await pool.aclose()
         e.server.close()
+
+
+def holding(first: bytes) -> Handler:
+    """A handler that answers the head and ``first`` (one chunk), then nothing until the client goes."""
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(CHUNKED_HEAD + chunk(first))
+        await reader.read()
+
+    return handler
 
 
 async def read_request(reader: asyncio.StreamReader) -> tuple[str, dict[str, str], bytes]:
@@ -125,21 +140,17 @@ def test_a_chunked_stream_arrives_piece_by_piece_and_its_connection_serves_the_n
                     await asyncio.sleep(0.01)
                 writer.write(b"0\r\n\r\n")
 
-        async with served(handler) as engine:
-            pool = StreamPool(engine.url + "/base", {"Authorization": "Bearer k"})
-            try:
-                for _ in range(3):
-                    sink = Collect()
-                    await pool.post("/v1/completions", b'{"n": 1}', sink)
-                    assert (sink.status, sink.headers["x-job-id"], sink.data, sink.ended) == (
-                        200,
-                        "j7",
-                        b"data: a\n\ndata: b\n\n",
-                        True,
-                    )
-                assert engine.connections == 1
-            finally:
-                await pool.aclose()
+        async with served(handler, "/base", {"Authorization": "Bearer k"}) as (engine, pool):
+            for _ in range(3):
+                sink = Collect()
+                await pool.post("/v1/completions", b'{"n": 1}', sink)
+                assert (sink.status, sink.headers["x-job-id"], sink.data, sink.ended) == (
+                    200,
+                    "j7",
+                    b"data: a\n\ndata: b\n\n",
+                    True,
+                )
+            assert engine.connections == 1
 
     run(main())
 
@@ -163,39 +174,26 @@ def test_bodies_with_a_length_or_ending_with_the_connection(
                 await read_request(reader)  # kept alive: a second request on the same connection
                 writer.write(answer)
 
-        async with served(handler) as engine:
-            pool = StreamPool(engine.url)
-            try:
-                for _ in range(2):
-                    sink = Collect()
-                    await pool.post("/x", b"{}", sink)
-                    assert (sink.status, sink.data, sink.ended) == (404, b"no model!", True)
-                assert engine.connections == (1 if b"content-length" in answer else 2)
-            finally:
-                await pool.aclose()
+        async with served(handler) as (engine, pool):
+            for _ in range(2):
+                sink = Collect()
+                await pool.post("/x", b"{}", sink)
+                assert (sink.status, sink.data, sink.ended) == (404, b"no model!", True)
+            assert engine.connections == (1 if b"content-length" in answer else 2)
 
     run(main())
 
 
 def test_silence_after_the_head_is_a_read_timeout(run: Callable[[Coroutine[Any, Any, None]], None]) -> None:
     async def main() -> None:
-        async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            await read_request(reader)
-            writer.write(CHUNKED_HEAD + chunk(b"data: a\n\n"))
-            await reader.read()  # until the client goes
-
-        async with served(handler) as engine:
-            pool = StreamPool(engine.url, read_timeout_s=0.3)
-            try:
-                sink = Collect()
-                t0 = asyncio.get_running_loop().time()
-                with pytest.raises(stream_http.ReadTimeout, match=r"nothing arrived for 0.3 s"):
-                    await pool.post("/x", b"{}", sink)
-                assert 0.25 < asyncio.get_running_loop().time() - t0 < 2
-                assert sink.data == b"data: a\n\n"
-                await asyncio.wait_for(engine.closed[0].wait(), 2)  # the engine sees its client go
-            finally:
-                await pool.aclose()
+        async with served(holding(b"data: a\n\n"), read_timeout_s=0.3) as (engine, pool):
+            sink = Collect()
+            t0 = asyncio.get_running_loop().time()
+            with pytest.raises(stream_http.ReadTimeout, match=r"nothing arrived for 0.3 s"):
+                await pool.post("/x", b"{}", sink)
+            assert 0.25 < asyncio.get_running_loop().time() - t0 < 2
+            assert sink.data == b"data: a\n\n"
+            await asyncio.wait_for(engine.closed[0].wait(), 2)  # the engine sees its client go
 
     run(main())
 
@@ -212,14 +210,10 @@ def test_reads_that_keep_coming_are_not_a_timeout(run: Callable[[Coroutine[Any, 
                 await asyncio.sleep(0.1)
             writer.write(b"0\r\n\r\n")
 
-        async with served(handler) as engine:
-            pool = StreamPool(engine.url, read_timeout_s=0.3)
-            try:
-                sink = Collect()
-                await pool.post("/x", b"{}", sink)
-                assert sink.data.count(b"data: a") == 8 and sink.ended
-            finally:
-                await pool.aclose()
+        async with served(handler, read_timeout_s=0.3) as (_engine, pool):
+            sink = Collect()
+            await pool.post("/x", b"{}", sink)
+            assert sink.data.count(b"data: a") == 8 and sink.ended
 
     run(main())
 
@@ -235,16 +229,12 @@ def test_a_cut_mid_body_is_a_lost_connection_and_bytes_that_are_not_http_a_bad_r
             writer.write(next(answers))
             await writer.drain()
 
-        async with served(handler) as engine:
-            pool = StreamPool(engine.url)
-            try:
-                with pytest.raises(stream_http.ConnectionLost, match="closed before the answer ended"):
-                    await pool.post("/x", b"{}", Collect())
-                with pytest.raises(stream_http.BadResponse, match="unreadable HTTP response"):
-                    await pool.post("/x", b"{}", Collect())
-                assert engine.connections == 2
-            finally:
-                await pool.aclose()
+        async with served(handler) as (engine, pool):
+            with pytest.raises(stream_http.ConnectionLost, match="closed before the answer ended"):
+                await pool.post("/x", b"{}", Collect())
+            with pytest.raises(stream_http.BadResponse, match="unreadable HTTP response"):
+                await pool.post("/x", b"{}", Collect())
+            assert engine.connections == 2
 
     run(main())
 
@@ -262,43 +252,25 @@ def test_a_sink_error_ends_the_request_with_it_and_drops_the_connection(
     run: Callable[[Coroutine[Any, Any, None]], None],
 ) -> None:
     async def main() -> None:
-        async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            await read_request(reader)
-            writer.write(CHUNKED_HEAD + chunk(b"data: bad\n\n"))
-            await reader.read()  # until the client goes
-
-        async with served(handler) as engine:
-            pool = StreamPool(engine.url)
-            try:
-                with pytest.raises(ValueError, match="the sink gave up"):
-                    await pool.post("/x", b"{}", Collect(fail_at=b"bad"))
-                await asyncio.wait_for(engine.closed[0].wait(), 2)
-            finally:
-                await pool.aclose()
+        async with served(holding(b"data: bad\n\n")) as (engine, pool):
+            with pytest.raises(ValueError, match="the sink gave up"):
+                await pool.post("/x", b"{}", Collect(fail_at=b"bad"))
+            await asyncio.wait_for(engine.closed[0].wait(), 2)
 
     run(main())
 
 
 def test_a_cancelled_request_drops_its_connection(run: Callable[[Coroutine[Any, Any, None]], None]) -> None:
     async def main() -> None:
-        async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            await read_request(reader)
-            writer.write(CHUNKED_HEAD + chunk(b"data: a\n\n"))
-            await reader.read()  # until the client goes
-
-        async with served(handler) as engine:
-            pool = StreamPool(engine.url)
-            try:
-                sink = Collect()
-                task = asyncio.create_task(pool.post("/x", b"{}", sink))
-                await asyncio.wait_for(sink.got.wait(), 5)
-                task.cancel()
-                with pytest.raises(asyncio.CancelledError):
-                    await task
-                # The engine sees its client go (vLLM aborts the request then).
-                await asyncio.wait_for(engine.closed[0].wait(), 2)
-            finally:
-                await pool.aclose()
+        async with served(holding(b"data: a\n\n")) as (engine, pool):
+            sink = Collect()
+            task = asyncio.create_task(pool.post("/x", b"{}", sink))
+            await asyncio.wait_for(sink.got.wait(), 5)
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            # The engine sees its client go (vLLM aborts the request then).
+            await asyncio.wait_for(engine.closed[0].wait(), 2)
 
     run(main())
 
@@ -307,23 +279,14 @@ def test_once_the_sink_has_enough_an_unended_body_is_given_up_after_the_drain(
     run: Callable[[Coroutine[Any, Any, None]], None],
 ) -> None:
     async def main() -> None:
-        async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            await read_request(reader)
-            writer.write(CHUNKED_HEAD + chunk(b"data: [DONE]\n\n"))  # and never the last chunk
-            await reader.read()  # until the client goes
-
-        async with served(handler) as engine:
-            pool = StreamPool(engine.url)
-            try:
-                sink = Collect(enough=b"[DONE]")
-                loop = asyncio.get_running_loop()
-                t0 = loop.time()
-                await pool.post("/x", b"{}", sink)  # the answer is in: no error
-                assert stream_http.DRAIN_S * 0.8 < loop.time() - t0 < stream_http.DRAIN_S + 1
-                assert not sink.ended
-                await asyncio.wait_for(engine.closed[0].wait(), 2)  # not kept for the next request
-            finally:
-                await pool.aclose()
+        async with served(holding(b"data: [DONE]\n\n")) as (engine, pool):  # and never the last chunk
+            sink = Collect(enough=b"[DONE]")
+            loop = asyncio.get_running_loop()
+            t0 = loop.time()
+            await pool.post("/x", b"{}", sink)  # the answer is in: no error
+            assert stream_http.DRAIN_S * 0.8 < loop.time() - t0 < stream_http.DRAIN_S + 1
+            assert not sink.ended
+            await asyncio.wait_for(engine.closed[0].wait(), 2)  # not kept for the next request
 
     run(main())
 
@@ -337,18 +300,14 @@ def test_a_connection_the_engine_closed_while_idle_is_not_reused(
             writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
             await writer.drain()  # then closes: the engine's keep-alive ran out
 
-        async with served(handler) as engine:
-            pool = StreamPool(engine.url)
-            try:
-                for _ in range(3):
-                    sink = Collect()
-                    await pool.post("/x", b"{}", sink)
-                    assert sink.data == b"ok"
-                    await asyncio.wait_for(engine.closed[-1].wait(), 2)
-                    await asyncio.sleep(0.05)  # the close reaches the client
-                assert engine.connections == 3
-            finally:
-                await pool.aclose()
+        async with served(handler) as (engine, pool):
+            for _ in range(3):
+                sink = Collect()
+                await pool.post("/x", b"{}", sink)
+                assert sink.data == b"ok"
+                await asyncio.wait_for(engine.closed[-1].wait(), 2)
+                await asyncio.sleep(0.05)  # the close reaches the client
+            assert engine.connections == 3
 
     run(main())
 
@@ -367,7 +326,7 @@ def test_the_engine_client_says_what_went_wrong(run: Callable[[Coroutine[Any, An
             err = json.dumps({"error": {"message": "prompt too long", "code": 400}}).encode()
             writer.write(b"HTTP/1.1 400 Bad Request\r\ncontent-length: %d\r\n\r\n%s" % (len(err), err))
 
-        async with served(handler) as engine:
+        async with served(handler) as (engine, _pool):
             client = EngineClient(engine.url, timeout_s=5)
             try:
                 with pytest.raises(EngineError) as bad:
@@ -399,17 +358,13 @@ def test_a_whole_answer_is_read_and_one_past_the_limit_refused(
                 await read_request(reader)
                 writer.write(CHUNKED_HEAD + chunk(b"x" * 600) + chunk(b"y" * 600) + b"0\r\n\r\n")
 
-        async with served(handler) as engine:
-            pool = StreamPool(engine.url)
-            try:
-                status, body = await stream_http.post_read(pool, "/v1/infer", b"{}")
-                assert (status, body) == (200, b"x" * 600 + b"y" * 600)
-                with pytest.raises(stream_http.BadResponse, match="an answer over 1000 bytes"):
-                    await stream_http.post_read(pool, "/v1/infer", b"{}", limit=1000)
-                status, body = await stream_http.post_read(pool, "/v1/infer", b"{}")
-                assert len(body) == 1200 and engine.connections == 2  # the refused one was dropped
-            finally:
-                await pool.aclose()
+        async with served(handler) as (engine, pool):
+            status, body = await stream_http.post_read(pool, "/v1/infer", b"{}")
+            assert (status, body) == (200, b"x" * 600 + b"y" * 600)
+            with pytest.raises(stream_http.BadResponse, match="an answer over 1000 bytes"):
+                await stream_http.post_read(pool, "/v1/infer", b"{}", limit=1000)
+            status, body = await stream_http.post_read(pool, "/v1/infer", b"{}")
+            assert len(body) == 1200 and engine.connections == 2  # the refused one was dropped
 
     run(main())
 
