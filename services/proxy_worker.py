@@ -119,7 +119,7 @@ class ProxyWorker:
         #: The hop to the inference workers: keep-alive connections per worker URL, over
         #: services.stream_http. httpx was about 60 % of this process's CPU in a py-spy profile of
         #: a run at concurrency 32 (its pool scans every open connection per request); aiohttp,
-        #: next, cost 90-110 µs of this process's CPU a request, stream_http 35-40 (README).
+        #: next, 80-130 µs of this process's CPU a request, stream_http 35-44 (scripts/hop_client.py).
         self._pools: dict[str, stream_http.StreamPool] = {}
         self._worker_headers: dict[str, str] = {}
         if settings.effective_worker_api_key:

@@ -50,6 +50,10 @@ class BadResponse(StreamHttpError):
     """The bytes that came back are not HTTP/1.x."""
 
 
+class BadURL(StreamHttpError, ValueError):
+    """The base URL is not one this client can reach (``http://`` or ``https://`` and a host)."""
+
+
 class ResponseSink(Protocol):
     """What a request's answer is handed to, piece by piece, inside the loop's read callback."""
 
@@ -303,7 +307,7 @@ class StreamPool:
     ) -> None:
         url = urlsplit(base_url)
         if url.scheme not in ("http", "https") or not url.hostname:
-            raise ValueError(f"not an http(s) URL: {base_url!r}")
+            raise BadURL(f"not an http(s) URL: {base_url!r}")
         self.host = url.hostname
         self.port = url.port or (443 if url.scheme == "https" else 80)
         self.prefix = url.path.rstrip("/")

@@ -384,3 +384,11 @@ def test_the_hop_client_script_compares_both_clients_and_refuses_bad_arguments()
         [sys.executable, str(script), "--wave", "0"], capture_output=True, text=True, timeout=60
     )
     assert bad.returncode == 2 and "--wave" in bad.stderr
+
+
+def test_a_url_this_client_cannot_reach_is_refused_as_its_own_error() -> None:
+    # The proxy reads it as a failed hop (StreamHttpError), not as a crash of its job loop.
+    for url in ("ftp://127.0.0.1:21", "http://", "127.0.0.1:8001"):
+        with pytest.raises(stream_http.BadURL, match="not an http"):
+            StreamPool(url)
+    assert issubclass(stream_http.BadURL, stream_http.StreamHttpError)
