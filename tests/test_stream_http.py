@@ -369,6 +369,7 @@ def test_a_whole_answer_is_read_and_one_past_the_limit_refused(
     run(main())
 
 
+@pytest.mark.slow  # starts a uvicorn server and the script
 def test_the_hop_client_script_compares_both_clients_and_refuses_bad_arguments() -> None:
     import re
     import subprocess
