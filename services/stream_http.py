@@ -2,12 +2,13 @@
 
 One job only: send a request body to an engine and give each piece of its streamed answer to a
 :class:`ResponseSink` from inside the event loop's read callback. The engine client's token
-streams (inference worker, bench direct path) go over it. Why not aiohttp, as before: per read,
-aiohttp feeds its ``StreamReader``, sets a future, wakes the reading task and reschedules a
-read-timeout timer, and that wake-up, not the parse, is most of what a token chunk costs a client
-when tokens arrive apart. Measured on this project's 2-core machine with the simulator pacing 400
-tokens 2 ms apart (the README's "Per-token cost" has the command and figures), a bare protocol
-read cost about half of aiohttp's path per chunk.
+streams (inference worker, bench direct path) and the proxy's hop to the workers go over it.
+Why not aiohttp, as before: per read, aiohttp feeds its ``StreamReader``, sets a future, wakes the
+reading task and reschedules a read-timeout timer, and that wake-up, not the parse, is most of
+what a token chunk costs a client when tokens arrive apart. With tokens 2 ms apart, the worker's
+stream cost 35-43 µs of CPU a token over this client against about 70 over aiohttp
+(``scripts/token_scaling.py --sim-itl-ms 2``; the README's "Eighth round" has the figures), and
+the proxy's POST 35-44 µs against 80-130 (``scripts/hop_client.py``).
 
 The response is parsed by httptools (llhttp, the C parser uvicorn serves with): status line,
 headers, ``Content-Length``, chunked encoding and bodies that end when the connection closes.
