@@ -4,9 +4,9 @@
     ./.venv/bin/python scripts/hop_client.py                      # 3 rounds, waves of 32
     ./.venv/bin/python scripts/hop_client.py --rounds 5 --wave 8 --answer-bytes 10000
 
-It starts a bare ASGI app under uvicorn (uvloop, httptools, as the inference worker serves) that
-reads a request body and answers ``--answer-bytes`` of JSON-sized bytes, the size of a worker's
-result. Then, on uvloop in this process, it sends the same POSTs in waves of ``--wave``
+It starts a bare ASGI app (a process of its own, on the services' uvicorn settings through
+``ingest_load.serve_like_ingestion``) that reads a request body and answers ``--answer-bytes``
+bytes, the size of a worker's result. Then, on uvloop in this process, it sends the same POSTs in waves of ``--wave``
 concurrent requests, alternating per round between an ``aiohttp.ClientSession`` (the proxy's
 client before) and a :class:`services.stream_http.StreamPool` read whole with
 :func:`services.stream_http.post_read` (the proxy's client now), and prints the CPU time of this
@@ -18,42 +18,38 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import socket
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "scripts"))
 
 import aiohttp  # noqa: E402
 import uvloop  # noqa: E402
+from ingest_load import free_port, serve_like_ingestion, wait_port  # noqa: E402
 
 from services import stream_http  # noqa: E402
 
-_APP = """
-import os
-SIZE = int(os.environ["HOP_ANSWER_BYTES"])
 
-async def app(scope, receive, send):
-    if scope["type"] != "http":
-        return
-    more = True
-    while more:
-        more = (await receive()).get("more_body", False)
-    out = b"x" * SIZE
-    headers = [(b"content-type", b"application/json"), (b"content-length", str(SIZE).encode())]
-    await send({"type": "http.response.start", "status": 200, "headers": headers})
-    await send({"type": "http.response.body", "body": out})
-"""
+def answering(size: int) -> Any:
+    """A bare ASGI app: reads the request body, answers ``size`` bytes."""
+    out = b"x" * size
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(size).encode())]
 
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return
+        more = True
+        while more:
+            more = (await receive()).get("more_body", False)
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await send({"type": "http.response.body", "body": out})
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    return app
 
 
 async def _measure(args: argparse.Namespace, url: str) -> None:
@@ -101,30 +97,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--waves", type=int, default=20, help="waves a client a round")
     p.add_argument("--body-bytes", type=int, default=600, help="request body (a job spec is about this)")
     p.add_argument("--answer-bytes", type=int, default=2500, help="answer (a 100-token result is about this)")
+    p.add_argument("--serve", type=int, metavar="PORT", help=argparse.SUPPRESS)  # the app's own process
     args = p.parse_args(argv)
     if min(args.rounds, args.wave, args.waves) < 1 or args.body_bytes < 16 or args.answer_bytes < 1:
         p.error("--rounds, --wave and --waves must be at least 1, --body-bytes 16, --answer-bytes 1")
-    port = _free_port()
-    with tempfile.TemporaryDirectory() as tmp:
-        (Path(tmp) / "hop_app.py").write_text(_APP)
-        cmd = [sys.executable, "-m", "uvicorn", "--app-dir", tmp, "hop_app:app", "--port", str(port)]
-        cmd += ["--log-level", "warning", "--loop", "uvloop", "--http", "httptools"]
-        server = subprocess.Popen(cmd, env={"HOP_ANSWER_BYTES": str(args.answer_bytes), "PATH": ""})
-        try:
-            deadline = time.monotonic() + 20
-            while True:
-                try:
-                    socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                    break
-                except OSError:
-                    if server.poll() is not None or time.monotonic() > deadline:
-                        print("the test server did not start", file=sys.stderr)
-                        return 1
-                    time.sleep(0.1)
-            uvloop.run(_measure(args, f"http://127.0.0.1:{port}"))
-        finally:
-            server.terminate()
-            server.wait(10)
+    if args.serve is not None:
+        serve_like_ingestion(answering(args.answer_bytes), args.serve)
+        return 0
+    port = free_port()
+    cmd = [sys.executable, __file__, "--serve", str(port), "--answer-bytes", str(args.answer_bytes)]
+    server = subprocess.Popen(cmd, cwd=ROOT)
+    try:
+        wait_port(port)
+        uvloop.run(_measure(args, f"http://127.0.0.1:{port}"))
+    finally:
+        server.terminate()
+        server.wait(10)
     return 0
 
 

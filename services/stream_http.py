@@ -309,13 +309,13 @@ class StreamPool:
         url = urlsplit(base_url)
         if url.scheme not in ("http", "https") or not url.hostname:
             raise BadURL(f"not an http(s) URL: {base_url!r}")
+        default_port = 443 if url.scheme == "https" else 80
         self.host = url.hostname
-        self.port = url.port or (443 if url.scheme == "https" else 80)
+        self.port = url.port or default_port
         self.prefix = url.path.rstrip("/")
         self.ssl: ssl.SSLContext | None = ssl.create_default_context() if url.scheme == "https" else None
-        default_port = self.port == (443 if url.scheme == "https" else 80)
         host = f"[{self.host}]" if ":" in self.host else self.host
-        authority = host if default_port else f"{host}:{self.port}"
+        authority = host if self.port == default_port else f"{host}:{self.port}"
         lines = [f"Host: {authority}", "User-Agent: llmconsole", "Accept: */*"]
         lines += [f"{k}: {v}" for k, v in (headers or {}).items()]
         self._head = ("\r\n".join(lines) + "\r\n").encode("latin-1")
