@@ -19,11 +19,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-import aiohttp
 import httpx
 
 from bench.records import RequestRecord
 from bench.workload import WorkItem
+from services import stream_http
 from services.contracts import (
     MAX_WAIT_S,
     JobAccepted,
@@ -337,6 +337,8 @@ _EARLY_MAX = 100_000
 #: How long a job waits on the results stream before it is also read once directly (a safety net
 #: for an event that never came: the job is final but its stream entry was trimmed or lost).
 _FOLLOW_CHECK_S = 30.0
+#: Ingestion's answer to a submit is a short JSON object; more than this is not ingestion.
+_SUBMIT_ANSWER_LIMIT = 1 << 20
 
 
 class PipelinePath:
@@ -365,15 +367,20 @@ class PipelinePath:
         key = settings.api_key.get_secret_value()
         self._own = client is None
         self.follower: RunFollower | None = None
-        # Submits go over aiohttp (made in the running loop on first use): httpx's pool, which
-        # scans every open connection per request, was three quarters of this client's busy
-        # time in a py-spy profile at concurrency 32, and the queueing it caused in the bench's
-        # own loop showed up as the "client" stage. Following results stays on httpx (one stream).
-        self._submit_session: aiohttp.ClientSession | None = None
-        self._submit_headers = {"Content-Type": "application/json"}
-        if key:
-            self._submit_headers["Authorization"] = f"Bearer {key}"
-        self._max_connections = max_connections
+        # Submits go over services.stream_http, the proxy's own client: httpx's pool, which scans
+        # every open connection per request, was three quarters of this client's busy time in a
+        # py-spy profile at concurrency 32 (the queueing it caused in the bench's own loop showed
+        # up as the "client" stage), and aiohttp, used next, cost 2-3 times stream_http's CPU per
+        # request (scripts/hop_client.py). Following results stays on httpx (one stream).
+        self._submits = stream_http.StreamPool(
+            self.base,
+            {"Authorization": f"Bearer {key}"} if key else {},
+            connect_timeout_s=5.0,
+            read_timeout_s=self.poll_wait_s + 15.0,
+            max_idle=max_connections,
+        )
+        # At most this many submits open at once (the pool itself does not bound its connections).
+        self._submit_slots = asyncio.Semaphore(max_connections)
         self.client = client or httpx.AsyncClient(
             timeout=httpx.Timeout(self.poll_wait_s + 15.0, connect=5.0),
             limits=httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections),
@@ -384,8 +391,7 @@ class PipelinePath:
         """Stop following the run's results and close the HTTP client (if this path owns it)."""
         if self.follower is not None:
             await self.follower.aclose()
-        if self._submit_session is not None:
-            await self._submit_session.close()
+        await self._submits.aclose()
         if self._own:
             await self.client.aclose()
 
@@ -439,16 +445,6 @@ class PipelinePath:
             return
         self._fill(view, rec, clock)
 
-    def _session(self) -> aiohttp.ClientSession:
-        if self._submit_session is None or self._submit_session.closed:
-            self._submit_session = aiohttp.ClientSession(
-                timeout=aiohttp.ClientTimeout(total=self.poll_wait_s + 15.0, sock_connect=5.0),
-                connector=aiohttp.TCPConnector(limit=self._max_connections, keepalive_timeout=30),
-                headers=self._submit_headers,
-                cookie_jar=aiohttp.DummyCookieJar(),
-            )
-        return self._submit_session
-
     async def _submit(
         self,
         body: bytes,
@@ -462,35 +458,32 @@ class PipelinePath:
             if clock.now() >= deadline_s:
                 rec.error = "timed out submitting the job"
                 return None
+            answer = stream_http.Collect(_SUBMIT_ANSWER_LIMIT)
             try:
-                async with self._session().post(f"{self.base}/v1/jobs", data=body, headers=headers) as resp:
-                    status, answer, content, reason = (
-                        resp.status,
-                        resp.headers,
-                        await resp.read(),
-                        resp.reason,
-                    )
-            except (aiohttp.ClientError, TimeoutError) as e:
+                async with self._submit_slots:
+                    await self._submits.post("/v1/jobs", body, answer, headers=headers)
+            except stream_http.StreamHttpError as e:
                 rec.submit_retries += 1
                 rec.error = f"ingestion unreachable: {_short(e)}"
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 5.0)
                 continue
+            status, content = answer.status, bytes(answer.data)
             if status == 202:
                 rec.error = ""
                 return JobAccepted.model_validate_json(content).job_id
             if status == 429:
                 # Over the active-job bound: honour Retry-After, then submit again.
                 rec.refused_429 += 1
-                await asyncio.sleep(_retry_after(answer, 1.0))
+                await asyncio.sleep(_retry_after(answer.headers, 1.0))
                 continue
             if status >= 500:
                 rec.submit_retries += 1
-                rec.error = f"ingestion {status}: {_detail(content, reason or '')}"
-                await asyncio.sleep(max(_retry_after(answer, backoff), backoff))
+                rec.error = f"ingestion {status}: {_detail(content, answer.reason)}"
+                await asyncio.sleep(max(_retry_after(answer.headers, backoff), backoff))
                 backoff = min(backoff * 2, 5.0)
                 continue
-            rec.error = f"ingestion refused the job ({status}): {_detail(content, reason or '')}"
+            rec.error = f"ingestion refused the job ({status}): {_detail(content, answer.reason)}"
             return None
 
     async def _result(
@@ -574,7 +567,8 @@ class PipelinePath:
 
 def _retry_after(headers: Mapping[str, str], default: float) -> float:
     with contextlib.suppress(TypeError, ValueError):
-        return min(max(float(headers.get("Retry-After", default)), 0.0), 60.0)
+        # Lower-case: httpx's headers look names up either way, stream_http's answer has them lower-cased.
+        return min(max(float(headers.get("retry-after", default)), 0.0), 60.0)
     return default
 
 

@@ -79,11 +79,13 @@ class Collect:
     def __init__(self, limit: int) -> None:
         self.limit = limit
         self.status = 0
+        self.reason = ""
+        self.headers: dict[str, str] = {}
         self.data = bytearray()
 
     def head(self, status: int, reason: str, headers: dict[str, str]) -> None:
-        """Keep the status."""
-        self.status = status
+        """Keep the status line and the headers."""
+        self.status, self.reason, self.headers = status, reason, headers
 
     def body(self, data: bytes, now: float) -> bool:
         """Keep the piece; refuse an answer past the limit."""
@@ -317,8 +319,7 @@ class StreamPool:
         host = f"[{self.host}]" if ":" in self.host else self.host
         authority = host if self.port == default_port else f"{host}:{self.port}"
         lines = [f"Host: {authority}", "User-Agent: llmconsole", "Accept: */*"]
-        lines += [f"{k}: {v}" for k, v in (headers or {}).items()]
-        self._head = ("\r\n".join(lines) + "\r\n").encode("latin-1")
+        self._head = ("\r\n".join(lines) + "\r\n").encode("latin-1") + _header_lines(headers or {})
         self.connect_timeout_s = connect_timeout_s
         self.read_timeout_s = read_timeout_s
         self.keepalive_s = keepalive_s
@@ -328,23 +329,32 @@ class StreamPool:
         self._all: set[_Connection] = set()
 
     async def post(
-        self, path: str, body: bytes, sink: ResponseSink, content_type: str = "application/json"
+        self,
+        path: str,
+        body: bytes,
+        sink: ResponseSink,
+        content_type: str = "application/json",
+        headers: dict[str, str] | None = None,
     ) -> None:
         """POST ``body`` to ``path`` and hand the answer to ``sink``; returns when it is in.
 
+        ``headers`` go with this request only, after the pool's own.
+
         Raises :class:`ConnectFailed`, :class:`ReadTimeout`, :class:`ConnectionLost`,
-        :class:`BadResponse`, or what the sink raised. Cancelled, the connection is dropped
+        :class:`BadResponse`, or what the sink raised; ``ValueError`` (before anything is sent)
+        for a header that would split the request. Cancelled, the connection is dropped
         (the engine sees its client go and can abort the request).
         """
-        conn = await self._acquire()
         request = b"".join(
             (
                 f"POST {self.prefix}{path} HTTP/1.1\r\n".encode("latin-1"),
                 self._head,
+                _header_lines(headers) if headers else b"",
                 f"Content-Type: {content_type}\r\nContent-Length: {len(body)}\r\n\r\n".encode("latin-1"),
                 body,
             )
         )
+        conn = await self._acquire()  # after the request is built: a refused header holds no connection
         assert self.loop is not None
         done: asyncio.Future[None] = self.loop.create_future()
         conn.start(request, sink, done, self.read_timeout_s)
@@ -399,6 +409,18 @@ class StreamPool:
         for conn in list(self._all):
             conn.abort()
         self._idle, self._all = [], set()
+
+
+def _header_lines(headers: dict[str, str]) -> bytes:
+    """``Name: value\\r\\n`` lines; a name or value that could split the request is refused."""
+    out = []
+    for k, v in headers.items():
+        if any(c in k or c in v for c in "\r\n") or ":" in k:
+            raise ValueError(
+                f"header {k!r} cannot be sent: CR or LF in it, or ':' in its name, would split the request"
+            )
+        out.append(f"{k}: {v}\r\n")
+    return "".join(out).encode("latin-1")
 
 
 async def post_read(pool: StreamPool, path: str, body: bytes, limit: int = 64 << 20) -> tuple[int, bytes]:

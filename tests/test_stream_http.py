@@ -393,3 +393,45 @@ def test_a_url_this_client_cannot_reach_is_refused_as_its_own_error() -> None:
         with pytest.raises(stream_http.BadURL, match="not an http"):
             StreamPool(url)
     assert issubclass(stream_http.BadURL, stream_http.StreamHttpError)
+
+
+def test_a_request_s_own_headers_go_with_it_only_and_the_answer_keeps_its_headers(
+    run: Callable[[Coroutine[Any, Any, None]], None],
+) -> None:
+    # The bench's submits: an Idempotency-Key per request, the pool's Authorization on all, and
+    # the answer's Retry-After read back.
+    async def main() -> None:
+        seen: list[dict[str, str]] = []
+
+        async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            while True:
+                _line, headers, _body = await read_request(reader)
+                seen.append(headers)
+                writer.write(
+                    b"HTTP/1.1 429 Too Many Requests\r\nRetry-After: 3\r\ncontent-length: 2\r\n\r\n{}"
+                )
+
+        async with served(handler, headers={"Authorization": "Bearer k"}) as (engine, pool):
+            first = stream_http.Collect(100)
+            await pool.post("/v1/jobs", b"{}", first, headers={"Idempotency-Key": "run.1"})
+            second = stream_http.Collect(100)
+            await pool.post("/v1/jobs", b"{}", second)
+            assert (first.status, first.reason, first.headers["retry-after"], bytes(first.data)) == (
+                429,
+                "Too Many Requests",
+                "3",
+                b"{}",
+            )
+            assert seen[0]["idempotency-key"] == "run.1" and "idempotency-key" not in seen[1]
+            assert seen[0]["authorization"] == seen[1]["authorization"] == "Bearer k"
+            assert engine.connections == 1
+            for bad in ({"X-A": "1\r\nX-B: 2"}, {"X-A\n": "1"}, {"X:A": "1"}):
+                with pytest.raises(ValueError, match="would split the request"):
+                    await pool.post("/v1/jobs", b"{}", stream_http.Collect(100), headers=bad)
+            with pytest.raises(ValueError, match="would split the request"):
+                StreamPool(engine.url, {"Authorization": "Bearer k\r\nX: y"})
+            assert len(seen) == 2  # nothing refused was sent
+            await pool.post("/v1/jobs", b"{}", stream_http.Collect(100))
+            assert len(seen) == 3 and engine.connections == 1  # and the refusals held no connection
+
+    run(main())
