@@ -278,6 +278,7 @@ class ProxyWorker:
         while not self.stopping.is_set():
             try:
                 await self.registry.refresh()
+                await self._drop_departed_pools()
                 total = self.registry.total_capacity()
                 pc = self.s.proxy_concurrency
                 self.slots.set_limit(min(pc, total) if pc else total)
@@ -565,6 +566,14 @@ class ProxyWorker:
             )
             self._pools[url] = pool
         return pool
+
+    async def _drop_departed_pools(self) -> None:
+        """Close the idle connections to workers no live node has any more (a node that left, or
+        came back at another address), once nothing is open on them: a churn of nodes leaves no
+        sockets or pools behind. A node that comes back gets a new pool on its first job."""
+        live = {n.url for n in self.registry.nodes.values()}
+        for url in [u for u, p in self._pools.items() if u not in live and not p.in_use]:
+            await self._pools.pop(url).aclose()
 
     async def _post_infer(self, url: str, body: bytes) -> tuple[int, bytes]:
         """POST one attempt to a node's inference worker: (status, body)."""

@@ -404,6 +404,11 @@ class StreamPool:
         with contextlib.suppress(ValueError):
             self._idle.remove(conn)
 
+    @property
+    def in_use(self) -> int:
+        """Requests open on this pool's connections now."""
+        return len(self._all) - len(self._idle)
+
     async def aclose(self) -> None:
         """Close every connection (requests still open end with :class:`ConnectionLost`)."""
         for conn in list(self._all):

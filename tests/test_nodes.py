@@ -3,6 +3,7 @@ var dir and ports, with the simulator; one ingestion and one proxy worker route 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import signal
@@ -271,6 +272,23 @@ class Cluster:
         self.r.close()
 
 
+def _connections(pid: int, port: int) -> int:
+    """Established TCP connections process ``pid`` holds to local ``port`` (/proc/net/tcp)."""
+    inodes = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        with contextlib.suppress(OSError):
+            link = os.readlink(fd)
+            if link.startswith("socket:["):
+                inodes.add(link[8:-1])
+    n = 0
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        cols = line.split()
+        # cols[2]: the far end (address:port, hex); cols[3] 01: established; cols[9]: the inode
+        if int(cols[2].rsplit(":", 1)[1], 16) == port and cols[3] == "01" and cols[9] in inodes:
+            n += 1
+    return n
+
+
 @pytest.fixture
 def cluster(redis_server: RedisServer, tmp_path: Path) -> Iterator[Cluster]:
     """A started three-node cluster (stopped at teardown)."""
@@ -329,6 +347,8 @@ def test_a_drained_node_finishes_its_jobs_and_takes_no_more(cluster: Cluster) ->
     with httpx.Client(timeout=30) as c:
         ids = cl.submit(c, 48, "drain")
         wait_until(lambda: len(cl.in_flight("n1")) > 0, 60, "jobs on n1", interval=0.01)
+        proxy, worker_port = cl.procs[0], node.values["worker_port"]
+        wait_until(lambda: _connections(proxy.pid, worker_port) > 0, 10, "the proxy's hop to n1's worker")
         drain = subprocess.Popen(
             [PYTHON, "-m", "services.lifecycle.node", "drain", "--timeout", "60"],
             env=node.env,
@@ -348,6 +368,12 @@ def test_a_drained_node_finishes_its_jobs_and_takes_no_more(cluster: Cluster) ->
         out, _ = drain.communicate(timeout=90)
         assert drain.returncode == 0, out
         assert not cl.in_flight("n1")
+        # Its worker still runs, but no live node has its address: the proxy closes its idle
+        # connections to it at its next registry read (0.2 s), not when the worker's keep-alive
+        # (5 s) closes them from the other side; and forgets the pool.
+        wait_until(
+            lambda: _connections(proxy.pid, worker_port) == 0, 2.5, "the proxy's idle hops to n1 closed"
+        )
         jobs = cl.wait_final(c, ids)
         assert [j["state"] for j in jobs] == ["succeeded"] * len(ids)
         by_id = {j["job_id"]: j for j in jobs}
