@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from bench import BenchConfig, run_benchmark
-from services.contracts import STAGE_NAMES, TIMESTAMPS, VllmMetric
+from services.contracts import STAGE_NAMES, TIMESTAMPS, Keys, VllmMetric
 from services.engine_client import metric_sum, parse_prometheus
 from services.sim_engine import FAIL_MARKER
 from tests.stackutil import Stack, wait_until
@@ -319,16 +319,20 @@ def test_a_job_cancelled_while_queued_never_runs(make_stack: Callable[..., Stack
             http.post(url, json=body, headers={**stk.headers, "X-Run-Id": "cancelq"}, timeout=1.0)
         r = http.get(f"{stk.settings.ingestion_url}/v1/queue", headers=stk.headers)
         assert r.json()["active"] == 1
+        keys = Keys(stk.values["redis_prefix"])
+        rc = stk.redis.client()
+        try:
+            job_id = str(rc.lindex(keys.recent, 0))
+            # Ingestion marks the job cancelled once it has seen the client go; only then may a
+            # proxy take it (a proxy started sooner could start it first: a cancel mid-run, a
+            # different ending, which another test covers).
+            wait_until(lambda: rc.exists(keys.cancelled(job_id)), 10, "ingestion's cancel mark")
+        finally:
+            rc.close()
         stk.procs["proxy_worker"].start()
         stk.wait_consumer(stk.procs["proxy_worker"])
         # the job (found through its run) ends failed without ever reaching the engine
-        keys_prefix = stk.values["redis_prefix"]
-        rc = stk.redis.client()
-        try:
-            job_id = rc.lindex(f"{keys_prefix}recent", 0)
-        finally:
-            rc.close()
-        job = stk.wait_job(http, str(job_id))
+        job = stk.wait_job(http, job_id)
         assert job["state"] == "failed" and "before the job started" in str(job["error"]), job
         assert job["spec"]["run_id"] == "cancelq"  # type: ignore[index]
         assert job["timestamps"]["t_engine_start"] is None  # type: ignore[index]
