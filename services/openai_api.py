@@ -331,10 +331,10 @@ async def _wait_final(app: FastAPI, job_id: str) -> tuple[str, str]:
     deadline = loop.time() + _FINAL_WAIT_S
     try:
         while True:
+            ev.clear()  # before the read: a change after it still wakes this waiter
             state, error = await app.state.redis.hmget(keys.job(job_id), "state", "error")
             if state is None or state in TERMINAL_STATES or loop.time() >= deadline:
                 return state or "expired", error or ""
-            ev.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(ev.wait(), timeout=1.0)
     finally:

@@ -139,6 +139,9 @@ class Settings(BaseSettings):
     result_ttl_s: int = Field(7 * 24 * 3600, ge=60)
     #: Lifetime of a job's token stream (the OpenAI door), renewed at its first and last write.
     token_stream_ttl_s: int = Field(300, ge=10)
+    #: How long ingestion stays subscribed to the job-event channel after its last long-poll
+    #: (``?wait=``) ended; with none, it does not read the channel at all.
+    event_linger_s: float = Field(30.0, ge=0, le=3600)
     # --- retention and Redis memory (services/retention.py) ------------------
     #: Most final jobs kept in Redis; the oldest go first.
     job_retention_max: int = Field(1_000_000, ge=1)

@@ -8,13 +8,14 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
 
-from services.contracts import MAX_BODY_BYTES, MAX_HEADER_BYTES, TIMESTAMPS
+from services.contracts import MAX_BODY_BYTES, MAX_HEADER_BYTES, TIMESTAMPS, Keys
 from services.settings import REPO_ROOT
 from tests.stackutil import RedisServer, Stack, load_script, wait_until
 
@@ -89,6 +90,45 @@ def test_wait_returns_when_final(stack: Stack, client: httpx.Client) -> None:
         f"{stack.settings.ingestion_url}/v1/jobs/{jid}", params={"wait": 20}, headers=stack.headers
     )
     assert r.status_code == 200 and r.json()["state"] == "succeeded"
+
+
+def test_ingestion_reads_job_events_only_while_someone_long_polls(make_stack: Callable[..., Stack]) -> None:
+    # Every job publishes each change of state; ingestion subscribes to them for its long polls
+    # alone, and only while one waits (and EVENT_LINGER_S after).
+    import threading
+
+    stk = make_stack(event_linger_s=0.5)
+    channel = Keys(stk.values["redis_prefix"]).events
+    rc = stk.redis.client()
+
+    def subscribers() -> int:
+        return int(rc.pubsub_numsub(channel)[0][1])
+
+    try:
+        with httpx.Client(timeout=30) as c:
+            url = f"{stk.settings.ingestion_url}/v1/jobs"
+            jid = stk.submit(c, input_tokens=50, output_tokens=5)
+            # Followed without waiting (reads, as a client on the results stream does): no subscription.
+            wait_until(
+                lambda: c.get(f"{url}/{jid}", headers=stk.headers).json()["state"] == "succeeded", 30, "job 1"
+            )
+            assert subscribers() == 0
+            stk.procs["proxy_worker"].stop()
+            jid = stk.submit(c, input_tokens=50, output_tokens=5)
+            got: list[dict[str, Any]] = []
+            poll = threading.Thread(
+                target=lambda: got.append(
+                    c.get(f"{url}/{jid}", params={"wait": 25}, headers=stk.headers).json()
+                )
+            )
+            poll.start()
+            wait_until(lambda: subscribers() == 1, 10, "ingestion's subscription for the long poll")
+            stk.procs["proxy_worker"].start()
+            poll.join(30)
+            assert got and got[0]["state"] == "succeeded", got
+            wait_until(lambda: subscribers() == 0, 10, "the subscription dropped after the linger")
+    finally:
+        rc.close()
 
 
 @pytest.mark.parametrize(
