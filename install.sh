@@ -114,6 +114,10 @@ if ! command -v redis-server >/dev/null; then
   $SUDO systemctl disable --now redis-server >/dev/null 2>&1 || true
 fi
 info "redis-server: $(redis-server --version | awk '{print $3}')"
+# wrk drives scripts/ingest_load.py (ingestion against a bare FastAPI app); nothing else needs it.
+if ! command -v wrk >/dev/null; then
+  apt_install wrk || info "could not install wrk (apt-get install wrk): scripts/ingest_load.py needs it"
+fi
 
 # --- 2. the project's virtual environment --------------------------------------
 step "Python environment (.venv)"

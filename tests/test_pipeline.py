@@ -532,3 +532,18 @@ def test_skeleton_script_runs_the_pipelines_shape() -> None:
     # Bad arguments get a usage error, not a traceback.
     bad = subprocess.run([*args[:3], "--hold-spread", "1.5"], capture_output=True, text=True, timeout=30)
     assert bad.returncode == 2 and "--hold-spread" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_ingest_load_script_sets_ingestion_beside_a_bare_app() -> None:
+    # install.sh installs wrk, which drives both; the figures are the script's to print, not this
+    # test's to judge (a benchmark, not a timed assertion): it checks that they come out whole.
+    script = Path(REPO_ROOT) / "scripts" / "ingest_load.py"
+    args = [sys.executable, str(script), "--duration", "1", "--rounds", "1", "--connections", "4", "--json"]
+    done = subprocess.run(args, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+    figures = json.loads(done.stdout)
+    assert len(figures["rounds"]) == 1 and figures["rounds"][0]["ingestion_non2xx"] == 0, figures
+    assert figures["bare_rps_mean"] > 0 and figures["ingestion_rps_mean"] > 0, figures
+    assert figures["ratio"] == pytest.approx(
+        figures["ingestion_rps_mean"] / figures["bare_rps_mean"], abs=0.002
+    )
