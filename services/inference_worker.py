@@ -26,6 +26,7 @@ from typing import Any
 
 from fastapi import Depends, FastAPI, Header, HTTPException, Request
 from fastapi.responses import JSONResponse, Response
+from redis.exceptions import RedisError
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from services import asgi, procstats, prom, runtime, telemetry, token_stream
@@ -43,7 +44,7 @@ from services.contracts import (
 )
 from services.engine_client import EngineClient, EngineError, StreamResult
 from services.prompts import PromptBuilder, prefix_seed_for_run, split_tokens
-from services.queue import REDIS_DOWN, raise_if_cancelling, redis_client
+from services.queue import ALLOW_OOM, REDIS_DOWN, check_redis_version, raise_if_cancelling, redis_client
 from services.routing import kv_events
 from services.settings import Settings, get_settings
 
@@ -195,6 +196,21 @@ def _gpus_summary(state: WorkerState) -> str:
     return ", ".join(f"{n}× {name}" for name, n in names.items())
 
 
+#: The node's heartbeat, one script that runs past Redis's maxmemory (``queue.ALLOW_OOM``): a node
+#: whose beat Redis refused would drop out of routing within NODE_TTL_S, and the accepted jobs that
+#: could free memory by finishing would have nowhere to run. It rewrites one hash of bounded size.
+_BEAT = (
+    ALLOW_OOM
+    + """
+-- KEYS: nodes (set), node (hash) ; ARGV: node id, ttl (ms), then the beat's field/value pairs
+redis.call('SADD', KEYS[1], ARGV[1])
+redis.call('HSET', KEYS[2], unpack(ARGV, 3))
+redis.call('PEXPIRE', KEYS[2], ARGV[2])
+return 1
+"""
+)
+
+
 async def _heartbeat(state: WorkerState) -> None:
     """Register this node in Redis every ``NODE_TTL_S / 5`` seconds (the key lives ``NODE_TTL_S``).
 
@@ -203,12 +219,17 @@ async def _heartbeat(state: WorkerState) -> None:
     """
     s = state.settings
     r = redis_client(s)
+    beat_script = r.register_script(_BEAT)
     key = state.keys.node(state.node)
     gpus = _gpus_summary(state)
     interval = max(s.node_ttl_s / 5, 0.1)
+    checked = False
     try:
         while True:
             try:
+                if not checked:
+                    await check_redis_version(r)
+                    checked = True
                 ready = await state.engine.health()
                 if ready and not state.model:
                     await state.describe_engine()
@@ -233,16 +254,17 @@ async def _heartbeat(state: WorkerState) -> None:
                     t=now_ns(),
                     started=state.started,
                 )
-                async with r.pipeline(transaction=True) as p:
-                    p.sadd(state.keys.nodes, state.node)
-                    p.hset(key, mapping=beat.to_redis())
-                    p.pexpire(key, int(s.node_ttl_s * 1000))
-                    await p.execute()
+                fields = [x for kv in beat.to_redis().items() for x in kv]
+                await beat_script(
+                    keys=[state.keys.nodes, key], args=[state.node, int(s.node_ttl_s * 1000), *fields]
+                )
                 raise_if_cancelling()
             except REDIS_DOWN:
                 pass  # Redis is back soon; the TTL marks us gone meanwhile
             except EngineError as e:
                 log.info("engine not ready yet: %s", e)
+            except (RedisError, RuntimeError) as e:  # e.g. a Redis too old: said, and tried again
+                log.warning("node heartbeat not written: %s", e)
             await asyncio.sleep(interval)
     finally:
         with contextlib.suppress(*REDIS_DOWN):

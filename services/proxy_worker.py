@@ -46,7 +46,15 @@ from services.contracts import (
     new_id,
     now_ns,
 )
-from services.queue import REDIS_DOWN, Delivery, Entry, JobQueue, raise_if_cancelling, redis_client
+from services.queue import (
+    REDIS_DOWN,
+    Delivery,
+    Entry,
+    JobQueue,
+    check_redis_version,
+    raise_if_cancelling,
+    redis_client,
+)
 from services.retention import Retention
 from services.routing.capacity import Acquired, Capacity, slot_member
 from services.routing.policies import Guards, JobInfo, choose
@@ -193,6 +201,7 @@ class ProxyWorker:
     async def _wait_for_redis(self) -> None:
         while not self.stopping.is_set():
             try:
+                await check_redis_version(self.r)
                 await self.q.ensure_group()
                 log.info("consumer %s ready", self.consumer)
                 return
@@ -265,7 +274,8 @@ class ProxyWorker:
     async def _heartbeat_loop(self) -> None:
         key = self.keys.consumer_heartbeat(self.consumer)
         while not self.stopping.is_set():
-            with contextlib.suppress(*REDIS_DOWN):
+            # Past its maxmemory Redis refuses the beat (a new write): skipped, not the loop's end.
+            with contextlib.suppress(*REDIS_DOWN, OutOfMemoryError):
                 await self.r.set(key, json.dumps({"in_flight": len(self.running), "t": now_ns()}), ex=15)
             raise_if_cancelling()
             await asyncio.sleep(5)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import socket
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
@@ -24,7 +25,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialWithJitterBackoff
 from redis.commands.core import AsyncScript
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import NoScriptError, ResponseError
+from redis.exceptions import NoScriptError, OutOfMemoryError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from services.contracts import (
@@ -104,6 +105,31 @@ def redis_client(settings: Settings, *, blocking: bool = False) -> aioredis.Redi
     )
 
 
+#: First line of every script that carries an accepted job on (claim, lease renewal, finish, hand-
+#: back, try count, node slots, the node heartbeat): Redis runs it even past its maxmemory (script
+#: flags, Redis 7.0). Only a new job is refused for memory: ingestion refuses from
+#: REDIS_MEMORY_REFUSE_PCT of maxmemory, reading Redis's memory every 200 ms, so a burst of submits
+#: between two readings can take Redis past the limit. Were these scripts refused then, no accepted
+#: job could start or finish, and retention, which frees memory by pruning finished jobs, would
+#: have nothing to prune: every job would wait for ever. What they add is bounded by the jobs
+#: already accepted, and a finished job soon gives its memory back to retention.
+ALLOW_OOM = "#!lua flags=allow-oom\n"
+
+#: The oldest Redis the project's scripts run on (script flags).
+MIN_REDIS = (7, 0)
+
+
+async def check_redis_version(r: aioredis.Redis) -> None:
+    """Raise RuntimeError, saying what to do, when Redis is older than :data:`MIN_REDIS`."""
+    version = str((await r.info("server")).get("redis_version", "0"))
+    got = tuple(int(x) for x in re.findall(r"\d+", version)[:2])
+    if got < MIN_REDIS:
+        raise RuntimeError(
+            f"Redis {version} is too old: llmconsole needs Redis {'.'.join(map(str, MIN_REDIS))} or newer "
+            "(its queue scripts use script flags); Debian 12's redis-server is 7.0"
+        )
+
+
 _SUBMIT = """
 -- KEYS: job, stream, active, stats, recent, idem ('' = none)
 -- ARGV: job_id, spec, t_received, request fingerprint, max_active, idem_ttl, channel, run_id, label,
@@ -181,14 +207,17 @@ end
 """
 
 _START = (
-    START_LUA
+    ALLOW_OOM
+    + START_LUA
     + """
 -- KEYS: job, stream, stats ; ARGV: entry, consumer, t_dequeued, group, channel, nonce
 return start(KEYS[1], KEYS[2], KEYS[3], ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6])
 """
 )
 
-_RENEW = """
+_RENEW = (
+    ALLOW_OOM
+    + """
 -- KEYS: job, stream ; ARGV: attempt, group, consumer
 if redis.call('HGET', KEYS[1], 'attempt') ~= ARGV[1] then return 0 end
 if redis.call('HGET', KEYS[1], 'state') ~= 'running' then return 0 end
@@ -196,8 +225,11 @@ local entry = redis.call('HGET', KEYS[1], 'entry')
 redis.call('XCLAIM', KEYS[2], ARGV[2], ARGV[3], 0, entry, 'JUSTID')
 return 1
 """
+)
 
-_FINISH = """
+_FINISH = (
+    ALLOW_OOM
+    + """
 -- KEYS: job, stream, active, stats, dead, finished (retention index), run's done stream ('' = none),
 --       the node's slot set ('' = none)
 -- ARGV: attempt, state, group, ttl, channel, job_id, reason, run_done_maxlen, run_done_ttl,
@@ -233,8 +265,11 @@ if KEYS[7] ~= '' then
 end
 return 1
 """
+)
 
-_RELEASE = """
+_RELEASE = (
+    ALLOW_OOM
+    + """
 -- KEYS: job ; ARGV: attempt, channel. A stopping worker gives back an unfinished attempt:
 -- the job shows as queued again, and the hand-back is counted so it is not taken for a crash.
 if redis.call('HGET', KEYS[1], 'attempt') ~= ARGV[1] then return 0 end
@@ -245,8 +280,11 @@ redis.call('HDEL', KEYS[1], 'worker')
 redis.call('PUBLISH', ARGV[2], cjson.encode({job_id=redis.call('HGET', KEYS[1], 'job_id'), state='queued'}))
 return 1
 """
+)
 
-_BUMP = """
+_BUMP = (
+    ALLOW_OOM
+    + """
 -- KEYS: job ; ARGV: attempt, field, amount, nonce. Fenced HINCRBY (e.g. tries); the same call
 -- sent again (a retry after a timeout) returns the value it already made.
 if redis.call('HGET', KEYS[1], 'attempt') ~= ARGV[1] then return -1 end
@@ -257,6 +295,7 @@ end
 redis.call('HSET', KEYS[1], nonce_field, ARGV[4])
 return redis.call('HINCRBY', KEYS[1], ARGV[2], tonumber(ARGV[3]))
 """
+)
 
 
 @dataclass
@@ -430,6 +469,11 @@ class JobQueue:
         """Create the stream and its consumer group if missing (idempotent)."""
         try:
             await self.r.xgroup_create(self.keys.stream, self.group, id="0", mkstream=True)
+        except OutOfMemoryError:
+            # Redis past its maxmemory refuses the create even when there is nothing to create: a
+            # worker (re)starting then must still find its group and carry accepted jobs on.
+            if not any(g.get("name") == self.group for g in await self.r.xinfo_groups(self.keys.stream)):
+                raise
         except ResponseError as e:
             if "BUSYGROUP" not in str(e):
                 raise

@@ -155,3 +155,51 @@ def test_full_redis_refuses_new_jobs_finishes_accepted_ones_and_recovers(
         assert int(r.info("memory")["used_memory"]) < limit
     finally:
         r.close()
+
+
+def test_accepted_jobs_finish_with_redis_over_its_maxmemory(
+    own_redis: RedisServer, make_stack: Callable[..., Stack]
+) -> None:
+    # Ingestion refuses new jobs from REDIS_MEMORY_REFUSE_PCT of maxmemory up, reading Redis's
+    # memory every 200 ms: a burst of submits between two readings can take Redis past its limit.
+    # Then Redis refuses every write that adds memory (noeviction), so no accepted job could
+    # start or finish, and with none finished retention had nothing to prune: they waited for
+    # ever (a run of the test above saw it). The scripts that carry accepted jobs to their end may
+    # go past the limit (Redis's allow-oom); only a new job is refused.
+    st = make_stack(redis=own_redis, proxy_concurrency=4, sim_itl_ms=0, retention_interval_s=0.2)
+    keys = Keys(st.settings.redis_prefix)
+    run_id = "over"
+    r = _redis(st)
+    url = f"{st.settings.ingestion_url}/v1/jobs"
+    try:
+        with httpx.Client(timeout=30) as c:
+            st.procs["proxy_worker"].stop()
+            accepted = [
+                st.submit(c, prompt="w" * 8_000, output_tokens=4, seed=i, run_id=run_id) for i in range(200)
+            ]
+            limit = int(r.info("memory")["used_memory"]) - 256 * 1024
+            r.config_set("maxmemory", limit)
+            with pytest.raises(redis.exceptions.OutOfMemoryError):
+                r.set(f"{keys.prefix}probe", "x" * 1000)  # Redis is past its limit now
+            wait_until(
+                lambda: (
+                    c.post(url, json={"input_tokens": 32, "output_tokens": 4}, headers=st.headers).status_code
+                    == 503
+                ),
+                5,
+                "ingestion's refusal",
+                interval=0.1,
+            )
+            st.procs["proxy_worker"].start()
+            done = lambda: {j for j, s in _finishes(r, keys.run_done(run_id)) if s == "succeeded"}  # noqa: E731
+            wait_until(lambda: set(accepted) <= done(), 60, f"{len(accepted)} accepted jobs to succeed")
+            # Finished, they are retention's to prune: Redis comes back under its limit and new
+            # jobs are accepted again.
+            wait_until(
+                lambda: int(r.info("memory")["used_memory"]) < limit, 30, "Redis under its limit again"
+            )
+            later = st.submit(c, input_tokens=32, output_tokens=4, run_id=run_id)
+            assert st.wait_job(c, later)["state"] == "succeeded"
+        assert sorted(j for j, _s in _finishes(r, keys.run_done(run_id))) == sorted([*accepted, later])
+    finally:
+        r.close()

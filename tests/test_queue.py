@@ -292,3 +292,43 @@ async def test_waiting_past_the_exact_bound_is_bounded_by_the_stream(
     assert (await q.stats()).waiting == 7  # lag is right here; it is used past the exact bound
     await q.read("c", count=2, block_ms=100)
     assert (await q.stats()).waiting == 5
+
+
+async def test_the_redis_version_is_checked_with_a_message_that_says_what_to_do(q: JobQueue) -> None:
+    from services.queue import check_redis_version
+
+    await check_redis_version(q.r)  # the real redis-server here: 7.0 or newer
+
+    class Old:
+        async def info(self, section: str) -> dict[str, str]:
+            return {"redis_version": "6.2.14"}
+
+    with pytest.raises(
+        RuntimeError, match=r"Redis 6\.2\.14 is too old: llmconsole needs Redis 7\.0 or newer"
+    ):
+        await check_redis_version(Old())  # type: ignore[arg-type]
+
+
+async def test_accepted_jobs_move_on_past_maxmemory_and_new_ones_do_not(q: JobQueue) -> None:
+    # The queue's scripts for accepted jobs run past Redis's maxmemory; the submit does not.
+    spec = JobSpec(job_id=new_id("j"), input_tokens=10, output_tokens=2, prefix_share=0.5, seed=1)
+    await q.submit(spec, now_ns(), max_active=100)
+    used = int((await q.r.info("memory"))["used_memory"])
+    before = (await q.r.config_get("maxmemory"))["maxmemory"]
+    await q.r.config_set("maxmemory", used // 2)
+    try:
+        with pytest.raises(aioredis.ResponseError, match=r"maxmemory"):
+            await q.submit(
+                JobSpec(job_id=new_id("j"), input_tokens=10, output_tokens=2, prefix_share=0.5, seed=2),
+                now_ns(),
+                max_active=100,
+            )
+        await q.ensure_group()  # the group exists: no error, though Redis refuses the create
+        entries = await q.read("c1", count=1, block_ms=100)
+        d = await q.start(entries[0].entry_id, spec.job_id, "c1", new_id())
+        assert d is not None
+        assert await q.renew(d, "c1")
+        assert await q.finish(d, JobState.SUCCEEDED, {"result": "{}"}, ttl_s=60)
+        assert (await q.get_job(spec.job_id))["state"] == "succeeded"
+    finally:
+        await q.r.config_set("maxmemory", before)

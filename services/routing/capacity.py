@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from services.contracts import JOB_GROUP, JOB_NODE_FIELD, JOB_POLICY_FIELD, Keys, now_ns
-from services.queue import START_LUA, Delivery, ScriptBatcher
+from services.queue import ALLOW_OOM, START_LUA, Delivery, ScriptBatcher
 
 #: Takes one slot of a node (a Lua function: the plain acquire and the claim-and-slot script share it).
 ACQUIRE_LUA = """
@@ -46,7 +46,8 @@ end
 """
 
 _ACQUIRE = (
-    ACQUIRE_LUA
+    ALLOW_OOM
+    + ACQUIRE_LUA
     + """
 -- KEYS: inflight (zset), job (hash), prefixes (hash, '' = none)
 -- ARGV: member, attempt, then the slot's (Capacity._slot_argv): capacity, lease_ms, node, policy,
@@ -59,7 +60,8 @@ return acquire(KEYS[1], KEYS[2], KEYS[3], ARGV[1], ARGV[3], ARGV[4], ARGV[5], AR
 #: Claims a job (the queue's START) and, when that began an attempt, takes a slot of the node
 #: the proxy worker chose from the stream entry's hints: one round trip where there were two.
 _START_ACQUIRE = (
-    START_LUA
+    ALLOW_OOM
+    + START_LUA
     + ACQUIRE_LUA
     + """
 -- KEYS: job, stream, stats, inflight (zset), prefixes (hash, '' = none)
@@ -81,7 +83,9 @@ return r
 """
 )
 
-_RENEW = """
+_RENEW = (
+    ALLOW_OOM
+    + """
 -- KEYS: inflight (zset) ; ARGV: lease_ms, members... Only members still held are renewed.
 local t = redis.call('TIME')
 local exp = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) + tonumber(ARGV[1])
@@ -91,8 +95,11 @@ for i = 2, #ARGV do
 end
 return renewed
 """
+)
 
-_COUNT = """
+_COUNT = (
+    ALLOW_OOM
+    + """
 -- KEYS: inflight zsets ; returns the unexpired members of each (expired ones are dropped)
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -103,6 +110,7 @@ for i = 1, #KEYS do
 end
 return out
 """
+)
 
 
 def slot_member(job_id: str, attempt: int) -> str:
