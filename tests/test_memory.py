@@ -90,17 +90,30 @@ def _finishes(r: redis.Redis, key: str) -> list[tuple[str, str]]:
     return [(f["job_id"], f["state"]) for _id, f in r.xrange(key)]
 
 
+def _full_redis_stack(
+    make_stack: Callable[..., Stack], own_redis: RedisServer, proxy_concurrency: int
+) -> tuple[Stack, Keys, redis.Redis, str]:
+    """A stack on the test's own Redis with quick retention and no token pacing: the stack, its
+    keys, a client of its Redis and the submit URL."""
+    st = make_stack(
+        redis=own_redis, proxy_concurrency=proxy_concurrency, sim_itl_ms=0, retention_interval_s=0.2
+    )
+    return st, Keys(st.settings.redis_prefix), _redis(st), f"{st.settings.ingestion_url}/v1/jobs"
+
+
+def _succeeded(r: redis.Redis, keys: Keys, run_id: str) -> set[str]:
+    """Jobs of the run that finished succeeded (its results stream)."""
+    return {j for j, state in _finishes(r, keys.run_done(run_id)) if state == "succeeded"}
+
+
 def test_full_redis_refuses_new_jobs_finishes_accepted_ones_and_recovers(
     own_redis: RedisServer, make_stack: Callable[..., Stack]
 ) -> None:
-    st = make_stack(redis=own_redis, proxy_concurrency=8, sim_itl_ms=0, retention_interval_s=0.2)
-    keys = Keys(st.settings.redis_prefix)
+    st, keys, r, url = _full_redis_stack(make_stack, own_redis, proxy_concurrency=8)
     run_id = "fill"
-    r = _redis(st)
-    url = f"{st.settings.ingestion_url}/v1/jobs"
 
     def succeeded() -> set[str]:
-        return {j for j, state in _finishes(r, keys.run_done(run_id)) if state == "succeeded"}
+        return _succeeded(r, keys, run_id)
 
     try:
         limit = int(r.info("memory")["used_memory"]) + 16 * 1024 * 1024
@@ -166,11 +179,8 @@ def test_accepted_jobs_finish_with_redis_over_its_maxmemory(
     # start or finish, and with none finished retention had nothing to prune: they waited for
     # ever (a run of the test above saw it). The scripts that carry accepted jobs to their end may
     # go past the limit (Redis's allow-oom); only a new job is refused.
-    st = make_stack(redis=own_redis, proxy_concurrency=4, sim_itl_ms=0, retention_interval_s=0.2)
-    keys = Keys(st.settings.redis_prefix)
+    st, keys, r, url = _full_redis_stack(make_stack, own_redis, proxy_concurrency=4)
     run_id = "over"
-    r = _redis(st)
-    url = f"{st.settings.ingestion_url}/v1/jobs"
     try:
         with httpx.Client(timeout=30) as c:
             st.procs["proxy_worker"].stop()
@@ -191,8 +201,11 @@ def test_accepted_jobs_finish_with_redis_over_its_maxmemory(
                 interval=0.1,
             )
             st.procs["proxy_worker"].start()
-            done = lambda: {j for j, s in _finishes(r, keys.run_done(run_id)) if s == "succeeded"}  # noqa: E731
-            wait_until(lambda: set(accepted) <= done(), 60, f"{len(accepted)} accepted jobs to succeed")
+            wait_until(
+                lambda: set(accepted) <= _succeeded(r, keys, run_id),
+                60,
+                f"{len(accepted)} accepted jobs to succeed",
+            )
             # Finished, they are retention's to prune: Redis comes back under its limit and new
             # jobs are accepted again.
             wait_until(
