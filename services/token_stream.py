@@ -22,12 +22,26 @@ import logging
 from typing import Any
 
 import redis.asyncio as aioredis
+from redis.exceptions import RedisError
 
 from services.contracts import CHUNK_ERROR, CHUNK_FINISH, CHUNK_TEXTS, CHUNK_USAGE, Keys
-from services.queue import REDIS_DOWN, redis_client
+from services.queue import ALLOW_OOM, REDIS_DOWN, redis_client
 from services.settings import Settings
 
 log = logging.getLogger("llmconsole.token_stream")
+
+
+#: One flush of a token stream; it runs past Redis's maxmemory (``queue.ALLOW_OOM``) as every step of
+#: an accepted job does: refused, the client's stream would stop short while its job finished.
+_WRITE = (
+    ALLOW_OOM
+    + """
+-- KEYS: the token stream ; ARGV: its TTL in ms ('' = leave it), then the entry's field/value pairs
+redis.call('XADD', KEYS[1], '*', unpack(ARGV, 2))
+if ARGV[1] ~= '' then redis.call('PEXPIRE', KEYS[1], ARGV[1]) end
+return 1
+"""
+)
 
 
 class TokenSink:
@@ -47,6 +61,7 @@ class TokenSink:
         self._end: dict[str, str] = {}
         self._wake = asyncio.Event()
         self._closed = False
+        self._write = r.register_script(_WRITE)
         self.writes = 0
         self.pushed = 0
         self._task = asyncio.create_task(self._run())
@@ -99,14 +114,10 @@ class TokenSink:
             self._end = {}
             first = self.writes == 0
             try:
-                if first or last:
-                    async with self.r.pipeline(transaction=False) as p:
-                        p.xadd(self.key, fields)  # type: ignore[arg-type]
-                        p.pexpire(self.key, self.ttl_ms)
-                        await p.execute()
-                else:
-                    await self.r.xadd(self.key, fields)  # type: ignore[arg-type]
-            except REDIS_DOWN as e:
+                # The TTL is renewed at the first write and the last.
+                ttl = self.ttl_ms if first or last else ""
+                await self._write(keys=[self.key], args=[ttl, *(x for kv in fields.items() for x in kv)])
+            except (*REDIS_DOWN, RedisError) as e:
                 log.warning("token stream %s: write failed (%s)", self.key, e.__class__.__name__)
             self.writes += 1
 

@@ -69,3 +69,26 @@ async def test_prior_sees_cancel_marks_and_earlier_tokens(r: aioredis.Redis) -> 
     sink.push("a")
     await sink.close()
     assert await token_stream.prior(r, keys, "j4") == (False, 1)
+
+
+async def test_a_token_stream_is_written_past_maxmemory(r: aioredis.Redis) -> None:
+    # An accepted OpenAI-door job streams on when Redis is past its maxmemory (every step of an
+    # accepted job may go past it; only new jobs are refused).
+    keys = _keys()
+    used = int((await r.info("memory"))["used_memory"])
+    before = (await r.config_get("maxmemory"))["maxmemory"]
+    await r.config_set("maxmemory", used // 2)
+    try:
+        with pytest.raises(aioredis.ResponseError, match=r"maxmemory"):
+            await r.set(f"{keys.prefix}probe", "x")
+        sink = token_stream.TokenSink(r, keys, "j9", ttl_s=60)
+        sink.push("a")
+        sink.push("b", "stop")
+        sink.end({"prompt_tokens": 1, "completion_tokens": 2, "total_tokens": 3})
+        await sink.close()
+    finally:
+        await r.config_set("maxmemory", before)
+    entries = await _entries(r, keys.token_stream("j9"))
+    assert [t for e in entries for t in json.loads(e.get(CHUNK_TEXTS, "[]"))] == ["a", "b"]
+    assert entries[-1][CHUNK_FINISH] == "stop" and CHUNK_USAGE in entries[-1]
+    assert 0 < await r.ttl(keys.token_stream("j9")) <= 60
