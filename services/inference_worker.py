@@ -44,7 +44,14 @@ from services.contracts import (
 )
 from services.engine_client import EngineClient, EngineError, StreamResult
 from services.prompts import PromptBuilder, prefix_seed_for_run, split_tokens
-from services.queue import ALLOW_OOM, REDIS_DOWN, check_redis_version, raise_if_cancelling, redis_client
+from services.queue import (
+    ALLOW_OOM,
+    REDIS_DOWN,
+    check_redis_version,
+    field_args,
+    raise_if_cancelling,
+    redis_client,
+)
 from services.routing import kv_events
 from services.settings import Settings, get_settings
 
@@ -254,9 +261,9 @@ async def _heartbeat(state: WorkerState) -> None:
                     t=now_ns(),
                     started=state.started,
                 )
-                fields = [x for kv in beat.to_redis().items() for x in kv]
                 await beat_script(
-                    keys=[state.keys.nodes, key], args=[state.node, int(s.node_ttl_s * 1000), *fields]
+                    keys=[state.keys.nodes, key],
+                    args=[state.node, int(s.node_ttl_s * 1000), *field_args(beat.to_redis())],
                 )
                 raise_if_cancelling()
             except REDIS_DOWN:

@@ -17,6 +17,7 @@ import asyncio
 import json
 import re
 import socket
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -128,6 +129,16 @@ async def check_redis_version(r: aioredis.Redis) -> None:
             f"Redis {version} is too old: llmconsole needs Redis {'.'.join(map(str, MIN_REDIS))} or newer "
             "(its queue scripts use script flags); Debian 12's redis-server is 7.0"
         )
+
+
+def field_args(fields: Mapping[str, Any]) -> list[Any]:
+    """A hash's fields as a script's ARGV tail: name, value, name, value... (None left out; what is
+    not a string or a number as JSON)."""
+    flat: list[Any] = []
+    for k, v in fields.items():
+        if v is not None:
+            flat.extend([k, v if isinstance(v, str | int | float) else json.dumps(v)])
+    return flat
 
 
 _SUBMIT = """
@@ -601,11 +612,7 @@ class JobQueue:
         ``slot`` (the node's slot set, the member) is given back in the same call, in any case.
         Returns False (and writes nothing else) when the attempt was superseded.
         """
-        flat: list[Any] = []
-        for k, v in fields.items():
-            if v is None:
-                continue
-            flat.extend([k, v if isinstance(v, str | int | float) else json.dumps(v)])
+        flat = field_args(fields)
         ok = await self._finish(
             [
                 self.keys.job(d.job_id),

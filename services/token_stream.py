@@ -25,7 +25,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from services.contracts import CHUNK_ERROR, CHUNK_FINISH, CHUNK_TEXTS, CHUNK_USAGE, Keys
-from services.queue import ALLOW_OOM, REDIS_DOWN, redis_client
+from services.queue import ALLOW_OOM, REDIS_DOWN, field_args, redis_client
 from services.settings import Settings
 
 log = logging.getLogger("llmconsole.token_stream")
@@ -116,7 +116,7 @@ class TokenSink:
             try:
                 # The TTL is renewed at the first write and the last.
                 ttl = self.ttl_ms if first or last else ""
-                await self._write(keys=[self.key], args=[ttl, *(x for kv in fields.items() for x in kv)])
+                await self._write(keys=[self.key], args=[ttl, *field_args(fields)])
             except (*REDIS_DOWN, RedisError) as e:
                 log.warning("token stream %s: write failed (%s)", self.key, e.__class__.__name__)
             self.writes += 1
