@@ -547,3 +547,72 @@ def test_ingest_load_script_sets_ingestion_beside_a_bare_app() -> None:
     assert figures["ratio"] == pytest.approx(
         figures["ingestion_rps_mean"] / figures["bare_rps_mean"], abs=0.002
     )
+
+
+def test_transparency_judges_every_round_against_the_targets() -> None:
+    # A target is met only when every round met it; figures without a target are printed, not
+    # judged; a missing figure is never counted as met.
+    mod = load_script("transparency")
+    pipe = {
+        "p50_server_overhead_ms": 4.0,
+        "p99_server_overhead_ms": 30.0,
+        "pipeline_cpu": {"per_job_ms": 5.0, "per_1k_tokens_s": 0.05},
+        "stages": {"prompt_build": {"p50_ms": 0.1}},
+    }
+    rounds = [
+        mod.round_figures(
+            pipe, {"paired_e2el": {"median_e2el_diff_ms": 9.0}}, {"overhead_ms": {"p50": 3.0, "p99": 9.0}}
+        ),
+        mod.round_figures(
+            {**pipe, "p50_server_overhead_ms": 6.0, "p99_server_overhead_ms": 20.0},
+            {"paired_e2el": {"median_e2el_diff_ms": 8.0}},
+            None,
+        ),
+    ]
+    ingest = {"ratio": 0.75, "rounds": [{"bare_rps": 100.0, "ingestion_rps": 75.0}]}
+    rows = {
+        r.target.split(" ≤")[0].split(" <")[0].split(" ≥")[0]: r for r in mod.verdicts(rounds, ingest, 9.0)
+    }
+    assert rows["ingestion ÷ bare FastAPI"].met is True
+    assert (
+        rows["server-side overhead p50"].figures == [4.0, 6.0]
+        and rows["server-side overhead p50"].met is False
+    )
+    assert rows["server-side overhead p99"].met is False  # 30 in the first round
+    assert rows["pipeline − direct E2EL, paired median"].met is True
+    assert rows["prompt_build p50"].met is True
+    assert rows["pipeline CPU per job"].met is False  # 5 > 9 / 2
+    assert rows["pipeline CPU per 1,000 streamed tokens"].met is None
+    assert rows["skeleton overhead p50 (context)"].figures == [3.0]  # the second round had none
+    no_both = mod.verdicts([mod.round_figures(pipe, None, None)], None, None)
+    paired = next(r for r in no_both if r.target.startswith("pipeline − direct"))
+    assert paired.figures == [] and paired.met is False
+    assert not any(r.target.startswith("ingestion") for r in no_both)
+    assert next(r for r in no_both if r.target == "pipeline CPU per job").met is None
+
+
+def test_transparency_script_runs_every_figure_on_a_stack(stack: Stack, tmp_path: Path) -> None:
+    # A real, small run of every part (ingestion beside bare FastAPI, pipeline, both, skeleton):
+    # the table, the JSON and the plot come out, each figure read from its own run's summary.
+    out = tmp_path / "tr"
+    args = [sys.executable, str(REPO_ROOT / "scripts" / "transparency.py"), "--rounds", "1"]
+    args += ["--concurrency", "2", "--requests", "6", "--both-requests", "4", "--warmup", "0"]
+    args += ["--input-tokens", "64", "--output-tokens", "8", "--hold-ms", "20"]
+    args += ["--ingest-duration", "1", "--ingest-rounds", "1", "--out", str(out)]
+    done = subprocess.run(args, env=stack.env, capture_output=True, text=True, timeout=110)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "verdicts here only orient" in done.stdout
+    got = json.loads((out / "transparency.json").read_text())
+    (r,) = got["rounds"]
+    summary = json.loads((out / "round1-pipeline" / "summary.json").read_text())
+    assert r["overhead_p50_ms"] == summary["p50_server_overhead_ms"] > 0
+    assert r["cpu_ms_per_job"] == summary["pipeline_cpu"]["per_job_ms"] > 0
+    assert r["completed"] == 6 and r["failed"] == 0
+    both = json.loads((out / "round1-both" / "summary.json").read_text())
+    assert r["paired_median_ms"] == both["paired_e2el"]["median_e2el_diff_ms"]
+    assert r["skeleton_p50_ms"] > 0 and got["ingest"]["ratio"] > 0
+    table = {row["target"]: row for row in got["table"]}
+    assert table["server-side overhead p50 ≤ 5 ms"]["met"] == (r["overhead_p50_ms"] <= 5)
+    assert (out / "transparency.png").stat().st_size > 0
+    bad = subprocess.run([*args[:2], "--rounds", "0"], capture_output=True, text=True, timeout=30)
+    assert bad.returncode == 2 and "--rounds" in bad.stderr and "Traceback" not in bad.stderr
