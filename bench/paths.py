@@ -37,7 +37,6 @@ from services.contracts import (
 )
 from services.engine_client import EngineClient, EngineError
 from services.prompts import PromptBuilder, prefix_seed_for_run, split_tokens
-from services.queue import raise_if_cancelling
 from services.runtime import cancel_and_wait
 from services.settings import Settings
 
@@ -224,14 +223,20 @@ class RunFollower:
     submit's answer are kept until asked for; a cut connection resumes after the last event id.
 
     Each event carries the moment its bytes arrived (``time.perf_counter``, taken once per
-    chunk read): a job's latency ends there, as the direct path's ends at its last chunk's
-    arrival, and not when the bench's own loop gets round to the waiting request (a burst of
-    results is one chunk, and the waiting requests resume one after another).
+    read in the connection's read callback, :mod:`services.stream_http`): a job's latency ends
+    there, as the direct path's ends at its last chunk's arrival, and not when the bench's own
+    loop gets round to the waiting request (a burst of results is one read, and the waiting
+    requests resume one after another). The stream is read over ``stream_http`` rather than
+    httpx: httpx parsed each read in pure Python (h11) and stamped it only when the following
+    task next ran, behind whatever else the bench's loop had to do in a wave of results.
     """
 
-    def __init__(self, client: httpx.AsyncClient, base: str, run_id: str) -> None:
-        self.client = client
-        self.url = f"{base}/v1/runs/{run_id}/results"
+    def __init__(self, base: str, run_id: str, headers: dict[str, str] | None = None) -> None:
+        self.path = f"/v1/runs/{run_id}/results"
+        # Keepalive comments come every 15 s: a minute of silence is a dead connection.
+        self._pool = stream_http.StreamPool(
+            base, headers, connect_timeout_s=5.0, read_timeout_s=60.0, max_idle=1
+        )
         self._last = "0"
         self._early: dict[str, tuple[dict[str, Any], float]] = {}
         self._waiters: dict[str, asyncio.Future[tuple[dict[str, Any], float]]] = {}
@@ -249,6 +254,7 @@ class RunFollower:
         if self._task is not None:
             await cancel_and_wait(self._task)
             self._task = None
+        await self._pool.aclose()
 
     async def wait(self, job_id: str, within_s: float) -> tuple[dict[str, Any], float] | None:
         """The view of ``job_id`` (decoded JSON) once it finished, with when its bytes arrived
@@ -269,38 +275,21 @@ class RunFollower:
     async def _follow(self) -> None:
         backoff = 0.1
         while True:
+            sink = _EventSink(self)
             try:
-                async with self.client.stream(
-                    "GET",
-                    self.url,
-                    params={"after": self._last},
-                    # keepalives come every 15 s: a minute of silence is a dead connection
-                    timeout=httpx.Timeout(60.0, connect=5.0),
-                ) as resp:
-                    if resp.status_code in (404, 405):
-                        self.available = False
-                        for fut in self._waiters.values():
-                            if not fut.done():
-                                fut.set_exception(TimeoutError())
-                        return
-                    if resp.status_code != 200:
-                        await resp.aread()
-                        raise httpx.TransportError(f"results stream answered {resp.status_code}")
-                    backoff = 0.1
-                    buf = b""
-                    async for chunk in resp.aiter_bytes():
-                        arrived = time.perf_counter()
-                        buf += chunk
-                        *events, buf = buf.split(b"\n\n")
-                        for event in events:
-                            self._event(event, arrived)
-            except httpx.TransportError:
-                # A cancel (aclose) met while reading can come out as a transport error; looping
-                # on would reconnect, and aclose, waiting for this task, would never return.
-                raise_if_cancelling()
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 2.0)
-            raise_if_cancelling()  # the same, for a stream that ended quietly
+                await self._pool.get(f"{self.path}?after={self._last}", sink)
+            except stream_http.StreamHttpError:
+                pass  # cut, timed out or unreadable: resumed below after the last event
+            if sink.status in (404, 405):
+                self.available = False
+                for fut in self._waiters.values():
+                    if not fut.done():
+                        fut.set_exception(TimeoutError())
+                return
+            if sink.status == 200 and sink.events:
+                backoff = 0.1
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, 2.0)
 
     def _event(self, event: bytes, arrived: float) -> None:
         """One SSE event (its lines, without the blank line that ended it); comments ignored."""
@@ -332,6 +321,39 @@ class RunFollower:
                 self._early.pop(next(iter(self._early)))
 
 
+class _EventSink:
+    """Splits a results stream into its events as the reads come, inside the read callback."""
+
+    def __init__(self, follower: RunFollower) -> None:
+        self.follower = follower
+        self.status = 0
+        self.events = 0
+        self._buf = b""
+
+    def head(self, status: int, reason: str, headers: dict[str, str]) -> None:
+        """Keep the status: only a 200 carries events."""
+        self.status = status
+
+    def body(self, data: bytes, now: float) -> bool:
+        """Hand every whole event to the follower, stamped with this read's arrival."""
+        if self.status != 200:
+            return True  # an error's body: not read (the status says enough)
+        self._buf += data
+        if b"\n\n" in self._buf:
+            *events, self._buf = self._buf.split(b"\n\n")
+            for event in events:
+                self.events += 1
+                self.follower._event(event, now)
+        if len(self._buf) > _EVENT_MAX:
+            raise stream_http.BadResponse(f"a results-stream event over {_EVENT_MAX} bytes")
+        return False
+
+    def end(self) -> None:
+        """The stream ended (ingestion stopped): the follower reconnects."""
+
+
+#: The largest results-stream event taken (a job view with every ITL of a long answer is far less).
+_EVENT_MAX = 16 << 20
 #: Finished-job events kept for jobs nobody waits on yet.
 _EARLY_MAX = 100_000
 #: How long a job waits on the results stream before it is also read once directly (a safety net
@@ -371,10 +393,11 @@ class PipelinePath:
         # every open connection per request, was three quarters of this client's busy time in a
         # py-spy profile at concurrency 32 (the queueing it caused in the bench's own loop showed
         # up as the "client" stage), and aiohttp, used next, cost 2-3 times stream_http's CPU per
-        # request (scripts/hop_client.py). Following results stays on httpx (one stream).
+        # request (scripts/hop_client.py). The results stream goes over it too (RunFollower).
+        self._auth = {"Authorization": f"Bearer {key}"} if key else {}
         self._submits = stream_http.StreamPool(
             self.base,
-            {"Authorization": f"Bearer {key}"} if key else {},
+            self._auth,
             connect_timeout_s=5.0,
             read_timeout_s=self.poll_wait_s + 15.0,
             max_idle=max_connections,
@@ -492,7 +515,7 @@ class PipelinePath:
         """The job's final view: from the run's results stream (with when it arrived, as
         ``time.perf_counter``), else by long-polling it (no arrival: the caller takes now)."""
         if self.follower is None:
-            self.follower = RunFollower(self.client, self.base, self.run_id)
+            self.follower = RunFollower(self.base, self.run_id, self._auth)
             self.follower.start()
         while self.follower.available:
             remaining = deadline_s - clock.now()

@@ -1,4 +1,4 @@
-"""Streamed HTTP/1.1 POSTs on pooled keep-alive connections: the body is handed over as it arrives.
+"""Streamed HTTP/1.1 POSTs (and GETs) on pooled keep-alive connections: the answer is handed over as it arrives.
 
 One job only: send a request body to an engine and give each piece of its streamed answer to a
 :class:`ResponseSink` from inside the event loop's read callback. The engine client's token
@@ -342,16 +342,30 @@ class StreamPool:
 
         Raises :class:`ConnectFailed`, :class:`ReadTimeout`, :class:`ConnectionLost`,
         :class:`BadResponse`, or what the sink raised; ``ValueError`` (before anything is sent)
-        for a header that would split the request. Cancelled, the connection is dropped
+        for a header or path that would split the request. Cancelled, the connection is dropped
         (the engine sees its client go and can abort the request).
         """
+        tail = f"Content-Type: {content_type}\r\nContent-Length: {len(body)}\r\n\r\n".encode("latin-1")
+        await self._send("POST", path, tail + body, sink, headers)
+
+    async def get(self, path: str, sink: ResponseSink, headers: dict[str, str] | None = None) -> None:
+        """GET ``path`` (its query string included) and hand the answer to ``sink``, as :meth:`post`
+        does: for a long answer read as it comes, such as a server-sent events stream."""
+        await self._send("GET", path, b"\r\n", sink, headers)
+
+    async def _send(
+        self, method: str, path: str, tail: bytes, sink: ResponseSink, headers: dict[str, str] | None
+    ) -> None:
+        if not path.startswith("/") or any(c <= " " or c == "\x7f" for c in path):
+            raise ValueError(
+                f"path {path!r} cannot be sent: it must start with / and hold no space or control"
+            )
         request = b"".join(
             (
-                f"POST {self.prefix}{path} HTTP/1.1\r\n".encode("latin-1"),
+                f"{method} {self.prefix}{path} HTTP/1.1\r\n".encode("latin-1"),
                 self._head,
                 _header_lines(headers) if headers else b"",
-                f"Content-Type: {content_type}\r\nContent-Length: {len(body)}\r\n\r\n".encode("latin-1"),
-                body,
+                tail,
             )
         )
         conn = await self._acquire()  # after the request is built: a refused header holds no connection

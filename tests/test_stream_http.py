@@ -435,3 +435,35 @@ def test_a_request_s_own_headers_go_with_it_only_and_the_answer_keeps_its_header
             assert len(seen) == 3 and engine.connections == 1  # and the refusals held no connection
 
     run(main())
+
+
+def test_a_get_sends_no_body_and_a_path_that_would_split_the_request_is_refused(
+    run: Callable[[Coroutine[Any, Any, None]], None],
+) -> None:
+    # The bench follows a run's results with a GET (query string kept, no body, no content
+    # headers); a path with a space or a control character never leaves the client.
+    async def main() -> None:
+        seen: list[tuple[str, dict[str, str], bytes]] = []
+
+        async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            while True:
+                seen.append(await read_request(reader))
+                writer.write(CHUNKED_HEAD + chunk(b"data: 1\n\n") + chunk(b""))
+
+        async with served(handler, prefix="/api", headers={"Authorization": "Bearer k"}) as (engine, pool):
+            sink = Collect()
+            await pool.get("/v1/runs/r1/results?after=1-0", sink)
+            assert (sink.status, sink.data, sink.ended) == (200, b"data: 1\n\n", True)
+            line, headers, body = seen[0]
+            assert line == "GET /api/v1/runs/r1/results?after=1-0 HTTP/1.1"
+            assert body == b"" and "content-length" not in headers and "content-type" not in headers
+            assert headers["authorization"] == "Bearer k"
+            for bad in ("/v1/a b", "/v1/a\r\nX: y", "v1/no-slash", "/v1/\x7f"):
+                with pytest.raises(ValueError, match="cannot be sent"):
+                    await pool.get(bad, Collect())
+                with pytest.raises(ValueError, match="cannot be sent"):
+                    await pool.post(bad, b"{}", Collect())
+            await pool.post("/v1/jobs", b"{}", Collect())
+            assert len(seen) == 2 and engine.connections == 1  # the refusals sent nothing
+
+    run(main())
