@@ -341,12 +341,16 @@ MAX_RESULT_STREAMS = 256
 STREAM_ID_PATTERN = r"^(0|[0-9]{1,20}-[0-9]{1,20})$"
 #: How long one blocking read waits before a keepalive comment goes out.
 _RESULTS_BLOCK_MS = 15_000
+#: Finished jobs sent in one go at most (one round trip each batch).
+_RESULTS_BATCH = 256
 
 
 async def _run_events(app: FastAPI, run_id: str, start: str) -> AsyncIterator[bytes]:
-    """SSE bytes of a run's finished jobs after ``start``: one blocking XREAD per batch, one
-    pipelined read of the batch's job hashes."""
+    """SSE bytes of a run's finished jobs after ``start``: each batch and its job hashes in one
+    round trip (:meth:`JobQueue.run_results`); when there is none, one blocking XREAD waits for
+    the next entry."""
     keys: Keys = app.state.keys
+    queue: JobQueue = app.state.queue
     stream = keys.run_done(run_id)
     last = start
     app.state.result_streams += 1
@@ -354,21 +358,18 @@ async def _run_events(app: FastAPI, run_id: str, start: str) -> AsyncIterator[by
     try:
         while True:
             try:
-                resp = await r.xread({stream: last}, count=256, block=_RESULTS_BLOCK_MS)
-                if not resp:
-                    yield b": keepalive\n\n"
+                batch = await queue.run_results(run_id, last, _RESULTS_BATCH)
+                if not batch:
+                    # Nothing new: wait for it (only the wake-up counts; the entry is read above).
+                    if not await r.xread({stream: last}, count=1, block=_RESULTS_BLOCK_MS):
+                        yield b": keepalive\n\n"
                     continue
-                entries = resp[0][1]
-                async with app.state.redis.pipeline(transaction=False) as p:
-                    for _eid, fields in entries:
-                        p.hgetall(keys.job(fields.get("job_id", "")))
-                    hashes = await p.execute()
             except REDIS_DOWN:
                 yield b": redis unavailable, retrying\n\n"
                 await asyncio.sleep(0.5)
                 continue
             out = []
-            for (eid, fields), h in zip(entries, hashes, strict=True):
+            for eid, fields, h in batch:
                 last = eid
                 if h:
                     data = job_hash_to_view(h).model_dump_json()

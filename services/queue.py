@@ -460,6 +460,25 @@ class ScriptBatcher:
         return replies
 
 
+#: A run's finished jobs after an entry id, each with its job hash, in one round trip (the results
+#: stream: before, an XREAD and then a pipelined HGETALL per batch, two round trips that a wave of
+#: results waited behind). Reads only: it runs past maxmemory and on replicas. The job hashes'
+#: names are built from ARGV[3], the prefix from :meth:`Keys.job`: fine on one Redis, which is what
+#: this project runs (a cluster would need them declared).
+_RUN_RESULTS = """#!lua flags=no-writes
+-- KEYS: the run's done stream ; ARGV: after (entry id, exclusive), count, job key prefix
+local out = {}
+for _, e in ipairs(redis.call('XRANGE', KEYS[1], '(' .. ARGV[1], '+', 'COUNT', ARGV[2])) do
+  local f, id = e[2], ''
+  for i = 1, #f, 2 do
+    if f[i] == 'job_id' then id = f[i + 1] end
+  end
+  out[#out + 1] = {e[1], f, redis.call('HGETALL', ARGV[3] .. id)}
+end
+return out
+"""
+
+
 class JobQueue:
     """Job queue operations on one Redis, under one key prefix."""
 
@@ -475,6 +494,7 @@ class JobQueue:
         self._finish = ScriptBatcher(redis, redis.register_script(_FINISH))
         self._bump = redis.register_script(_BUMP)
         self._release = redis.register_script(_RELEASE)
+        self._run_results = redis.register_script(_RUN_RESULTS)
 
     async def ensure_group(self) -> None:
         """Create the stream and its consumer group if missing (idempotent)."""
@@ -584,6 +604,16 @@ class JobQueue:
             keys=[self.keys.job(d.job_id), self.keys.stream], args=[d.attempt, self.group, consumer]
         )
         return bool(ok)
+
+    async def run_results(
+        self, run_id: str, after: str, count: int
+    ) -> list[tuple[str, dict[str, str], dict[str, str]]]:
+        """Up to ``count`` entries of the run's done stream after ``after`` (an entry id, or '0'),
+        each as (entry id, its fields, its job's hash: empty once retention removed the job)."""
+        got = await self._run_results(
+            keys=[self.keys.run_done(run_id)], args=[after, count, self.keys.job("")]
+        )
+        return [(eid, _pairs(fields), _pairs(h)) for eid, fields, h in got]
 
     async def release(self, d: Delivery) -> bool:
         """Give back an unfinished attempt (state back to queued); False if it is not current."""
@@ -745,3 +775,8 @@ WAITING_EXACT_MAX = 1000
 def _entry_key(entry_id: str) -> tuple[int, int]:
     ms, _, seq = entry_id.partition("-")
     return int(ms), int(seq or 0)
+
+
+def _pairs(flat: list[str]) -> dict[str, str]:
+    """A flat [name, value, ...] reply (HGETALL or stream fields in a script) as a dict."""
+    return dict(zip(flat[::2], flat[1::2], strict=True))

@@ -332,3 +332,35 @@ async def test_accepted_jobs_move_on_past_maxmemory_and_new_ones_do_not(q: JobQu
         assert (await q.get_job(spec.job_id))["state"] == "succeeded"
     finally:
         await q.r.config_set("maxmemory", before)
+
+
+async def test_run_results_reads_finished_jobs_after_an_id_with_their_hashes(q: JobQueue) -> None:
+    # The results stream's one round trip: a run's done entries after an id (exclusive), each
+    # with its job hash; a job retention removed comes with an empty hash; reads run past
+    # maxmemory (a client following a run must not stall because Redis is full).
+    specs = [_spec(run_id="r1") for _ in range(3)]
+    for spec in specs:
+        await q.submit(spec, now_ns(), max_active=10)
+    for entry in await q.read("c1", count=10, block_ms=100):
+        d = await q.start(entry.entry_id, entry.job_id, "c1")
+        assert d is not None
+        d.run_id = "r1"  # as the proxy worker sets it from the spec
+        assert await q.finish(d, JobState.SUCCEEDED, {"result": "{}"}, ttl_s=60)
+    got = await q.run_results("r1", "0", 10)
+    assert [fields["job_id"] for _eid, fields, _h in got] == [s.job_id for s in specs]
+    assert all(h["state"] == "succeeded" and h["spec"] for _eid, _f, h in got)
+    after_first = await q.run_results("r1", got[0][0], 10)
+    assert [eid for eid, _f, _h in after_first] == [eid for eid, _f, _h in got[1:]]
+    assert len(await q.run_results("r1", "0", 1)) == 1
+    assert await q.run_results("r1", got[-1][0], 10) == []
+    assert await q.run_results("no-such-run", "0", 10) == []
+    await q.r.delete(q.keys.job(specs[1].job_id))
+    used = int((await q.r.info("memory"))["used_memory"])
+    before = (await q.r.config_get("maxmemory"))["maxmemory"]
+    await q.r.config_set("maxmemory", used // 2)
+    try:
+        again = await q.run_results("r1", "0", 10)
+    finally:
+        await q.r.config_set("maxmemory", before)
+    assert [h != {} for _eid, _f, h in again] == [True, False, True]
+    assert again[1][1]["job_id"] == specs[1].job_id
