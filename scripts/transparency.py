@@ -29,8 +29,10 @@ as ratios within one run, never across machines.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -160,14 +162,35 @@ def round_figures(
 def _run(
     argv: list[str], what: str, timeout_s: float, env: dict[str, str]
 ) -> subprocess.CompletedProcess[str]:
+    """Run one step in its own process group; past ``timeout_s`` the whole group goes (a script
+    such as skeleton.py starts services of its own) and the run stops with a message."""
     t0 = time.monotonic()
     print(f"  {what} ...", end="", flush=True)
-    done = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout_s)
+    proc = subprocess.Popen(
+        argv,
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        out, err = proc.communicate(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        raise SystemExit(f"\n{what} took more than {timeout_s:g} s (--timeout): stopped") from None
+    except BaseException:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        raise
     print(f" {time.monotonic() - t0:.0f} s", flush=True)
-    if done.returncode != 0:
-        tail = (done.stdout[-2000:] + done.stderr[-2000:]).strip()
-        raise SystemExit(f"{what} failed (exit {done.returncode}):\n{tail}")
-    return done
+    if proc.returncode != 0:
+        tail = (out[-2000:] + err[-2000:]).strip()
+        raise SystemExit(f"{what} failed (exit {proc.returncode}):\n{tail}")
+    return subprocess.CompletedProcess(argv, proc.returncode, out, err)
 
 
 def _bench(

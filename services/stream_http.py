@@ -356,13 +356,14 @@ class StreamPool:
     async def _send(
         self, method: str, path: str, tail: bytes, sink: ResponseSink, headers: dict[str, str] | None
     ) -> None:
-        if not path.startswith("/") or any(c <= " " or c == "\x7f" for c in path):
+        target = f"{self.prefix}{path}" or "/"  # the base URL's path, then this request's
+        if not target.startswith("/") or any(c <= " " or c == "\x7f" for c in target):
             raise ValueError(
-                f"path {path!r} cannot be sent: it must start with / and hold no space or control"
+                f"path {target!r} cannot be sent: it must start with / and hold no space or control"
             )
         request = b"".join(
             (
-                f"{method} {self.prefix}{path} HTTP/1.1\r\n".encode("latin-1"),
+                f"{method} {target} HTTP/1.1\r\n".encode("latin-1"),
                 self._head,
                 _header_lines(headers) if headers else b"",
                 tail,

@@ -616,3 +616,30 @@ def test_transparency_script_runs_every_figure_on_a_stack(stack: Stack, tmp_path
     assert (out / "transparency.png").stat().st_size > 0
     bad = subprocess.run([*args[:2], "--rounds", "0"], capture_output=True, text=True, timeout=30)
     assert bad.returncode == 2 and "--rounds" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def _live_processes(words: tuple[bytes, ...]) -> set[int]:
+    """Pids of live (not zombie) processes whose command line holds one of ``words``."""
+    found = set()
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if state != "Z" and any(w in cmd for w in words):
+            found.add(int(pid))
+    return found
+
+
+def test_transparency_stops_a_step_past_its_timeout_with_everything_it_started(tmp_path: Path) -> None:
+    # ingest_load.py starts a redis-server and ingestion of its own; past --timeout the whole
+    # group goes, and the run stops with a message, not a traceback.
+    words = (b"ingest_load.py", b"redis-server", b"services.ingestion")
+    before = _live_processes(words)
+    script = str(REPO_ROOT / "scripts" / "transparency.py")
+    args = [sys.executable, script, "--rounds", "1", "--ingest-duration", "5", "--timeout", "3"]
+    done = subprocess.run([*args, "--out", str(tmp_path)], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1 and "took more than 3 s (--timeout): stopped" in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr
+    wait_until(lambda: not _live_processes(words) - before, 10, "the stopped step's processes to go")

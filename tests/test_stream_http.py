@@ -458,12 +458,16 @@ def test_a_get_sends_no_body_and_a_path_that_would_split_the_request_is_refused(
             assert line == "GET /api/v1/runs/r1/results?after=1-0 HTTP/1.1"
             assert body == b"" and "content-length" not in headers and "content-type" not in headers
             assert headers["authorization"] == "Bearer k"
-            for bad in ("/v1/a b", "/v1/a\r\nX: y", "v1/no-slash", "/v1/\x7f"):
+            for bad in ("/v1/a b", "/v1/a\r\nX: y", "/v1/\x7f"):
                 with pytest.raises(ValueError, match="cannot be sent"):
                     await pool.get(bad, Collect())
                 with pytest.raises(ValueError, match="cannot be sent"):
                     await pool.post(bad, b"{}", Collect())
-            await pool.post("/v1/jobs", b"{}", Collect())
+            bare = StreamPool(engine.url)
+            with pytest.raises(ValueError, match="cannot be sent"):
+                await bare.get("v1/no-slash", Collect())
+            await pool.post("", b"{}", Collect())  # the base URL's own path: a skeleton worker's
             assert len(seen) == 2 and engine.connections == 1  # the refusals sent nothing
+            assert seen[1][0] == "POST /api HTTP/1.1"
 
     run(main())
