@@ -231,7 +231,7 @@ def plot(rounds: list[dict[str, Any]], path: Path) -> None:
     ax.set_xticks(xs, labels)
     ax.set_ylabel("server-side overhead per job (ms)")
     ax.set_title("the pipeline's overhead against its targets and the shape's floor")
-    ax.legend(fontsize=8, ncols=2)
+    ax.legend(fontsize=8, ncols=3, loc="upper center", bbox_to_anchor=(0.5, -0.08))
     fig.savefig(path)
 
 
