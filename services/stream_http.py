@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 import ssl
 import time
 from typing import Protocol, cast
@@ -27,6 +28,8 @@ from urllib.parse import urlsplit
 
 import httptools
 
+#: What a request target may not hold: a space or a control character would split the request.
+_NOT_IN_TARGET = re.compile(r"[\x00-\x20\x7f]")
 #: How long a finished answer's closing bytes are awaited for its connection to be reused.
 DRAIN_S = 0.5
 
@@ -345,19 +348,19 @@ class StreamPool:
         for a header or path that would split the request. Cancelled, the connection is dropped
         (the engine sees its client go and can abort the request).
         """
-        tail = f"Content-Type: {content_type}\r\nContent-Length: {len(body)}\r\n\r\n".encode("latin-1")
-        await self._send("POST", path, tail + body, sink, headers)
+        head = f"Content-Type: {content_type}\r\nContent-Length: {len(body)}\r\n\r\n".encode("latin-1")
+        await self._send("POST", path, sink, headers, head, body)
 
     async def get(self, path: str, sink: ResponseSink, headers: dict[str, str] | None = None) -> None:
         """GET ``path`` (its query string included) and hand the answer to ``sink``, as :meth:`post`
         does: for a long answer read as it comes, such as a server-sent events stream."""
-        await self._send("GET", path, b"\r\n", sink, headers)
+        await self._send("GET", path, sink, headers, b"\r\n")
 
     async def _send(
-        self, method: str, path: str, tail: bytes, sink: ResponseSink, headers: dict[str, str] | None
+        self, method: str, path: str, sink: ResponseSink, headers: dict[str, str] | None, *tail: bytes
     ) -> None:
         target = f"{self.prefix}{path}" or "/"  # the base URL's path, then this request's
-        if not target.startswith("/") or any(c <= " " or c == "\x7f" for c in target):
+        if not target.startswith("/") or _NOT_IN_TARGET.search(target):
             raise ValueError(
                 f"path {target!r} cannot be sent: it must start with / and hold no space or control"
             )
@@ -366,7 +369,7 @@ class StreamPool:
                 f"{method} {target} HTTP/1.1\r\n".encode("latin-1"),
                 self._head,
                 _header_lines(headers) if headers else b"",
-                tail,
+                *tail,
             )
         )
         conn = await self._acquire()  # after the request is built: a refused header holds no connection

@@ -584,6 +584,12 @@ def test_transparency_judges_every_round_against_the_targets() -> None:
     assert rows["pipeline CPU per job"].met is False  # 5 > 9 / 2
     assert rows["pipeline CPU per 1,000 streamed tokens"].met is None
     assert rows["skeleton overhead p50 (context)"].figures == [3.0]  # the second round had none
+    # A round without a figure is not met, even when the other rounds met it; failed jobs are said.
+    half = mod.verdicts([rounds[0], mod.round_figures({**pipe, "failed": 2}, None, None)], None, None)
+    half_rows = {r.target: r for r in half}
+    assert half_rows["pipeline − direct E2EL, paired median ≤ 10 ms"].met is False
+    assert half_rows["failed jobs (none expected)"].figures == [0.0, 2.0]
+    assert "failed jobs (none expected)" not in {r.target for r in mod.verdicts(rounds, None, None)}
     no_both = mod.verdicts([mod.round_figures(pipe, None, None)], None, None)
     paired = next(r for r in no_both if r.target.startswith("pipeline − direct"))
     assert paired.figures == [] and paired.met is False
