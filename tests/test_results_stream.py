@@ -9,6 +9,7 @@ import time
 
 import httpx
 import pytest
+import redis as sync_redis
 
 from services import procstats
 from services.contracts import Keys
@@ -74,6 +75,29 @@ def test_results_stream_wakes_on_a_job_finishing_later(stack: Stack) -> None:
     reader.join(30)
     assert not reader.is_alive()
     assert [e[1]["job_id"] for e in got] == [job]
+
+
+def test_results_stream_survives_redis_losing_its_scripts(stack: Stack) -> None:
+    # Redis restarted empty of scripts (SCRIPT FLUSH does the same): the stream's read script is
+    # loaded again, and a job that finishes afterwards still comes through.
+    s = stack.settings
+    with httpx.Client(timeout=30) as client:
+        first = stack.submit(client, input_tokens=32, output_tokens=3, run_id="sse4", seed=1)
+        stack.wait_job(client, first)
+    got: list[tuple[str, dict]] = []
+    reader = threading.Thread(target=lambda: got.extend(_events(stack, "sse4", 2)))
+    reader.start()
+    time.sleep(0.5)  # the stream has read the first job and waits for the next
+    r = sync_redis.Redis(host=s.redis_host, port=s.redis_port, password=s.redis_password.get_secret_value())
+    try:
+        r.script_flush()
+    finally:
+        r.close()
+    with httpx.Client(timeout=30) as client:
+        second = stack.submit(client, input_tokens=32, output_tokens=3, run_id="sse4", seed=2)
+    reader.join(30)
+    assert not reader.is_alive()
+    assert [e[1]["job_id"] for e in got] == [first, second]
 
 
 async def test_prompts_need_no_tokenize_call_per_job(stack: Stack) -> None:
