@@ -162,7 +162,8 @@ def list_runs(results_dir: str | Path | None = None, settings: Settings | None =
 # ---------------------------------------------------------------------------
 
 
-def _figure(w: float, h: float) -> Any:
+def new_figure(w: float, h: float) -> Any:
+    """A matplotlib figure of ``w`` × ``h`` inches on the Agg canvas (no pyplot state)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -194,7 +195,7 @@ def write_plots(out_dir: Path, summary: dict[str, Any], records: list[RequestRec
 
         def latency_panels(kind: str, ylabel: str, draw: Any) -> Any:
             # One panel per latency metric, one series per path: the CDF and histogram figures.
-            fig = _figure(11, 7.5)
+            fig = new_figure(11, 7.5)
             for ax, metric in zip(fig.subplots(2, 2).flatten(), ("TTFT", "TPOT", "ITL", "E2EL"), strict=True):
                 for p in paths:
                     if series[p][metric]:
@@ -224,7 +225,7 @@ def write_plots(out_dir: Path, summary: dict[str, Any], records: list[RequestRec
         fig.suptitle(f"Latency histograms — {title}")
         written.append(_save(fig, out_dir / "latency_hist.png"))
 
-        fig = _figure(11, 7.5)
+        fig = new_figure(11, 7.5)
         ax1, ax2 = fig.subplots(2, 1, sharex=True)
         for p in paths:
             ok = [r for r in records if r.success and r.path == p and r.ttft_s is not None]
@@ -253,7 +254,7 @@ def write_plots(out_dir: Path, summary: dict[str, Any], records: list[RequestRec
 
     pipe = (summary.get("paths") or {}).get("pipeline")
     if pipe and pipe.get("stages"):
-        fig = _figure(11, 4.2)
+        fig = new_figure(11, 4.2)
         ax = fig.subplots()
         left = 0.0
         cmap = _colors(len(BREAKDOWN_NAMES))
@@ -279,7 +280,7 @@ def write_plots(out_dir: Path, summary: dict[str, Any], records: list[RequestRec
     if sweep and sweep.get("steps"):
         steps = sweep["steps"]
         loads = [st["load"] for st in steps]
-        fig = _figure(11, 7.5)
+        fig = new_figure(11, 7.5)
         ax1, ax2 = fig.subplots(2, 1, sharex=True)
         for p in paths:
             m = [st["paths"].get(p) or {} for st in steps]

@@ -44,6 +44,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.render import fmt  # noqa: E402
+from bench.report import new_figure  # noqa: E402  (matplotlib is imported when a figure is made)
 from services.settings import get_settings  # noqa: E402
 
 #: Issue 11's targets (ms unless said): what "transparent" means here.
@@ -216,11 +218,7 @@ def _bench(
 
 def plot(rounds: list[dict[str, Any]], path: Path) -> None:
     """The overhead p50/p99 of each round beside the skeleton's and the targets."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(8, 4.2), dpi=100, layout="constrained")
-    FigureCanvasAgg(fig)
+    fig = new_figure(8, 4.2)
     ax = fig.subplots()
     labels = [f"round {i + 1}" for i in range(len(rounds))]
     xs = list(range(len(rounds)))
@@ -244,16 +242,12 @@ def plot(rounds: list[dict[str, Any]], path: Path) -> None:
     fig.savefig(path)
 
 
-def _fmt(v: float) -> str:
-    return f"{v:.3f}" if abs(v) < 1 else f"{v:.2f}"
-
-
 def render(rows: list[Row], header: list[str]) -> str:
     """The table as text: target, figures per round, verdict."""
     lines = [*header, ""]
     width = max(len(r.target) for r in rows)
     for r in rows:
-        figs = " / ".join(_fmt(f) for f in r.figures) or "-"
+        figs = " / ".join(fmt(f, 3 if abs(f) < 1 else 2) for f in r.figures) or "-"
         verdict = {True: "met", False: "NOT met", None: ""}[r.met]
         lines.append(f"{r.target:<{width}}  {figs + ' ' + r.unit:<28} {verdict}")
         if r.note:

@@ -9,9 +9,8 @@ inference worker), whose transports differ.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 import pytest
@@ -20,57 +19,13 @@ import uvloop
 from services import stream_http
 from services.engine_client import EngineClient, EngineError
 from services.stream_http import StreamPool
-
-Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+from tests.loophttp import CHUNKED_HEAD, Handler, chunk, read_request, served
 
 
 @pytest.fixture(params=["asyncio", "uvloop"])
 def run(request: pytest.FixtureRequest) -> Callable[[Coroutine[Any, Any, None]], None]:
     """Runs a test's body on asyncio's loop (as the bench does) or on uvloop (the worker)."""
     return uvloop.run if request.param == "uvloop" else asyncio.run  # type: ignore[return-value]
-
-
-class Engine:
-    """A loopback server: ``handler`` serves each connection; connections are counted."""
-
-    def __init__(self, handler: Handler) -> None:
-        self.handler = handler
-        self.connections = 0
-        self.closed: list[asyncio.Event] = []
-        self.server: asyncio.Server | None = None
-
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.connections += 1
-        gone = asyncio.Event()
-        self.closed.append(gone)
-        try:
-            await self.handler(reader, writer)
-        except (ConnectionError, asyncio.IncompleteReadError):
-            pass
-        finally:
-            writer.close()
-            gone.set()
-
-    @property
-    def url(self) -> str:
-        """Base URL."""
-        assert self.server is not None
-        return f"http://127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
-
-
-@contextlib.asynccontextmanager
-async def served(
-    handler: Handler, prefix: str = "", headers: dict[str, str] | None = None, **pool_kw: Any
-) -> AsyncIterator[tuple[Engine, StreamPool]]:
-    """An :class:`Engine` on a free loopback port and a pool to it (``prefix`` after its URL)."""
-    e = Engine(handler)
-    e.server = await asyncio.start_server(e._serve, "127.0.0.1", 0)
-    pool = StreamPool(e.url + prefix, headers, **pool_kw)
-    try:
-        yield e, pool
-    finally:
-        await pool.aclose()
-        e.server.close()
 
 
 def holding(first: bytes) -> Handler:
@@ -82,21 +37,6 @@ def holding(first: bytes) -> Handler:
         await reader.read()
 
     return handler
-
-
-async def read_request(reader: asyncio.StreamReader) -> tuple[str, dict[str, str], bytes]:
-    """One request: its request line, headers (lower-cased) and body."""
-    head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1").split("\r\n")
-    headers = {k.lower(): v.strip() for k, v in (line.split(":", 1) for line in head[1:] if line)}
-    body = await reader.readexactly(int(headers.get("content-length", "0")))
-    return head[0], headers, body
-
-
-def chunk(data: bytes) -> bytes:
-    return f"{len(data):x}\r\n".encode() + data + b"\r\n"
-
-
-CHUNKED_HEAD = b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\nx-job-id: j7\r\n\r\n"
 
 
 class Collect:
