@@ -3,6 +3,7 @@
 
     llmconsole bench --path pipeline --concurrency 1 --requests 60 --out runs/c1
     ./.venv/bin/python scripts/hops.py runs/c1
+    ./.venv/bin/python scripts/hops.py runs/c32 --slowest 5    # only the jobs of the overhead's tail
 
 For every pipeline request of the run (its ``requests.jsonl``) it reads the job's hash from
 Redis (the stack's own settings, ``var/llmconsole.env``) and prints the median and p90 of each
@@ -63,12 +64,43 @@ def gaps(record: RequestRecord, job: dict[str, str]) -> dict[str, float] | None:
     }
 
 
+#: The client's two sides: not the server's overhead.
+_CLIENT_SIDES = ("submit", "notify")
+#: Submitted this close to a run's first submit: the run's opening burst.
+OPENING_MS = 100.0
+
+
+def slowest(
+    rows: list[tuple[RequestRecord, dict[str, float]]], pct: float
+) -> tuple[list[tuple[RequestRecord, dict[str, float]]], int]:
+    """The ``pct`` % of requests with the largest server-side overhead (the sum of their job's
+    hops, the client's sides left out), and how many of those were submitted within
+    :data:`OPENING_MS` of the run's first submit."""
+    if not rows:
+        return [], 0
+    first = min(x.start_ns for x, _ in rows)
+    ranked = sorted(
+        rows, key=lambda row: sum(v for k, v in row[1].items() if not k.startswith(_CLIENT_SIDES))
+    )
+    kept = ranked[-max(1, round(len(ranked) * pct / 100)) :]
+    return kept, sum(1 for x, _ in kept if x.start_ns - first < OPENING_MS * 1e6)
+
+
 def main() -> int:
     """Print the per-hop table of one run folder."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("run", type=Path, help="a bench output folder (holding requests.jsonl)")
     ap.add_argument("--step", type=int, help="only this step of a sweep")
+    ap.add_argument(
+        "--slowest",
+        type=float,
+        metavar="PCT",
+        help="only the PCT %% of jobs with the largest server-side overhead, and how many of them "
+        "the run's opening burst holds",
+    )
     args = ap.parse_args()
+    if args.slowest is not None and not 0 < args.slowest <= 100:
+        ap.error("--slowest must be a percentage above 0 and at most 100")
     s = get_settings()
     r = redis.Redis.from_url(s.redis_url, decode_responses=True)
     keys = Keys(s.redis_prefix)
@@ -84,13 +116,13 @@ def main() -> int:
     pipe = r.pipeline(transaction=False)
     for x in records:
         pipe.hgetall(keys.job(x.job_id))  # type: ignore[arg-type]
+    rows = [(x, g) for x, job in zip(records, pipe.execute(), strict=True) if (g := gaps(x, job)) is not None]
+    missing = len(records) - len(rows)
+    opening = None
+    if args.slowest is not None:
+        rows, opening = slowest(rows, args.slowest)
     per_hop: dict[str, list[float]] = {}
-    missing = 0
-    for x, job in zip(records, pipe.execute(), strict=True):
-        g = gaps(x, job)
-        if g is None:
-            missing += 1
-            continue
+    for _x, g in rows:
         for name, us in g.items():
             per_hop.setdefault(name, []).append(us)
     if not per_hop:
@@ -104,8 +136,10 @@ def main() -> int:
         total += p50
         print(f"{name:40s} {p50:9.0f} {values[int(0.9 * (len(values) - 1))]:9.0f}")
     print(f"{'sum of the medians':40s} {total:9.0f}")
-    n = len(records) - missing
+    n = len(rows)
     note = f" ({missing} without their job hash: expired or incomplete)" if missing else ""
+    if opening is not None:
+        note += f"; the slowest {args.slowest:g} %, {opening} of them submitted in the run's first {OPENING_MS:g} ms"
     print(f"{n} request{'s' if n != 1 else ''}{note}")
     return 0
 

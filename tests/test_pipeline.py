@@ -15,6 +15,7 @@ from typing import Any
 import httpx
 import pytest
 
+from bench.records import RequestRecord
 from services.contracts import MAX_BODY_BYTES, MAX_HEADER_BYTES, TIMESTAMPS, Keys
 from services.settings import REPO_ROOT
 from tests.stackutil import RedisServer, Stack, load_script, wait_until
@@ -358,6 +359,25 @@ def test_submit_fast_path_and_route_answer_alike(stack: Stack, client: httpx.Cli
         assert final["state"] == "succeeded" and final["timestamps"]["t_received"] is not None
 
 
+def test_hops_slowest_keeps_the_overheads_tail_and_counts_the_opening_burst() -> None:
+    # Overhead is the job's own hops (the client's two sides left out); of the slowest, those
+    # submitted within 100 ms of the run's first submit are the opening burst.
+    mod = load_script("hops")
+    ms = 1_000_000
+
+    def row(start_ms: int, hop_us: float, client_us: float) -> tuple[RequestRecord, dict[str, float]]:
+        rec = RequestRecord(index=0, path="pipeline", start_ns=start_ms * ms)
+        return rec, {"submit (x)": client_us, "a → b": hop_us, "b → c": hop_us, "notify (x)": client_us}
+
+    rows = [row(0, 900, 0), row(50, 800, 0), row(2000, 700, 0), row(3000, 10, 10_000)]
+    kept, opening = mod.slowest(rows, 50)
+    assert [r[0].start_ns // ms for r in kept] == [50, 0] and opening == 2  # the client's 10 ms not counted
+    kept, opening = mod.slowest(rows, 75)
+    assert [r[0].start_ns // ms for r in kept] == [2000, 50, 0] and opening == 2
+    assert mod.slowest(rows, 1)[0] == [rows[0]]  # at least one
+    assert mod.slowest([], 5) == ([], 0)
+
+
 def test_hops_script_splits_a_runs_time_by_hop(stack: Stack, client: httpx.Client, tmp_path: Path) -> None:
     # scripts/hops.py on a record written as the bench writes it: one row per hop, each positive,
     # and with one request the rows plus the engine's own time add up to its latency.
@@ -404,6 +424,17 @@ def test_hops_script_splits_a_runs_time_by_hop(stack: Stack, client: httpx.Clien
     engine_us = (ts["t_engine_end"] - ts["t_engine_start"]) / 1e3
     assert abs(sum(hops.values()) + engine_us - latency_s * 1e6) < len(hops), out  # printed to the µs
     assert lines[-1] == "1 request", out
+    tail = subprocess.run(
+        [sys.executable, str(REPO_ROOT / "scripts" / "hops.py"), str(tmp_path), "--slowest", "5"],
+        env=stack.env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    ).stdout
+    assert (
+        tail.splitlines()[-1] == "1 request; the slowest 5 %, 1 of them submitted in the run's first 100 ms"
+    )
 
 
 def test_wave_cpu_splits_cpu_into_bursts_and_the_rest() -> None:
