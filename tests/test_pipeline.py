@@ -405,14 +405,20 @@ def test_hops_script_splits_a_runs_time_by_hop(stack: Stack, client: httpx.Clien
         },  # not a job
     ]
     (tmp_path / "requests.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    out = subprocess.run(
-        [sys.executable, str(REPO_ROOT / "scripts" / "hops.py"), str(tmp_path)],
-        env=stack.env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=True,
-    ).stdout
+
+    def run_hops(*extra: str) -> str:
+        script = str(REPO_ROOT / "scripts" / "hops.py")
+        done = subprocess.run(
+            [sys.executable, script, str(tmp_path), *extra],
+            env=stack.env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert done.returncode == 0, done.stderr
+        return done.stdout
+
+    out = run_hops()
     lines = out.splitlines()
     hops = {line[:40].strip(): float(line[40:].split()[0]) for line in lines[1:-2]}
     names = list(hops)
@@ -424,14 +430,7 @@ def test_hops_script_splits_a_runs_time_by_hop(stack: Stack, client: httpx.Clien
     engine_us = (ts["t_engine_end"] - ts["t_engine_start"]) / 1e3
     assert abs(sum(hops.values()) + engine_us - latency_s * 1e6) < len(hops), out  # printed to the µs
     assert lines[-1] == "1 request", out
-    tail = subprocess.run(
-        [sys.executable, str(REPO_ROOT / "scripts" / "hops.py"), str(tmp_path), "--slowest", "5"],
-        env=stack.env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=True,
-    ).stdout
+    tail = run_hops("--slowest", "5")
     assert (
         tail.splitlines()[-1] == "1 request; the slowest 5 %, 1 of them submitted in the run's first 100 ms"
     )
